@@ -1,0 +1,48 @@
+"""bogc: Bayesian-Oriented Gradient Calibration on any Array API namespace.
+
+The pipeline of METHOD.md, one module per stage:
+:mod:`~bogc_core.stats` -> :mod:`~bogc_core.posterior` -> :mod:`~bogc_core.evidence`
+-> :mod:`~bogc_core.opinion` -> :mod:`~bogc_core.weights` -> :mod:`~bogc_core.calibrate`.
+"""
+
+from .calibrate import Calibration, CalibrationConfig, calibrate, calibrate_tensors
+from .errors import (
+    BOGCError,
+    ConfigError,
+    DTypeError,
+    InsufficientSamplesError,
+    NamespaceError,
+    NonFiniteError,
+    ShapeError,
+    TotalConflictError,
+)
+from .evidence import evidence
+from .opinion import Opinion, combine, fuse_single, reduced_dempster
+from .posterior import NormalGammaPrior, Posterior, posterior
+from .stats import GradientStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BOGCError",
+    "Calibration",
+    "CalibrationConfig",
+    "ConfigError",
+    "DTypeError",
+    "GradientStats",
+    "InsufficientSamplesError",
+    "NamespaceError",
+    "NonFiniteError",
+    "NormalGammaPrior",
+    "Opinion",
+    "Posterior",
+    "ShapeError",
+    "TotalConflictError",
+    "calibrate",
+    "calibrate_tensors",
+    "combine",
+    "evidence",
+    "fuse_single",
+    "posterior",
+    "reduced_dempster",
+]

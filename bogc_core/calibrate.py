@@ -1,0 +1,331 @@
+"""Stage 5: the calibrated update, and the pipeline that leads to it.
+
+For one group of dimensions (a parameter tensor by default)::
+
+    stats -> posterior -> log score l -> evidence e -> opinions (b, u)
+          -> fused belief B = 1 - prod_k u_k -> weights w -> belief scale s
+    g_hat_d = s_d * S * sum_k w_kd * lambda_k * mu_kd
+
+With equal evidence everywhere ``g_hat = sum_k lambda_k * mu_k``, the gradient
+of the plain weighted sum of losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from ._namespace import Space, check_finite, check_same_shape, resolve
+from .errors import ConfigError, ShapeError
+from .evidence import DEFAULT_CLIP, EVIDENCE_FROM, evidence_from_log_scores, log_score
+from .opinion import fuse_single
+from .posterior import NormalGammaPrior, posterior
+from .stats import GradientStats
+from .weights import WEIGHTS, source_weights as _source_weights
+
+__all__ = [
+    "CalibrationConfig",
+    "Calibration",
+    "calibrate",
+    "calibrate_tensors",
+    "SCALES",
+    "SCOPES",
+    "prepare_sources",
+]
+
+SCALES = ("belief", "none")
+SCOPES = ("tensor", "global")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Options of :func:`calibrate` (defaults of METHOD.md).
+
+    ``backend`` chooses the implementation: ``"auto"`` takes the fastest
+    registered path for the input's namespace and device, ``"reference"``
+    forces the Array API reference, any other name asks for that backend.
+    """
+
+    gamma: float = 0.5
+    evidence_from: str = "snr"
+    prior_weight: float = 1.0
+    prior: NormalGammaPrior = field(default_factory=NormalGammaPrior)
+    weights: str = "evidence"
+    scale: str = "belief"
+    s_max: float | None = None
+    clip: float = DEFAULT_CLIP
+    scope: str = "tensor"
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> ConfigError:
+            return ConfigError(f"{name}: must be {allowed}, got {getattr(self, name)!r}")
+
+        if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma >= 0):
+            raise bad("gamma", "a finite number >= 0 (0.5 is the default)")
+        if self.evidence_from not in EVIDENCE_FROM:
+            raise bad("evidence_from", f"one of {EVIDENCE_FROM}")
+        if not (isinstance(self.prior_weight, (int, float)) and 0 < self.prior_weight < math.inf):
+            raise bad("prior_weight", "a finite number > 0 (1 is the default)")
+        if not isinstance(self.prior, NormalGammaPrior):
+            raise bad("prior", "a NormalGammaPrior")
+        if self.weights not in WEIGHTS:
+            raise bad("weights", f"one of {WEIGHTS}")
+        if self.scale not in SCALES:
+            raise bad("scale", f"one of {SCALES}")
+        if self.s_max is not None and not (isinstance(self.s_max, (int, float)) and self.s_max > 0):
+            raise bad("s_max", "None or a number > 0")
+        if not (isinstance(self.clip, (int, float)) and self.clip > 0):
+            raise bad("clip", "a number > 0 (log(1e6) is the default)")
+        if self.scope not in SCOPES:
+            raise bad("scope", f"one of {SCOPES}")
+        if not isinstance(self.backend, str):
+            raise bad("backend", "'auto', 'reference' or a registered backend name")
+
+
+class Calibration:
+    """Result of :func:`calibrate` for one group.
+
+    Attributes
+    ----------
+    gradient : array ``(*shape)``
+        The calibrated update ``g_hat``.
+    weights : array ``(S, *shape)``
+        Source weights ``w`` (sum over the first axis is 1).
+    uncertainty : array ``(*shape)``
+        Fused uncertainty ``U = prod_k u_k``.
+    belief_scale : array ``(*shape)``
+        ``s = B / mean(B)`` (ones with ``scale="none"``).
+    evidence : array ``(S, *shape)``
+        Per-source evidence ``e``.
+    sources : tuple of str
+        Source names, in the order of the first axis of ``weights``.
+    diagnostics : dict
+        Plain Python floats and flags (computed on first access).
+    """
+
+    def __init__(
+        self,
+        gradient: Any,
+        weights: Any,
+        uncertainty: Any,
+        belief_scale: Any,
+        evidence: Any,
+        sources: Sequence[str],
+        prior_weight: float = 1.0,
+        flags: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.gradient = gradient
+        self.weights = weights
+        self.uncertainty = uncertainty
+        self.belief_scale = belief_scale
+        self.evidence = evidence
+        self.sources = tuple(sources)
+        self.prior_weight = prior_weight
+        self.flags = dict(flags or {})
+
+    @cached_property
+    def diagnostics(self) -> dict[str, Any]:
+        from .diagnostics import summarize
+
+        return summarize(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"Calibration(shape={tuple(self.gradient.shape)}, sources={self.sources}, "
+            f"path={self.flags.get('path', 'reference')!r})"
+        )
+
+
+def prepare_sources(
+    stats_per_source: Sequence[GradientStats] | Mapping[str, GradientStats],
+    source_weights: Sequence[float] | Mapping[str, float] | None = None,
+) -> tuple[list[str], list[GradientStats], list[float], Space]:
+    """Normalise the inputs of :func:`calibrate`; validate shapes, namespaces and values."""
+    if isinstance(stats_per_source, GradientStats):
+        raise ShapeError(
+            "stats_per_source: got a single GradientStats; pass a sequence or a mapping "
+            "name -> GradientStats, one per source"
+        )
+    if isinstance(stats_per_source, Mapping):
+        names = [str(k) for k in stats_per_source]
+        stats = list(stats_per_source.values())
+    else:
+        stats = list(stats_per_source)
+        names = [str(i) for i in range(len(stats))]
+    if not stats:
+        raise ShapeError("stats_per_source: empty; pass at least one source's GradientStats")
+    for name, s in zip(names, stats):
+        if not isinstance(s, GradientStats):
+            raise ShapeError(
+                f"stats_per_source[{name!r}]: expected GradientStats, got {type(s).__name__}; "
+                f"build it with GradientStats.from_samples or GradientStats(count, mean, m2)"
+            )
+    space = resolve(
+        *[s.mean for s in stats], names=tuple(f"stats_per_source[{n!r}]" for n in names)
+    )
+    shape = stats[0].shape
+    for name, s in zip(names, stats):
+        check_same_shape(s.shape, shape, f"stats_per_source[{name!r}]")
+        s.check(f"stats_per_source[{name!r}]")
+
+    if source_weights is None:
+        lambdas = [1.0] * len(stats)
+    elif isinstance(source_weights, Mapping):
+        missing = [n for n in names if n not in source_weights]
+        extra = [str(k) for k in source_weights if str(k) not in names]
+        if missing or extra:
+            raise ShapeError(
+                f"source_weights: keys must match the sources {names}; missing {missing}, "
+                f"unknown {extra}"
+            )
+        lambdas = [float(source_weights[n]) for n in names]
+    else:
+        lambdas = [float(v) for v in source_weights]
+        if len(lambdas) != len(stats):
+            raise ShapeError(
+                f"source_weights: {len(lambdas)} values for {len(stats)} sources; give one "
+                f"weight per source"
+            )
+    if not all(math.isfinite(v) for v in lambdas):
+        raise ConfigError(f"source_weights: must be finite numbers, got {lambdas}")
+    return names, stats, lambdas, space
+
+
+def calibrate(
+    stats_per_source: Sequence[GradientStats] | Mapping[str, GradientStats],
+    config: CalibrationConfig | None = None,
+    source_weights: Sequence[float] | Mapping[str, float] | None = None,
+) -> Calibration:
+    """Calibrated update of one group from each source's gradient statistics.
+
+    ``stats_per_source``: a sequence of ``GradientStats`` (one per source) or
+    a mapping name -> ``GradientStats``, all of shape ``(*shape)`` in one
+    namespace, device and dtype. ``source_weights``: fixed ``lambda_k``
+    applied after calibration (default 1). The whole input is one group: the
+    empirical-Bayes prior, the evidence reference and the belief-scale mean
+    are taken over all its dimensions (see :func:`calibrate_tensors` for
+    several tensors). Returns a :class:`Calibration` in the input's namespace.
+    """
+    config = CalibrationConfig() if config is None else config
+    if not isinstance(config, CalibrationConfig):
+        raise ConfigError(f"config: expected CalibrationConfig, got {type(config).__name__}")
+    names, stats, lambdas, space = prepare_sources(stats_per_source, source_weights)
+    if config.backend != "reference":
+        from .dispatch import run_fast_path
+
+        result = run_fast_path(space, names, stats, lambdas, config)
+        if result is not None:
+            return result
+    return reference_calibrate(names, stats, lambdas, space, config)
+
+
+def reference_calibrate(
+    names: Sequence[str],
+    stats: Sequence[GradientStats],
+    lambdas: Sequence[float],
+    space: Space,
+    config: CalibrationConfig,
+    flags: Mapping[str, Any] | None = None,
+) -> Calibration:
+    """The Array API reference pipeline on already validated inputs."""
+    xp = space.xp
+    S = len(stats)
+    posts = [posterior(s, config.prior) for s in stats]
+    # A source whose pooled variance is exactly 0 (deterministic gradients)
+    # has infinite precision everywhere: no dimension is more reliable than
+    # another, so the whole group falls back to equal evidence.
+    zero_var = [
+        n for n, s in zip(names, stats) if config.prior.beta0 is None and not bool(xp.any(s.m2 > 0))
+    ]
+    mu = xp.stack([xp.broadcast_to(p.mu, stats[0].shape) for p in posts], axis=0)
+    if zero_var:
+        e = xp.ones_like(mu)
+    else:
+        l = xp.stack([log_score(p, config.evidence_from) for p in posts], axis=0)
+        e = evidence_from_log_scores(l, config.gamma, config.clip)
+    W = config.prior_weight
+    fused_b, fused_u = fuse_single(e, W)
+    if config.weights == "dempster":
+        b = e / (e + W)
+        w = _source_weights("dempster", e, b, W / (e + W), fused_b)
+    else:
+        w = _source_weights(config.weights, e)
+    if config.scale == "belief":
+        s = fused_b / xp.mean(fused_b)
+        if config.s_max is not None:
+            s = xp.clip(s, max=float(config.s_max))
+    else:
+        s = xp.ones_like(fused_b)
+    lam = space.asarray(lambdas)
+    lam = xp.reshape(lam, (S,) + (1,) * len(stats[0].shape))
+    g = s * (S * xp.sum(w * lam * mu, axis=0))
+    all_flags = {"path": "reference", "zero_variance_sources": zero_var}
+    all_flags.update(flags or {})
+    return Calibration(g, w, fused_u, s, e, names, W, all_flags)
+
+
+def calibrate_tensors(
+    stats_per_tensor: Sequence[Mapping[str, GradientStats]],
+    config: CalibrationConfig | None = None,
+    source_weights: Mapping[str, float] | None = None,
+) -> list[Calibration]:
+    """Calibrate several parameter tensors, grouped by ``config.scope``.
+
+    ``stats_per_tensor[i]`` maps the names of the sources that reach tensor
+    ``i`` to their statistics. ``scope="tensor"`` calibrates each tensor on
+    its own; ``scope="global"`` pools every tensor reached by the same set of
+    sources into one group (flattened and concatenated), so the prior, the
+    evidence reference and the belief-scale mean are shared across them.
+    Returns one :class:`Calibration` per tensor, in order.
+    """
+    config = CalibrationConfig() if config is None else config
+
+    def lam_for(srcs: Mapping[str, GradientStats]) -> dict[str, float] | None:
+        return None if source_weights is None else {k: source_weights[k] for k in srcs}
+
+    if config.scope == "tensor":
+        return [calibrate(srcs, config, lam_for(srcs)) for srcs in stats_per_tensor]
+
+    out: list[Calibration | None] = [None] * len(stats_per_tensor)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, srcs in enumerate(stats_per_tensor):
+        groups.setdefault(tuple(srcs), []).append(i)
+    for key, idx in groups.items():
+        first = stats_per_tensor[idx[0]][key[0]]
+        xp = first.space.xp
+        sizes = [math.prod(stats_per_tensor[i][key[0]].shape) for i in idx]
+
+        def flat(i: int, k: str) -> GradientStats:
+            st = stats_per_tensor[i][k]
+            n = xp.reshape(xp.broadcast_to(st.count, st.shape), (-1,))
+            return GradientStats(n, xp.reshape(st.mean, (-1,)), xp.reshape(st.m2, (-1,)))
+
+        pooled = {}
+        for k in key:
+            parts = [flat(i, k) for i in idx]
+            pooled[k] = GradientStats(
+                xp.concat([p.count for p in parts]),
+                xp.concat([p.mean for p in parts]),
+                xp.concat([p.m2 for p in parts]),
+            )
+        cal = calibrate(pooled, config, lam_for(pooled))
+        start = 0
+        for i, size in zip(idx, sizes):
+            shape = stats_per_tensor[i][key[0]].shape
+            sl = slice(start, start + size)
+            out[i] = Calibration(
+                xp.reshape(cal.gradient[sl], shape),
+                xp.reshape(cal.weights[:, sl], (len(key),) + shape),
+                xp.reshape(cal.uncertainty[sl], shape),
+                xp.reshape(cal.belief_scale[sl], shape),
+                xp.reshape(cal.evidence[:, sl], (len(key),) + shape),
+                cal.sources,
+                cal.prior_weight,
+                {**cal.flags, "group_size": len(idx)},
+            )
+            start += size
+    return [c for c in out if c is not None]

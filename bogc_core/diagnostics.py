@@ -1,0 +1,65 @@
+"""Cheap per-group reductions of a :class:`~bogc_core.Calibration` for logs and plots.
+
+Each value is a plain Python float, bool or list, so the dictionary can be
+logged or serialised to JSON directly. Computing it synchronises with the
+device once per reduction, which is why :attr:`Calibration.diagnostics` is
+lazy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from ._namespace import resolve
+
+if TYPE_CHECKING:
+    from .calibrate import Calibration
+
+__all__ = ["summarize"]
+
+
+def summarize(cal: Calibration) -> dict[str, Any]:
+    """Diagnostics of METHOD.md for one group.
+
+    Keys: ``sources``; per source (dicts name -> float) ``evidence_mean``,
+    ``belief_mean``, ``uncertainty_mean``, ``weight_mean``,
+    ``weight_top_fraction`` (share of dimensions where the source has the
+    largest weight); scalars ``fused_uncertainty_mean``,
+    ``belief_scale_min``/``max``, ``evidence_min``/``max``, ``num_dims``,
+    ``num_sources``; flags ``zero_variance`` (with
+    ``zero_variance_sources``), ``path`` and any other flag the producing path
+    set (for instance ``fallback``).
+    """
+    xp = resolve(cal.evidence).xp
+    e, w, W = cal.evidence, cal.weights, cal.prior_weight
+    S = len(cal.sources)
+    b = e / (e + W)
+    u = W / (e + W)
+    top = xp.argmax(w, axis=0)
+
+    def per_source(x: Any) -> dict[str, float]:
+        return {name: float(xp.mean(x[k, ...])) for k, name in enumerate(cal.sources)}
+
+    d: dict[str, Any] = {
+        "sources": list(cal.sources),
+        "num_dims": math.prod(cal.gradient.shape),
+        "evidence_mean": per_source(e),
+        "belief_mean": per_source(b),
+        "uncertainty_mean": per_source(u),
+        "weight_mean": per_source(w),
+        "weight_top_fraction": {
+            name: float(xp.mean(xp.astype(top == k, e.dtype))) for k, name in enumerate(cal.sources)
+        },
+        "fused_uncertainty_mean": float(xp.mean(cal.uncertainty)),
+        "belief_scale_min": float(xp.min(cal.belief_scale)),
+        "belief_scale_max": float(xp.max(cal.belief_scale)),
+        "evidence_max": float(xp.max(e)),
+        "evidence_min": float(xp.min(e)),
+    }
+    zero_var = list(cal.flags.get("zero_variance_sources", []))
+    d["zero_variance"] = bool(zero_var)
+    d["num_sources"] = S
+    for key, value in cal.flags.items():
+        d.setdefault(key, value)
+    return d

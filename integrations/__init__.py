@@ -1,0 +1,1 @@
+"""Adapters between the core and frameworks, tools and the command line."""
