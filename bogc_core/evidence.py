@@ -2,13 +2,23 @@
 
 Per source ``k`` and dimension ``d`` a log reliability score::
 
-    l_kd = log(tau_kd) + log(max(mu_kd^2, tiny))   (evidence_from="snr")
-    l_kd = log(tau_kd)                             (evidence_from="precision")
+    l_kd = log(tau_kd) + 2*log|mu_kd|   (evidence_from="snr";   -inf where mu_kd == 0)
+    l_kd = log(tau_kd)                  (evidence_from="precision")
 
 is compared with a reference shared by all sources of the group,
-``ref = mean_{k,d} l_kd``, and mapped to evidence
+``ref = mean of the finite l_kd``, and mapped to evidence
 ``e_kd = exp(clip(gamma * (l_kd - ref), -L, L))``: this is
-``(q / q_ref)^gamma`` with ``q_ref`` the geometric mean of ``q``.
+``(q / q_ref)^gamma`` with ``q_ref`` the geometric mean of the positive ``q``.
+
+Departure from METHOD.md (documented in docs/method.md): METHOD.md floors
+``mu^2`` at the dtype's smallest normal number. That floor is an absolute
+number, so a mean that is exactly 0 (a dead unit, an unused embedding row)
+breaks scale equivariance (closed forms 7 and 10), and its ``l = log(tiny)``
+(about -708 in float64) drags the geometric-mean reference of the whole group
+down until every other dimension sits at the clip bound. Here ``q = 0``
+gives ``l = -inf``: it takes no part in the reference and gets the minimum
+evidence ``exp(-L)``, which is scale free and leaves the other dimensions
+alone. For every ``q > 0`` the two definitions agree.
 """
 
 from __future__ import annotations
@@ -21,14 +31,14 @@ from ._namespace import resolve
 from .errors import ConfigError, ShapeError
 from .posterior import Posterior
 
-__all__ = ["EVIDENCE_FROM", "log_score", "evidence", "evidence_from_log_scores"]
+__all__ = ["EVIDENCE_FROM", "log_score", "evidence", "evidence_from_log_scores", "reference"]
 
 EVIDENCE_FROM = ("snr", "precision")
 DEFAULT_CLIP = math.log(1e6)
 
 
 def log_score(post: Posterior, evidence_from: str = "snr") -> Any:
-    """``l = log q`` of one source, shape ``(*shape)``; always finite."""
+    """``l = log q`` of one source, shape ``(*shape)``; finite except ``-inf`` where ``q = 0``."""
     if evidence_from not in EVIDENCE_FROM:
         raise ConfigError(
             f"evidence_from: must be one of {EVIDENCE_FROM}, got {evidence_from!r}"
@@ -37,8 +47,13 @@ def log_score(post: Posterior, evidence_from: str = "snr") -> Any:
     xp = space.xp
     l = post.log_precision()
     if evidence_from == "snr":
-        # 2*log|mu| rather than log(mu^2): mu^2 can overflow in float32.
-        l = l + 2.0 * xp.log(xp.clip(xp.abs(post.mu), min=math.sqrt(space.tiny)))
+        # 2*log|mu| rather than log(mu^2): mu^2 over- or underflows in float32.
+        # q = 0 maps to l = -inf on purpose (module docstring), without
+        # evaluating log(0), which warns in NumPy.
+        a = xp.abs(post.mu)
+        zero = a == 0
+        log_a = xp.log(xp.where(zero, xp.ones_like(a), a))
+        l = xp.where(zero, xp.full_like(a, -math.inf), l + 2.0 * log_a)
     # kappa and alpha may be 0-d; give every score the parameter's shape.
     return xp.broadcast_to(l, tuple(post.mu.shape))
 
@@ -51,11 +66,26 @@ def _check_gamma_clip(gamma: float, clip: float) -> None:
 
 
 def evidence_from_log_scores(l: Any, gamma: float = 0.5, clip: float = DEFAULT_CLIP) -> Any:
-    """``e = exp(clip(gamma * (l - mean(l)), -clip, clip))`` for stacked scores ``l[S, *shape]``."""
+    """``e = exp(clip(gamma * (l - ref), -clip, clip))`` for stacked scores ``l[S, *shape]``.
+
+    ``ref`` is the mean of the finite entries of ``l`` (0 if there are none);
+    entries at ``-inf`` (zero reliability) get the minimum evidence ``exp(-clip)``.
+    """
     _check_gamma_clip(gamma, clip)
     xp = resolve(l, names=("scores",)).xp
-    ref = xp.mean(l)
-    return xp.exp(xp.clip(gamma * (l - ref), min=-clip, max=clip))
+    ref = reference(l)
+    # gamma = 0 must give e = 1 even where l = -inf (0 * inf is NaN)
+    z = gamma * (l - ref) if gamma > 0 else xp.zeros_like(l)
+    return xp.exp(xp.clip(z, min=-clip, max=clip))
+
+
+def reference(l: Any) -> Any:
+    """Mean of the finite entries of ``l`` (0-d array; 0 when no entry is finite)."""
+    xp = resolve(l, names=("scores",)).xp
+    finite = xp.isfinite(l)
+    count = xp.sum(xp.astype(finite, l.dtype))
+    total = xp.sum(xp.where(finite, l, xp.zeros_like(l)))
+    return total / xp.clip(count, min=1.0)
 
 
 def evidence(
