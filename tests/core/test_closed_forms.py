@@ -16,7 +16,7 @@ import scipy.stats
 
 import bogc_core as bc
 from bogc_core.weights import source_weights
-from tests.core import oracle
+import oracle
 
 
 def stats_np(ns, samples):

@@ -110,7 +110,7 @@ def test_mixed_and_integer_dtypes(ns):
 
 
 def _cast(ns, dtype_name):
-    from tests.conftest import Namespace
+    from nstools import Namespace
 
     return Namespace(ns.name, ns.xp, dtype_name).asarray(np.arange(6.0).reshape(3, 2) ** 2)
 

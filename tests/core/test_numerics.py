@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bogc_core as bc
-from tests.core import oracle
+import oracle
 
 
 def test_extreme_scales_float64(ns64, rng):
