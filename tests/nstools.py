@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import importlib
 from typing import Any
 
 import numpy as np
+import pytest
 
 # Relative tolerances per dtype: float64 results agree to ~1e-12 with the
 # oracles; float32 keeps ~6 digits through logs/exps of the pipeline.
@@ -48,7 +50,7 @@ class Namespace:
             return x.detach().cpu().numpy().astype(np.float64)
         if self.name == "cupy":
             return x.get().astype(np.float64)
-        if self.name == "numpy" or isinstance(x, (int, float, np.generic)):
+        if self.name in ("numpy", "jax") or isinstance(x, (int, float, np.generic)):
             return np.asarray(x, dtype=np.float64)
         return np.from_dlpack(x).astype(np.float64)
 
@@ -61,3 +63,39 @@ class Namespace:
             atol=kw.pop("atol", None) or self.atol * scale,
             **kw,
         )
+
+
+def available_namespaces() -> list[Any]:
+    params = []
+    for name, module in [
+        ("numpy", "numpy"),
+        ("array_api_strict", "array_api_strict"),
+        ("torch", "torch"),
+        ("jax", "jax"),
+        ("cupy", "cupy"),
+    ]:
+        marks: list[Any] = []
+        try:
+            mod = importlib.import_module(module)
+            if name == "cupy" and mod.cuda.runtime.getDeviceCount() < 1:
+                marks = [pytest.mark.skip(reason="cupy installed but no CUDA device")]
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+            if name in ("numpy",):
+                raise
+            marks = [pytest.mark.skip(reason=f"{module} not importable: {exc}")]
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def array_namespace(name: str) -> Any:
+    if name == "numpy":
+        import array_api_compat.numpy as xp
+    elif name == "torch":
+        import array_api_compat.torch as xp
+    elif name == "cupy":
+        import array_api_compat.cupy as xp
+    elif name == "jax":
+        import jax.numpy as xp
+    else:
+        import array_api_strict as xp
+    return xp

@@ -102,6 +102,8 @@ def test_mixed_devices():
 def test_mixed_and_integer_dtypes(ns):
     a = bc.GradientStats.from_samples(ns.asarray(np.arange(6.0).reshape(3, 2)))
     other = "float64" if ns.dtype_name == "float32" else "float32"
+    if ns.name == "jax" and ns.dtype_name == "float32":
+        other = "float16"  # without 64-bit mode JAX turns float64 into float32
     b = bc.GradientStats.from_samples(_cast(ns, other))
     with pytest.raises(DTypeError, match=r"mixed dtypes.*cast all inputs"):
         bc.calibrate([a, b])
