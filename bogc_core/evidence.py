@@ -74,8 +74,12 @@ def evidence_from_log_scores(l: Any, gamma: float = 0.5, clip: float = DEFAULT_C
     _check_gamma_clip(gamma, clip)
     xp = resolve(l, names=("scores",)).xp
     ref = reference(l)
-    # gamma = 0 must give e = 1 even where l = -inf (0 * inf is NaN)
-    z = gamma * (l - ref) if gamma > 0 else xp.zeros_like(l)
+    if gamma == 0:  # q^0 = 1 everywhere, including q = 0
+        return xp.ones_like(l)
+    # l = -inf is set directly: a gamma that underflows to 0 in float32 would
+    # otherwise give 0 * inf = NaN.
+    finite = xp.isfinite(l)
+    z = xp.where(finite, gamma * (xp.where(finite, l, ref) - ref), xp.full_like(l, -clip))
     return xp.exp(xp.clip(z, min=-clip, max=clip))
 
 
