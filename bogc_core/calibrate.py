@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from ._namespace import Space, check_finite, check_same_shape, resolve
+from ._namespace import Space, check_same_shape, resolve
 from .errors import ConfigError, ShapeError
 from .evidence import DEFAULT_CLIP, EVIDENCE_FROM, evidence_from_log_scores, log_score
 from .opinion import fuse_single
 from .posterior import NormalGammaPrior, posterior
 from .stats import GradientStats
-from .weights import WEIGHTS, source_weights as _source_weights
+from .weights import WEIGHTS
+from .weights import source_weights as _source_weights
 
 __all__ = [
     "CalibrationConfig",
@@ -268,6 +269,13 @@ def reference_calibrate(
     return Calibration(g, w, fused_u, s, e, names, W, all_flags)
 
 
+def _flatten(st: GradientStats) -> GradientStats:
+    """``st`` as one-dimensional statistics (count broadcast to every dimension)."""
+    xp = st.space.xp
+    n = xp.reshape(xp.broadcast_to(st.count, st.shape), (-1,))
+    return GradientStats(n, xp.reshape(st.mean, (-1,)), xp.reshape(st.m2, (-1,)))
+
+
 def calibrate_tensors(
     stats_per_tensor: Sequence[Mapping[str, GradientStats]],
     config: CalibrationConfig | None = None,
@@ -299,14 +307,9 @@ def calibrate_tensors(
         xp = first.space.xp
         sizes = [math.prod(stats_per_tensor[i][key[0]].shape) for i in idx]
 
-        def flat(i: int, k: str) -> GradientStats:
-            st = stats_per_tensor[i][k]
-            n = xp.reshape(xp.broadcast_to(st.count, st.shape), (-1,))
-            return GradientStats(n, xp.reshape(st.mean, (-1,)), xp.reshape(st.m2, (-1,)))
-
         pooled = {}
         for k in key:
-            parts = [flat(i, k) for i in idx]
+            parts = [_flatten(stats_per_tensor[i][k]) for i in idx]
             pooled[k] = GradientStats(
                 xp.concat([p.count for p in parts]),
                 xp.concat([p.mean for p in parts]),

@@ -28,7 +28,7 @@ __all__ = ["WEIGHTS", "source_weights", "gauss_legendre01"]
 WEIGHTS = ("evidence", "dempster", "uniform")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gauss_legendre01(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Nodes and weights of ``n``-point Gauss-Legendre quadrature on ``[0, 1]``.
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from nstools import Namespace, available_namespaces, array_namespace
+from nstools import Namespace, array_namespace, available_namespaces
 
 
 @pytest.fixture(params=available_namespaces())

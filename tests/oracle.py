@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+LOG_1E6 = math.log(1e6)
+
 
 def stats_of(samples: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     n = samples.shape[0]
@@ -56,7 +58,7 @@ def calibrate(
     weights="evidence",
     scale="belief",
     s_max=None,
-    clip=math.log(1e6),
+    clip=LOG_1E6,
     lambdas=None,
 ):
     """``sources`` is a list of ``(n, m, m2)``; returns ``(g, w, U, s, e)``."""

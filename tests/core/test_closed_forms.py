@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import oracle
 import pytest
 import scipy.integrate
 import scipy.stats
 
 import bogc_core as bc
 from bogc_core.weights import source_weights
-import oracle
 
 
 def stats_np(ns, samples):

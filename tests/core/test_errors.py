@@ -227,7 +227,7 @@ def test_inputs_never_modified(ns, rng):
     stats = [bc.GradientStats.from_samples(a) for a in arrays]
     before = [(ns.to_numpy(s.count).copy(), ns.to_numpy(s.mean).copy(), ns.to_numpy(s.m2).copy()) for s in stats]
     for weights in ("evidence", "dempster", "uniform"):
-        bc.calibrate(stats, bc.CalibrationConfig(weights=weights, s_max=1.1)).diagnostics
+        _ = bc.calibrate(stats, bc.CalibrationConfig(weights=weights, s_max=1.1)).diagnostics
     stats[0].merge(stats[1]).decay(0.5)
     bc.GradientStats.from_sums(*stats[0].to_sums(shift=stats[0].mean), shift=stats[0].mean)
     for a, v in zip(arrays, x):

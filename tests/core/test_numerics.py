@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import oracle
 import pytest
 
 import bogc_core as bc
-import oracle
 
 
 def test_extreme_scales_float64(ns64, rng):
@@ -140,7 +140,7 @@ def test_calibrate_tensors_global_scope_pools_groups(ns, rng):
     # the global group equals one calibration of the flattened, concatenated tensors
     flat = {}
     for k in "ab":
-        n, ms, m2s = [], [], []
+        ms, m2s = [], []
         for srcs in per_tensor:
             st = srcs[k]
             ms.append(ns.to_numpy(st.mean).ravel())
