@@ -22,7 +22,7 @@ from ._namespace import Space, check_same_shape, resolve
 from .errors import ConfigError, ShapeError
 from .evidence import DEFAULT_CLIP, EVIDENCE_FROM, evidence_from_log_scores, log_score
 from .opinion import fuse_single
-from .posterior import NormalGammaPrior, posterior
+from .posterior import NormalGammaPrior, Posterior, posterior
 from .stats import GradientStats
 from .weights import WEIGHTS
 from .weights import source_weights as _source_weights
@@ -35,6 +35,8 @@ __all__ = [
     "SCALES",
     "SCOPES",
     "prepare_sources",
+    "resolve_source_weights",
+    "calibrated_update",
 ]
 
 SCALES = ("belief", "none")
@@ -141,6 +143,33 @@ class Calibration:
         )
 
 
+def resolve_source_weights(
+    names: Sequence[str], source_weights: Sequence[float] | Mapping[str, float] | None
+) -> list[float]:
+    """The fixed ``lambda_k`` as a list of floats in the order of ``names`` (default 1)."""
+    if source_weights is None:
+        lambdas = [1.0] * len(names)
+    elif isinstance(source_weights, Mapping):
+        missing = [n for n in names if n not in source_weights]
+        extra = [str(k) for k in source_weights if str(k) not in names]
+        if missing or extra:
+            raise ShapeError(
+                f"source_weights: keys must match the sources {names}; missing {missing}, "
+                f"unknown {extra}"
+            )
+        lambdas = [float(source_weights[n]) for n in names]
+    else:
+        lambdas = [float(v) for v in source_weights]
+        if len(lambdas) != len(names):
+            raise ShapeError(
+                f"source_weights: {len(lambdas)} values for {len(names)} sources; give one "
+                f"weight per source"
+            )
+    if not all(math.isfinite(v) for v in lambdas):
+        raise ConfigError(f"source_weights: must be finite numbers, got {lambdas}")
+    return lambdas
+
+
 def prepare_sources(
     stats_per_source: Sequence[GradientStats] | Mapping[str, GradientStats],
     source_weights: Sequence[float] | Mapping[str, float] | None = None,
@@ -173,26 +202,7 @@ def prepare_sources(
         check_same_shape(s.shape, shape, f"stats_per_source[{name!r}]")
         s.check(f"stats_per_source[{name!r}]")
 
-    if source_weights is None:
-        lambdas = [1.0] * len(stats)
-    elif isinstance(source_weights, Mapping):
-        missing = [n for n in names if n not in source_weights]
-        extra = [str(k) for k in source_weights if str(k) not in names]
-        if missing or extra:
-            raise ShapeError(
-                f"source_weights: keys must match the sources {names}; missing {missing}, "
-                f"unknown {extra}"
-            )
-        lambdas = [float(source_weights[n]) for n in names]
-    else:
-        lambdas = [float(v) for v in source_weights]
-        if len(lambdas) != len(stats):
-            raise ShapeError(
-                f"source_weights: {len(lambdas)} values for {len(stats)} sources; give one "
-                f"weight per source"
-            )
-    if not all(math.isfinite(v) for v in lambdas):
-        raise ConfigError(f"source_weights: must be finite numbers, got {lambdas}")
+    lambdas = resolve_source_weights(names, source_weights)
     return names, stats, lambdas, space
 
 
@@ -234,7 +244,6 @@ def reference_calibrate(
 ) -> Calibration:
     """The Array API reference pipeline on already validated inputs."""
     xp = space.xp
-    S = len(stats)
     posts = [posterior(s, config.prior) for s in stats]
     # A source whose pooled variance is exactly 0 (deterministic gradients)
     # has infinite precision everywhere: no dimension is more reliable than
@@ -242,12 +251,37 @@ def reference_calibrate(
     zero_var = [
         n for n, s in zip(names, stats) if config.prior.beta0 is None and not bool(xp.any(s.m2 > 0))
     ]
-    mu = xp.stack([xp.broadcast_to(p.mu, stats[0].shape) for p in posts], axis=0)
-    if zero_var:
+    g, w, fused_u, s, e = calibrated_update(posts, lambdas, config, bool(zero_var))
+    all_flags = {"path": "reference", "zero_variance_sources": zero_var}
+    all_flags.update(flags or {})
+    return Calibration(g, w, fused_u, s, e, names, config.prior_weight, all_flags)
+
+
+def calibrated_update(
+    posts: Sequence[Posterior],
+    lambdas: Sequence[float],
+    config: CalibrationConfig,
+    equal_evidence: Any = False,
+) -> tuple[Any, Any, Any, Any, Any]:
+    """Stages 2-5 from the sources' posteriors: ``(g_hat, w, U, s, e)``.
+
+    Shapes: each posterior's ``mu`` is ``(*shape)``; ``w`` and ``e`` are
+    ``(S, *shape)``, the others ``(*shape)``. ``equal_evidence`` (a Python
+    bool, or a 0-d boolean array so that a traced caller such as ``jax.jit``
+    need not branch on values) replaces the evidence by ones.
+    """
+    space = resolve(posts[0].mu)
+    xp = space.xp
+    S = len(posts)
+    shape = tuple(posts[0].mu.shape)
+    mu = xp.stack([xp.broadcast_to(p.mu, shape) for p in posts], axis=0)
+    if equal_evidence is True:
         e = xp.ones_like(mu)
     else:
         l = xp.stack([log_score(p, config.evidence_from) for p in posts], axis=0)
         e = evidence_from_log_scores(l, config.gamma, config.clip)
+        if equal_evidence is not False:
+            e = xp.where(equal_evidence, xp.ones_like(e), e)
     W = config.prior_weight
     fused_b, fused_u = fuse_single(e, W)
     if config.weights == "dempster":
@@ -261,12 +295,9 @@ def reference_calibrate(
             s = xp.clip(s, max=float(config.s_max))
     else:
         s = xp.ones_like(fused_b)
-    lam = space.asarray(lambdas)
-    lam = xp.reshape(lam, (S,) + (1,) * len(stats[0].shape))
+    lam = xp.reshape(space.asarray(list(lambdas)), (S,) + (1,) * len(shape))
     g = s * (S * xp.sum(w * lam * mu, axis=0))
-    all_flags = {"path": "reference", "zero_variance_sources": zero_var}
-    all_flags.update(flags or {})
-    return Calibration(g, w, fused_u, s, e, names, W, all_flags)
+    return g, w, fused_u, s, e
 
 
 def _flatten(st: GradientStats) -> GradientStats:

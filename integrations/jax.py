@@ -4,10 +4,9 @@ The core runs unchanged on ``jax.numpy`` arrays (``bogc_core.calibrate`` on
 JAX arrays works eagerly). Its input checks and its zero-variance detection
 branch on array *values*, which a traced array inside ``jax.jit`` cannot do,
 so :func:`calibrate_pytrees` assembles the same pipeline (METHOD.md Stages
-0-5) from the core's value-independent pieces: ``GradientStats``,
-``posterior``, ``log_score``, ``evidence_from_log_scores``, ``fuse_single``
-and ``weights.source_weights``. The two value-dependent steps are rewritten
-without Python branches:
+0-5) from the core's value-independent pieces, ``GradientStats``,
+``posterior`` and ``calibrate.calibrated_update`` (Stages 2-5). The two value-dependent
+steps are done without Python branches:
 
 - the empirical-Bayes ``beta0 = alpha0 * mean_d(M2/n)`` is added to the
   posterior's ``beta`` after a ``beta0 = 0`` update (``beta_n`` is linear in
@@ -39,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from bogc_core import CalibrationConfig, GradientStats, Posterior, posterior
+from bogc_core.calibrate import calibrated_update, resolve_source_weights
 from bogc_core.errors import (
     ConfigError,
     DTypeError,
@@ -46,9 +46,6 @@ from bogc_core.errors import (
     NonFiniteError,
     ShapeError,
 )
-from bogc_core.evidence import evidence_from_log_scores, log_score
-from bogc_core.opinion import fuse_single
-from bogc_core.weights import source_weights as _source_weights
 
 __all__ = ["calibrate_pytrees", "per_source_stats"]
 
@@ -76,32 +73,6 @@ def _normalise_sources(
     if not trees:
         raise ShapeError("grads: empty; pass one gradient pytree per source")
     return names, trees
-
-
-def _lambdas(
-    names: Sequence[str], source_weights: Sequence[float] | Mapping[str, float] | None
-) -> list[float]:
-    if source_weights is None:
-        return [1.0] * len(names)
-    if isinstance(source_weights, Mapping):
-        missing = [n for n in names if n not in source_weights]
-        extra = [str(k) for k in source_weights if str(k) not in names]
-        if missing or extra:
-            raise ShapeError(
-                f"source_weights: keys must match the sources {list(names)}; missing {missing}, "
-                f"unknown {extra}"
-            )
-        lam = [float(source_weights[n]) for n in names]
-    else:
-        lam = [float(v) for v in source_weights]
-        if len(lam) != len(names):
-            raise ShapeError(
-                f"source_weights: {len(lam)} values for {len(names)} sources; give one weight "
-                f"per source"
-            )
-    if not all(math.isfinite(v) for v in lam):
-        raise ConfigError(f"source_weights: must be finite numbers (static floats), got {lam}")
-    return lam
 
 
 def per_source_stats(
@@ -192,7 +163,6 @@ def _calibrate_group(
     and ``belief_scale`` ``(*shape)``.
     """
     prior = config.prior
-    S = len(stats)
     posts: list[Posterior] = []
     zero = jnp.asarray(False)
     for st, n in zip(stats, counts, strict=True):
@@ -206,27 +176,9 @@ def _calibrate_group(
         else:
             p = posterior(st, prior)
         posts.append(p)
-    shape = tuple(stats[0].mean.shape)
-    mu = jnp.stack([jnp.broadcast_to(p.mu, shape) for p in posts], axis=0)
-    scores = jnp.stack([log_score(p, config.evidence_from) for p in posts], axis=0)
-    # A source with zero pooled variance: equal evidence for the whole group, as the core does.
-    e = jnp.where(
-        zero, jnp.ones_like(mu), evidence_from_log_scores(scores, config.gamma, config.clip)
-    )
-    W = config.prior_weight
-    fused_b, fused_u = fuse_single(e, W)
-    if config.weights == "dempster":
-        w = _source_weights("dempster", e, e / (e + W), W / (e + W), fused_b)
-    else:
-        w = _source_weights(config.weights, e)
-    if config.scale == "belief":
-        s = fused_b / jnp.mean(fused_b)
-        if config.s_max is not None:
-            s = jnp.minimum(s, float(config.s_max))
-    else:
-        s = jnp.ones_like(fused_b)
-    lam_arr = jnp.asarray(lam, dtype=mu.dtype).reshape((S,) + (1,) * len(shape))
-    g = s * (S * jnp.sum(w * lam_arr * mu, axis=0))
+    # A source with zero pooled variance: equal evidence for the whole group, as
+    # the core does, chosen by jnp.where (inside the core) rather than an `if`.
+    g, w, fused_u, s, e = calibrated_update(posts, lam, config, zero)
     return {"gradient": g, "weights": w, "uncertainty": fused_u, "belief_scale": s, "evidence": e}
 
 
@@ -278,7 +230,7 @@ def calibrate_pytrees(
             f"'reference'"
         )
     names, stats, counts, treedef = _leaf_stats(grads)
-    lam = _lambdas(names, source_weights)
+    lam = resolve_source_weights(names, source_weights)
     if config.prior.beta0 is None:
         for name, row_n in zip(names, counts, strict=True):
             for i, n in enumerate(row_n):
