@@ -7,6 +7,7 @@ dimension by the count ``n``, the mean ``m`` and the centred sum of squares
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,20 +78,33 @@ class GradientStats:
         """Per-sample (population) variance ``M2 / n``; 0 where ``n == 0``."""
         xp = self.space.xp
         n = self.count
-        return self.m2 / xp.clip(n, min=self.space.tiny) * xp.astype(n > 0, self.mean.dtype)
+        v = self.m2 / xp.clip(n, min=self.space.tiny)
+        # where, not a multiplication by the mask: M2 / tiny may be inf
+        return xp.where(n > 0, v, xp.zeros_like(v))
 
     def check(self, name: str = "stats") -> None:
-        """Raise a :class:`BOGCError` if any statistic is NaN, infinite or negative."""
+        """Raise a :class:`BOGCError` if any statistic is NaN or infinite, or negative.
+
+        One min and one max per array, combined into a single flag, so a valid
+        input costs one synchronisation (min/max propagate NaN, unlike a sum
+        they cannot overflow).
+        """
         space = self.space
         xp = space.xp
-        check_finite(space, self.mean, f"{name}.mean")
-        check_finite(space, self.m2, f"{name}.m2")
-        check_finite(space, self.count, f"{name}.count")
-        if bool(xp.any(self.m2 < 0)) or bool(xp.any(self.count < 0)):
-            raise InsufficientSamplesError(
-                f"{name}: negative count or m2; statistics must come from GradientStats "
-                f"constructors (from_samples, from_sums, merge) or satisfy n >= 0, M2 >= 0"
-            )
+        arrays = [("mean", self.mean), ("m2", self.m2), ("count", self.count)]
+        arrays = [(k, a) for k, a in arrays if math.prod(a.shape) > 0]
+        lows = [xp.min(a) for _, a in arrays]
+        highs = [xp.max(a) for _, a in arrays]
+        flags = [~xp.isfinite(lo) | ~xp.isfinite(hi) for lo, hi in zip(lows, highs)]
+        flags += [lo < 0 for (k, _), lo in zip(arrays, lows) if k != "mean"]
+        if not flags or not bool(xp.any(xp.stack(flags))):
+            return
+        for key, a in arrays:
+            check_finite(space, a, f"{name}.{key}")
+        raise InsufficientSamplesError(
+            f"{name}: negative count or m2; statistics must come from GradientStats "
+            f"constructors (from_samples, from_sums, merge) or satisfy n >= 0, M2 >= 0"
+        )
 
     # ----------------------------------------------------------- constructors
     @classmethod

@@ -150,3 +150,13 @@ def test_calibrate_tensors_global_scope_pools_groups(ns, rng):
     got = np.concatenate([ns.to_numpy(c.gradient).ravel() for c in pooled])
     np.testing.assert_allclose(got, g, rtol=ns.rtol * 10, atol=ns.atol * 10)
     assert [tuple(c.gradient.shape) for c in pooled] == shapes
+
+
+def test_empty_dimension_does_not_poison_the_group(ns):
+    """A dimension with n = 0 (but stray M2) is ignored by the pooled variance."""
+    counts = np.array([0.0, 3.0, 4.0])
+    st = bc.GradientStats(ns.asarray(counts), ns.asarray(np.array([0.0, 1.0, -1.0])), ns.asarray(np.array([5.0, 2.0, 3.0])))
+    ns.close(st.variance, np.array([0.0, 2 / 3, 3 / 4]))
+    other = bc.GradientStats.from_samples(ns.asarray(np.arange(12.0).reshape(4, 3) ** 0.5))
+    cal = bc.calibrate([st, other])
+    assert np.all(np.isfinite(ns.to_numpy(cal.gradient)))
