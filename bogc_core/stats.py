@@ -78,9 +78,10 @@ class GradientStats:
         """Per-sample (population) variance ``M2 / n``; 0 where ``n == 0``."""
         xp = self.space.xp
         n = self.count
-        v = self.m2 / xp.clip(n, min=self.space.tiny)
-        # where, not a multiplication by the mask: M2 / tiny may be inf
-        return xp.where(n > 0, v, xp.zeros_like(v))
+        has = n > 0
+        # divide by 1 where n == 0: M2 / tiny would overflow (and warn)
+        v = self.m2 / xp.where(has, n, xp.ones_like(n))
+        return xp.where(has, v, xp.zeros_like(v))
 
     def check(self, name: str = "stats") -> None:
         """Raise a :class:`BOGCError` if any statistic is NaN or infinite, or negative.

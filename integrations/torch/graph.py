@@ -1,0 +1,72 @@
+"""Which parameters (and which captured layer outputs) each loss reaches.
+
+A walk over the autograd graph from a loss's ``grad_fn``: a parameter is
+reached when its ``AccumulateGrad`` node is. The walk is structural (no
+backward pass), so a parameter whose gradient happens to be exactly zero
+still counts as reached, which is what the statistics want: a zero gradient
+is a sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Reach", "walk"]
+
+
+@dataclass
+class Reach:
+    """Result of :func:`walk` for one loss.
+
+    ``params``: indices (into the calibrator's parameter list) reached.
+    ``nodes``: ids of the extra nodes asked about (layer outputs) reached.
+    ``fan_in``: for each reached parameter, the number of graph edges that
+    end in its ``AccumulateGrad`` node (more than one means the tensor is used
+    in several places, for instance tied weights).
+    """
+
+    params: set[int] = field(default_factory=set)
+    nodes: set[int] = field(default_factory=set)
+    fan_in: dict[int, int] = field(default_factory=dict)
+
+
+def walk(loss: torch.Tensor, param_index: dict[int, int], node_ids: Iterable[int] = ()) -> Reach:
+    """Walk the graph of ``loss``; ``param_index`` maps ``id(parameter)`` -> index."""
+    wanted = set(node_ids)
+    out = Reach()
+    root = loss.grad_fn
+    if root is None:
+        # A loss that is itself a leaf parameter.
+        if id(loss) in param_index:
+            idx = param_index[id(loss)]
+            out.params.add(idx)
+            out.fan_in[idx] = 1
+        return out
+    seen: set[int] = set()
+    stack: list[Any] = [root]
+    seen.add(id(root))
+    while stack:
+        node = stack.pop()
+        if id(node) in wanted:
+            out.nodes.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None:
+            idx = param_index.get(id(var))
+            if idx is not None:
+                out.params.add(idx)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            v = getattr(nxt, "variable", None)
+            if v is not None and id(v) in param_index:
+                i = param_index[id(v)]
+                out.fan_in[i] = out.fan_in.get(i, 0) + 1
+            if id(nxt) not in seen:
+                seen.add(id(nxt))
+                stack.append(nxt)
+    return out
+

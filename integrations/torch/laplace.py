@@ -1,0 +1,205 @@
+"""Laplace Monte Carlo gradient samples (METHOD.md, sample source 3; the paper's route).
+
+For source ``k`` with last layer ``h`` (weights ``W``, named by the user):
+
+1. Diagonal Laplace posterior of ``W``: precision ``F + lambda0`` with ``F``
+   the empirical Fisher diagonal ``sum_i (d l_i / d W)^2`` of the batch (the
+   GGN diagonal for a negative log-likelihood loss, estimated from the
+   per-example gradients) and ``lambda0`` the prior precision. For an
+   ``nn.Linear`` last layer ``F = (delta^2)^T (x^2)`` from its recorded input
+   and output gradients (one backward); other layers use batched
+   per-example gradient rows.
+2. ``T`` draws ``W_t = W + delta_t``, ``delta_t ~ N(0, diag(1 / (F + lambda0)))``,
+   as ``T / 2`` antithetic pairs ``(+delta, -delta)``.
+3. The source's gradient of ``loss.mean()`` on every parameter it reaches, at
+   each draw, to first order in ``delta_t``:
+   ``g_t = g + (d^2 L / d theta d W) delta_t``, one mixed Hessian-vector product
+   per draw, all ``T`` in one batched double-backward.
+4. Moment matching: ``n = T``, ``m = g`` (the antithetic draws' exact mean),
+   ``M2 = sum_t (g_t - g)^2``.
+
+The first-order step avoids a forward pass per draw (the loss function need
+not be known); it is exact when the shared parameters' gradient is linear in
+the last layer's weights and otherwise the delta-method approximation of the
+draws' spread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+from bogc_core import GradientStats
+from bogc_core.errors import ConfigError, InsufficientSamplesError
+
+from .distributed import allreduce_sum
+from .samples import Problem, batched_grads, work_dtype
+
+__all__ = ["LaplaceSource"]
+
+
+class LaplaceSource:
+    """Diagonal last-layer Laplace draws for every source (see module docstring)."""
+
+    def __init__(
+        self,
+        layers: Mapping[str, nn.Module] | None,
+        param_index: dict[int, int],
+        prior_precision: float = 1.0,
+        draws: int = 8,
+    ) -> None:
+        if not isinstance(layers, Mapping) or not layers:
+            raise ConfigError(
+                "laplace_layers: samples='laplace' needs a mapping source name -> the last layer "
+                "(an nn.Module) of that source's modality, e.g. {'audio': model.audio_head}"
+            )
+        self.layers: dict[str, list[torch.Tensor]] = {}
+        self.module_of: dict[str, nn.Module] = {}
+        for name, mod in layers.items():
+            if not isinstance(mod, nn.Module):
+                raise ConfigError(f"laplace_layers[{name!r}]: expected an nn.Module, got {type(mod).__name__}")
+            ps = [p for p in mod.parameters() if p.requires_grad]
+            if not ps:
+                raise ConfigError(f"laplace_layers[{name!r}]: the layer has no trainable parameters")
+            self.layers[str(name)] = ps
+            self.module_of[str(name)] = mod
+        if not (isinstance(prior_precision, (int, float)) and prior_precision > 0):
+            raise ConfigError(f"prior_precision: must be a number > 0, got {prior_precision!r}")
+        if not (isinstance(draws, int) and draws >= 2 and draws % 2 == 0):
+            raise ConfigError(f"draws: must be an even int >= 2 (antithetic pairs), got {draws!r}")
+        self.prior_precision = float(prior_precision)
+        self.draws = draws
+        # Linear last layers: record (input, output) so that the Fisher diagonal
+        # comes from the per-layer identity sum_i g_i^2 = (delta^2)^T (x^2).
+        self._records: dict[str, list] = {}
+        self._handles = []
+        for name, mod in layers.items():
+            if type(mod) is nn.Linear:
+                self._handles.append(mod.register_forward_hook(self._hook(str(name))))
+
+    def _hook(self, name: str):
+        def hook(mod, inputs, out):
+            if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad and inputs:
+                self._records.setdefault(name, []).append((inputs[0].detach(), out, out._version))
+        return hook
+
+    def clear(self) -> None:
+        self._records.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._records.clear()
+
+    def _fisher_linear(self, name: str, loss: torch.Tensor, head: list[torch.Tensor]):
+        """Fisher diagonal of a Linear last layer from its recorded call, or None."""
+        recs = [r for r in self._records.get(name, ()) if r[1].grad_fn is not None]
+        if len(recs) != 1:
+            return None
+        x, out, version = recs[0]
+        if x.dim() != 2 or out.dim() != 2 or out._version != version or out.shape[0] != loss.shape[0]:
+            return None
+        try:
+            (delta,) = torch.autograd.grad(loss.sum(), out, retain_graph=True)
+        except RuntimeError:  # the recorded call is not in this loss's graph
+            return None
+        mod = self.module_of[name]
+        dt = work_dtype(mod.weight)
+        d2, x2 = delta.to(dt).square(), x.to(dt).square()
+        by_id = {id(mod.weight): d2.T @ x2}
+        if mod.bias is not None:
+            by_id[id(mod.bias)] = d2.sum(dim=0)
+        if any(id(h) not in by_id for h in head):
+            return None
+        return [by_id[id(h)] for h in head]
+
+    def _fisher(self, loss: torch.Tensor, head: list[torch.Tensor], chunk_bytes: int) -> list[torch.Tensor]:
+        B = int(loss.shape[0])
+        per_row = sum(h.numel() * h.element_size() for h in head)
+        R = max(1, min(B, int(chunk_bytes // max(per_row, 1))))
+        F = [torch.zeros_like(h, dtype=work_dtype(h)) for h in head]
+        for start in range(0, B, R):
+            idx = torch.arange(start, min(B, start + R), device=loss.device)
+            cot = torch.zeros((len(idx), B), dtype=loss.dtype, device=loss.device)
+            cot[torch.arange(len(idx)), idx] = 1.0
+            rows = batched_grads([loss], [cot], head)
+            for f, r in zip(F, rows):
+                r = r.to(f.dtype)
+                f += (r * r).sum(dim=0)
+        return F
+
+    def sample(self, prob: Problem, generator: torch.Generator, chunk_bytes: int, group,
+               timeout: timedelta | None = None) -> dict[str, dict[int, GradientStats]]:
+        missing = [s for s in prob.names if s not in self.layers]
+        if missing:
+            raise ConfigError(
+                f"laplace_layers: no last layer named for source(s) {missing}; give every source's "
+                f"modality head, e.g. laplace_layers={{{missing[0]!r}: model.head}}"
+            )
+        for k, s in enumerate(prob.names):
+            if prob.losses[k].dim() != 1 or prob.batch(k) < 1:
+                raise InsufficientSamplesError(
+                    f"losses[{s!r}]: the Laplace posterior needs per-example losses of shape (batch,)"
+                )
+        # Phase 1: Fisher diagonals (summed over ranks: the global batch's posterior).
+        fishers = []
+        for k, s in enumerate(prob.names):
+            f = self._fisher_linear(s, prob.losses[k], self.layers[s])
+            fishers.append(f if f is not None else self._fisher(prob.losses[k], self.layers[s], chunk_bytes))
+        batch = [float(prob.batch(k)) for k in range(len(prob.names))]
+        if group is not None:
+            flat = [f for fs in fishers for f in fs]
+            red = allreduce_sum(flat + [torch.tensor(batch, dtype=torch.float64)], group, timeout)
+            it = iter(red[:-1])
+            fishers = [[next(it) for _ in fs] for fs in fishers]
+            totals = red[-1].tolist()
+        else:
+            totals = batch
+        # Phase 2: mean gradient and T linearised draws per source.
+        results = []
+        T = self.draws
+        for k, s in enumerate(prob.names):
+            head = self.layers[s]
+            targets = sorted(prob.reach[k])
+            tparams = [prob.params[i] for i in targets]
+            inputs, seen = [], set()
+            for t in head + tparams:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    inputs.append(t)
+            pos = {id(t): j for j, t in enumerate(inputs)}
+            # The local share of the global mean loss, so that the sum over ranks is the global mean.
+            L = prob.losses[k].sum() / totals[k]
+            g_all = torch.autograd.grad(L, inputs, create_graph=True, allow_unused=True, materialize_grads=True)
+            gH = [g_all[pos[id(h)]] for h in head]
+            g = [g_all[pos[id(t)]].detach() for t in tparams]
+            deltas = []
+            for h, f in zip(head, fishers[k]):
+                std = (f + self.prior_precision).rsqrt()
+                eps = torch.randn((T // 2,) + tuple(h.shape), generator=generator, dtype=std.dtype)
+                eps = eps.to(std.device) * std
+                deltas.append(torch.cat([eps, -eps]).to(gH[0].dtype))
+            live = [(gh, d) for gh, d in zip(gH, deltas) if gh.requires_grad]
+            if live:
+                v = batched_grads([x for x, _ in live], [d for _, d in live], tparams)
+            else:
+                v = [torch.zeros((T,) + tuple(t.shape), dtype=t.dtype, device=t.device) for t in tparams]
+            results.append((targets, g, v))
+        if group is not None:
+            flat = [x for _, g, v in results for x in g + v]
+            red = allreduce_sum(flat, group, timeout)
+            it = iter(red)
+            results = [(targets, [next(it) for _ in g], [next(it) for _ in v]) for targets, g, v in results]
+        out: dict[str, dict[int, GradientStats]] = {}
+        for (targets, g, v), s in zip(results, prob.names):
+            per = {}
+            for i, gi, vi in zip(targets, g, v):
+                dt = work_dtype(prob.params[i])
+                vi = vi.to(dt)
+                per[i] = GradientStats(float(T), gi.to(dt), (vi * vi).sum(dim=0))
+            out[s] = per
+        return out
