@@ -1,0 +1,206 @@
+"""Baselines of ``bogc bench`` on built-to-order inputs, checked against closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from bogc_core.integrations.experiments import build
+from bogc_core.integrations.experiments.bogc_adapter import MicrobatchCalibrator
+from bogc_core.integrations.experiments.bogc_method import INVERSE_VARIANCE
+from bogc_core.integrations.experiments.mgda import min_norm_2
+from bogc_core.integrations.experiments.mmpareto import mmpareto
+from bogc_core.integrations.experiments.model import MultiModalNet
+from bogc_core.integrations.experiments.ogm_ge import OGMGE
+from bogc_core.integrations.experiments.pcgrad import pcgrad
+
+from bogc_core import CalibrationConfig, GradientStats, calibrate
+
+torch.set_default_dtype(torch.float32)
+
+
+def _problem(seed=0, dims=None, B=16):
+    torch.manual_seed(seed)
+    dims = dims or {"a": 5, "b": 3}
+    model = MultiModalNet(dims, 3, hidden=8, feat=4)
+    xs = [torch.randn(B, d) for d in dims.values()]
+    y = torch.randint(0, 3, (B,))
+    return model, xs, y
+
+
+def _losses(model, xs, y):
+    z, zs = model(xs)
+    losses = {"fusion": F.cross_entropy(z, y, reduction="none")}
+    for m, u in zip(model.modalities, zs):
+        losses[m] = F.cross_entropy(u, y, reduction="none")
+    return losses, (z, zs)
+
+
+def _plain_source_grads(model, xs, y):
+    """Per-source gradients by independent backward passes (one fresh graph each)."""
+    out = {}
+    for s in model.sources:
+        model.zero_grad(set_to_none=True)
+        losses, _ = _losses(model, xs, y)
+        losses[s].mean().backward()
+        out[s] = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+# ---------------------------------------------------------------- PCGrad
+def test_pcgrad_two_conflicting_vectors_closed_form():
+    g1 = torch.tensor([1.0, 0.0])
+    g2 = torch.tensor([-1.0, 1.0])
+    # g1 - (g1.g2)/|g2|^2 g2 = [1,0] + 1/2 [-1,1];  g2 - (g2.g1)/|g1|^2 g1 = [-1,1] + [1,0]
+    expected = torch.tensor([0.5, 0.5]) + torch.tensor([0.0, 1.0])
+    out = pcgrad([g1, g2])
+    assert torch.allclose(out, expected)
+    # each projected gradient is orthogonal to the other original one
+    assert torch.dot(torch.tensor([0.5, 0.5]), g2) == 0
+
+
+def test_pcgrad_without_conflict_is_the_sum():
+    g = [torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.5, 0.1, 3.0])]
+    assert torch.allclose(pcgrad(g), g[0] + g[1])
+
+
+# ---------------------------------------------------------------- MGDA
+@pytest.mark.parametrize("seed", range(5))
+def test_mgda_min_norm_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    g1 = torch.tensor(rng.normal(size=7))
+    g2 = torch.tensor(rng.normal(size=7) - (1.5 if seed % 2 else 0.0))
+    a = min_norm_2(g1, g2)
+    grid = np.linspace(0, 1, 100001)
+    norms = np.linalg.norm(grid[:, None] * g1.numpy() + (1 - grid[:, None]) * g2.numpy(), axis=1)
+    assert abs(a - grid[int(np.argmin(norms))]) < 1e-4
+
+
+def test_mgda_clips_to_the_shorter_vector():
+    g1 = torch.tensor([1.0, 0.0])
+    g2 = torch.tensor([3.0, 0.0])  # min norm of the segment is g1 itself
+    assert min_norm_2(g1, g2) == 1.0
+
+
+def test_mgda_on_the_model_uses_the_min_norm_point_per_encoder():
+    model, xs, y = _problem()
+    ref = _plain_source_grads(model, xs, y)
+    m = build("mgda")
+    m.setup(model)
+    losses, logits = _losses(model, xs, y)
+    m.backward(losses, logits, y)
+    params = list(model.parameters())
+    for i, enc in enumerate(model.encoders):
+        idx = [next(t for t, q in enumerate(params) if q is p) for p in enc.parameters()]
+        g1 = torch.cat([ref["fusion"][j].reshape(-1) for j in idx])
+        g2 = torch.cat([ref[model.modalities[i]][j].reshape(-1) for j in idx])
+        a = min_norm_2(g1, g2)
+        got = torch.cat([params[j].grad.reshape(-1) for j in idx])
+        assert torch.allclose(got, 2 * (a * g1 + (1 - a) * g2), atol=1e-6)
+    g = torch.tensor([0.3, -0.2])
+    assert min_norm_2(g, g.clone()) == 0.5  # equal gradients: 2 * d is the plain sum
+
+
+# ---------------------------------------------------------------- MMPareto
+def test_mmpareto_agreeing_gradients_scale_the_sum_by_gamma():
+    gm = [torch.tensor([1.0, 2.0]), torch.tensor([0.5])]
+    gu = [torch.tensor([0.5, 1.0]), torch.tensor([1.0])]
+    out, a = mmpareto(gm, gu, gamma=1.5)
+    assert a == 0.5
+    for o, x, z in zip(out, gm, gu):
+        assert torch.allclose(o, 1.5 * (x + z))
+
+
+def test_mmpareto_conflict_gives_common_direction_with_sum_magnitude():
+    gm = [torch.tensor([2.0, 0.0])]
+    gu = [torch.tensor([-1.0, 1.0])]
+    out, a = mmpareto(gm, gu, gamma=1.5)
+    a_ref = min_norm_2(gm[0], gu[0])
+    assert a == pytest.approx(a_ref)
+    h = 2 * (a_ref * gm[0] + (1 - a_ref) * gu[0])
+    r = torch.linalg.vector_norm(gm[0] + gu[0]) / torch.linalg.vector_norm(h)
+    expected = 1.5 * (r * h if r > 1 else h)
+    assert torch.allclose(out[0], expected)
+    # a descent direction for both objectives
+    assert torch.dot(out[0], gm[0]) >= -1e-6 and torch.dot(out[0], gu[0]) >= -1e-6
+
+
+# ---------------------------------------------------------------- OGM-GE
+def test_ogm_ge_coefficient_and_modulated_gradient():
+    model, xs, y = _problem(seed=3)
+    m = OGMGE(alpha=0.5, noise=False)
+    m.setup(model)
+    losses, logits = _losses(model, xs, y)
+    ref = _plain_source_grads(model, xs, y)
+    with torch.no_grad():
+        s = [torch.softmax(u, 1)[torch.arange(len(y)), y].sum().item() for u in logits[1]]
+    rho = [s[0] / s[1], s[1] / s[0]]
+    k = [1 - math.tanh(0.5 * r) if r > 1 else 1.0 for r in rho]
+    m.backward(losses, logits, y)
+    params = list(model.parameters())
+    for i, enc in enumerate(model.encoders):
+        src = model.modalities[i]
+        for p in enc.parameters():
+            j = next(t for t, q in enumerate(params) if q is p)
+            assert torch.allclose(p.grad, k[i] * ref["fusion"][j] + ref[src][j], atol=1e-6)
+    assert sorted(k)[0] < 1 and sorted(k)[1] == 1.0
+
+
+# ---------------------------------------------------------------- sum / uniform
+def test_sum_and_uniform_gradients():
+    model, xs, y = _problem(seed=1)
+    ref = _plain_source_grads(model, xs, y)
+    for name, factor in (("sum", 1.0), ("uniform", 1.0 / 3)):
+        m = build(name)
+        m.setup(model)
+        losses, logits = _losses(model, xs, y)
+        m.backward(losses, logits, y)
+        for j, p in enumerate(model.parameters()):
+            tot = sum(ref[s][j] for s in model.sources if ref[s][j] is not None)
+            assert torch.allclose(p.grad, factor * tot, atol=1e-6)
+
+
+# ---------------------------------------------------------------- inverse variance / BOGC
+def test_inverse_variance_config_is_closed_form_6():
+    rng = np.random.default_rng(0)
+    n = 6
+    samples = [rng.normal(loc=rng.normal(size=9), scale=rng.uniform(0.2, 3.0, size=9), size=(n, 9))
+               for _ in range(3)]
+    stats = [GradientStats.from_samples(s) for s in samples]
+    cal = calibrate(stats, INVERSE_VARIANCE)
+    m = np.stack([s.mean(0) for s in samples])
+    m2 = np.stack([((s - s.mean(0)) ** 2).sum(0) for s in samples])
+    tau = n * n / m2  # precision of the mean gradient
+    expected = 3 * (tau * m).sum(0) / tau.sum(0)
+    np.testing.assert_allclose(np.asarray(cal.gradient), expected, rtol=1e-9)
+
+
+def test_fallback_adapter_with_uniform_weights_and_no_scale_is_the_sum():
+    model, xs, y = _problem(seed=2, dims={"a": 4, "b": 6, "c": 2})
+    ref = _plain_source_grads(model, xs, y)
+    cal = MicrobatchCalibrator(model.param_groups(), CalibrationConfig(weights="uniform", scale="none"), 4)
+    losses, _ = _losses(model, xs, y)
+    diag = cal.backward(losses)
+    for j, p in enumerate(model.parameters()):
+        tot = sum(ref[s][j] for s in model.sources if ref[s][j] is not None)
+        assert torch.allclose(p.grad, tot, atol=1e-6)
+    assert diag["weight/a"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name", ["bogc", "inverse_variance"])
+def test_bogc_methods_set_finite_gradients_and_report_weights(name):
+    model, xs, y = _problem(seed=4, B=32)
+    m = build(name)
+    m.setup(model)
+    losses, logits = _losses(model, xs, y)
+    d = m.backward(losses, logits, y)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    ws = {k: v for k, v in d.items() if k.startswith("weight/")}
+    assert set(ws) == {"weight/fusion", "weight/a", "weight/b"}
+    # an encoder's two weights sum to 1 per dimension, so the unimodal mean is 1 - the fusion share
+    assert 0 < d["uncertainty"] <= 1
+    assert all(0 <= v <= 1 for v in ws.values())

@@ -1,0 +1,128 @@
+"""Shipped data sets and the user ``.npz`` format."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bogc_core.integrations.data import SHIPPED, DataError, load_dataset
+from bogc_core.integrations.experiments.settings import make_split
+
+from bogc_core import BOGCError
+
+REPO = Path(__file__).resolve().parents[2]
+SRC = Path("/work/shared/data")
+
+
+def test_av_digits_follows_the_recipe():
+    d = load_dataset("av-digits")
+    assert d.modalities == ("audio", "image")
+    assert d.dims() == {"audio": 384, "image": 196}
+    assert d.n == 3000 and d.test_mask.sum() == 300 and d.split_given
+    for c in range(10):
+        assert (d.y[~d.test_mask] == c).sum() == 270
+        assert (d.y[d.test_mask] == c).sum() == 30
+    with np.load(SHIPPED["av-digits"]) as z:
+        idx = z["mnist_index"]
+    assert np.unique(idx).size == idx.size  # every clip has its own image
+    assert idx[~d.test_mask].max() < 5000 and idx[d.test_mask].min() >= 5000
+    assert d.x["image"].min() >= 0 and d.x["image"].max() <= 255
+
+
+def test_mfeat_views_and_split():
+    d = load_dataset("mfeat")
+    assert d.modalities == ("pix", "fou", "fac", "zer", "kar", "mor")
+    assert d.dims() == {"pix": 240, "fou": 76, "fac": 216, "zer": 47, "kar": 64, "mor": 6}
+    assert d.n == 2000 and d.test_mask.sum() == 400 and not d.test_mask[:1600].any()
+    assert np.bincount(d.y[d.test_mask]).tolist() == [40] * 10
+    assert set(np.unique(d.x["pix"])) <= set(range(7))
+
+
+def test_shipped_files_are_compact():
+    assert sum(p.stat().st_size for p in SHIPPED.values()) < 5e6
+    here = Path(SHIPPED["mfeat"]).parent
+    for lic in ("LICENSE-CC-BY-SA-4.0.txt", "LICENSE-CC-BY-SA-3.0.txt", "LICENSE-CC-BY-4.0.txt", "README.md"):
+        assert (here / lic).is_file(), lic
+
+
+def test_package_never_reads_the_shared_folder():
+    for folder in ("integrations/data", "integrations/experiments"):
+        for p in (REPO / folder).glob("*.py"):
+            assert "/work/shared" not in p.read_text(), p
+
+
+def test_user_npz_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.array([3, 7, 9]), 20)
+    a = rng.normal(size=(60, 2, 3))
+    b = rng.integers(0, 5, size=(60, 4)).astype(np.uint8)
+    mask = np.zeros(60, dtype=bool)
+    mask[::5] = True
+    np.savez(tmp_path / "mine.npz", y=y, x_a=a, x_b=b, test_mask=mask, other=np.arange(3))
+    a_copy = a.copy()
+    d = load_dataset(tmp_path / "mine.npz")
+    assert d.name == "mine" and d.modalities == ("a", "b") and d.n_classes == 3
+    np.testing.assert_array_equal(d.y, np.searchsorted([3, 7, 9], y))
+    np.testing.assert_allclose(d.x["a"], a.reshape(60, 6).astype(np.float32))
+    np.testing.assert_array_equal(d.test_mask, mask)
+    np.testing.assert_array_equal(a, a_copy)
+
+
+def test_user_npz_without_mask_gets_a_stratified_split(tmp_path):
+    y = np.repeat(np.arange(4), 25)
+    np.savez(tmp_path / "m.npz", y=y, x_v=np.ones((100, 2)))
+    d = load_dataset(tmp_path / "m.npz")
+    assert not d.split_given
+    assert np.bincount(d.y[d.test_mask]).tolist() == [5, 5, 5, 5]
+
+
+@pytest.mark.parametrize(
+    "arrays, word",
+    [
+        ({"x_a": np.ones((4, 2))}, "'y'"),
+        ({"y": np.arange(4) % 2}, "x_<modality>"),
+        ({"y": np.arange(4) % 2, "x_a": np.ones((5, 2))}, "x_a"),
+        ({"y": np.arange(4) % 2, "x_a": np.ones((4, 2)), "test_mask": np.ones(4)}, "test_mask"),
+        ({"y": np.arange(4) % 2, "x_a": np.full((4, 2), np.nan)}, "x_a"),
+    ],
+)
+def test_malformed_npz_raises_a_named_error(tmp_path, arrays, word):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(BOGCError, match=word.replace("<", ".").replace(">", ".").replace("'", ".")):
+        load_dataset(tmp_path / "bad.npz")
+
+
+def test_unknown_name_raises():
+    with pytest.raises(DataError, match="name_or_path"):
+        load_dataset("no-such-data")
+
+
+def test_settings_fewshot_noisy_and_validation_carve():
+    d = load_dataset("av-digits")
+    std = make_split(d, "standard")
+    assert std.y_train.size + std.y_val.size == 2700 and std.y_test.size == 300
+    # standardised with training statistics
+    full_train = np.concatenate([std.train[0], std.val[0]])
+    assert np.abs(full_train.mean(0)).max() < 1e-3
+    few = make_split(d, "fewshot", seed=3, shots=5)
+    assert np.bincount(few.y_train).tolist() == [5] * 10
+    assert not np.array_equal(make_split(d, "fewshot", seed=4, shots=5).train[0], few.train[0])
+    noisy = make_split(d, "noisy", noise_std=2.0, noise_modality="image")
+    np.testing.assert_array_equal(noisy.train[0], std.train[0])
+    diff = noisy.test[1] - std.test[1]
+    assert 1.9 < diff.std() < 2.1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SRC.is_dir(), reason="the raw sources in /work/shared/data are not on this machine")
+def test_build_script_reproduces_the_shipped_files(tmp_path):
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_data.py"), "--dst", str(tmp_path)],
+                   check=True, capture_output=True)
+    for name, path in SHIPPED.items():
+        with np.load(path) as a, np.load(tmp_path / f"{name}.npz") as b:
+            assert a.files == b.files
+            for k in a.files:
+                np.testing.assert_array_equal(a[k], b[k])
