@@ -106,6 +106,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def _dead_peer_worker(rank: int, init_file: str, out_dir: str) -> None:
     _init(rank, init_file, 5)
+    # both ranks must finish connecting before one dies, or rank 0's own
+    # init_process_group fails instead of the calibrator's collective
+    dist.barrier()
     if rank == 1:
         os._exit(0)  # dies before the collective
     torch.manual_seed(0)
