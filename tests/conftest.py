@@ -9,10 +9,18 @@ come back with ``ns.to_numpy`` so the oracle is always plain NumPy.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# CI runs the property tests derandomized, so a result never depends on the
+# draw; locally they explore new examples on every run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 from nstools import Namespace, array_namespace, available_namespaces
 
 
