@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 from hypothesis import settings
+from nstools import Namespace, array_namespace, available_namespaces
 
 # CI runs the property tests derandomized, so a result never depends on the
 # draw; locally they explore new examples on every run.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-from nstools import Namespace, array_namespace, available_namespaces
 
 
 @pytest.fixture(params=available_namespaces())
