@@ -160,3 +160,15 @@ def test_empty_dimension_does_not_poison_the_group(ns):
     other = bc.GradientStats.from_samples(ns.asarray(np.arange(12.0).reshape(4, 3) ** 0.5))
     cal = bc.calibrate([st, other])
     assert np.all(np.isfinite(ns.to_numpy(cal.gradient)))
+
+
+def test_top_weight_fraction_counts_ties_for_the_first_source(ns, rng):
+    m = np.linspace(-1, 1, 6)
+    equal = [bc.GradientStats(5.0, ns.asarray(m), ns.asarray(np.ones(6))) for _ in range(3)]
+    d = bc.calibrate(equal).diagnostics
+    assert d["weight_top_fraction"] == {"0": 1.0, "1": 0.0, "2": 0.0}  # argmax's tie rule
+    x = [rng.normal(0.3, sd, size=(8, 50)) for sd in (0.5, 1.0, 2.0)]
+    cal = bc.calibrate([bc.GradientStats.from_samples(ns.asarray(v)) for v in x])
+    top = np.argmax(ns.to_numpy(cal.weights), axis=0)
+    want = {str(k): float(np.mean(top == k)) for k in range(3)}
+    assert cal.diagnostics["weight_top_fraction"] == want
