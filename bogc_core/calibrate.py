@@ -173,8 +173,10 @@ def resolve_source_weights(
 def prepare_sources(
     stats_per_source: Sequence[GradientStats] | Mapping[str, GradientStats],
     source_weights: Sequence[float] | Mapping[str, float] | None = None,
+    check_values: bool = True,
 ) -> tuple[list[str], list[GradientStats], list[float], Space]:
-    """Normalise the inputs of :func:`calibrate`; validate shapes, namespaces and values."""
+    """Normalise the inputs of :func:`calibrate`; validate shapes, namespaces and
+    (with ``check_values``) values."""
     if isinstance(stats_per_source, GradientStats):
         raise ShapeError(
             "stats_per_source: got a single GradientStats; pass a sequence or a mapping "
@@ -200,7 +202,8 @@ def prepare_sources(
     shape = stats[0].shape
     for name, s in zip(names, stats):
         check_same_shape(s.shape, shape, f"stats_per_source[{name!r}]")
-        s.check(f"stats_per_source[{name!r}]")
+        if check_values:
+            s.check(f"stats_per_source[{name!r}]")
 
     lambdas = resolve_source_weights(names, source_weights)
     return names, stats, lambdas, space
@@ -210,6 +213,8 @@ def calibrate(
     stats_per_source: Sequence[GradientStats] | Mapping[str, GradientStats],
     config: CalibrationConfig | None = None,
     source_weights: Sequence[float] | Mapping[str, float] | None = None,
+    *,
+    check_values: bool = True,
 ) -> Calibration:
     """Calibrated update of one group from each source's gradient statistics.
 
@@ -220,11 +225,17 @@ def calibrate(
     empirical-Bayes prior, the evidence reference and the belief-scale mean
     are taken over all its dimensions (see :func:`calibrate_tensors` for
     several tensors). Returns a :class:`Calibration` in the input's namespace.
+
+    ``check_values=False`` skips the scan of every statistic for NaN, inf and
+    negative values (shapes, namespaces and options are still checked): for
+    callers that built the statistics themselves and have checked their
+    inputs, such as the training integrations, where the scan would cost
+    several passes over the data per step.
     """
     config = CalibrationConfig() if config is None else config
     if not isinstance(config, CalibrationConfig):
         raise ConfigError(f"config: expected CalibrationConfig, got {type(config).__name__}")
-    names, stats, lambdas, space = prepare_sources(stats_per_source, source_weights)
+    names, stats, lambdas, space = prepare_sources(stats_per_source, source_weights, check_values)
     if config.backend != "reference":
         from .dispatch import run_fast_path
 
@@ -311,6 +322,8 @@ def calibrate_tensors(
     stats_per_tensor: Sequence[Mapping[str, GradientStats]],
     config: CalibrationConfig | None = None,
     source_weights: Mapping[str, float] | None = None,
+    *,
+    check_values: bool = True,
 ) -> list[Calibration]:
     """Calibrate several parameter tensors, grouped by ``config.scope``.
 
@@ -319,7 +332,8 @@ def calibrate_tensors(
     its own; ``scope="global"`` pools every tensor reached by the same set of
     sources into one group (flattened and concatenated), so the prior, the
     evidence reference and the belief-scale mean are shared across them.
-    Returns one :class:`Calibration` per tensor, in order.
+    Returns one :class:`Calibration` per tensor, in order. ``check_values``
+    as in :func:`calibrate`.
     """
     config = CalibrationConfig() if config is None else config
 
@@ -327,7 +341,10 @@ def calibrate_tensors(
         return None if source_weights is None else {k: source_weights[k] for k in srcs}
 
     if config.scope == "tensor":
-        return [calibrate(srcs, config, lam_for(srcs)) for srcs in stats_per_tensor]
+        return [
+            calibrate(srcs, config, lam_for(srcs), check_values=check_values)
+            for srcs in stats_per_tensor
+        ]
 
     out: list[Calibration | None] = [None] * len(stats_per_tensor)
     groups: dict[tuple[str, ...], list[int]] = {}
@@ -346,7 +363,7 @@ def calibrate_tensors(
                 xp.concat([p.mean for p in parts]),
                 xp.concat([p.m2 for p in parts]),
             )
-        cal = calibrate(pooled, config, lam_for(pooled))
+        cal = calibrate(pooled, config, lam_for(pooled), check_values=check_values)
         start = 0
         for i, size in zip(idx, sizes):
             shape = stats_per_tensor[i][key[0]].shape

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bogc_core import CalibrationConfig, GradientStats, calibrate_tensors
+from bogc_core import CalibrationConfig, GradientStats, calibrate, calibrate_tensors
 from bogc_core.errors import ConfigError, NonFiniteError, ShapeError
 
 from . import samples as _samples
@@ -65,30 +65,6 @@ def _named(params: Iterable[Any]) -> list[tuple[str, torch.Tensor]]:
     if len({id(p) for _, p in out}) != len(out):
         raise ConfigError("params: the same tensor appears twice; pass each parameter once")
     return out
-
-
-def _calibrate_validated(srcs: dict[str, GradientStats], config: CalibrationConfig,
-                         lam: Mapping[str, float] | None):
-    """:func:`bogc_core.calibrate` without re-validating the statistics.
-
-    The calibrator builds every ``GradientStats`` itself (matching shapes,
-    ``n >= 0``, ``M2 >= 0``) and has already checked them for NaN and inf,
-    so the core's per-call checks (several passes over ``S`` copies of the
-    tensor) are skipped; the dispatch to fused backends is the core's own.
-    """
-    from bogc_core._namespace import resolve
-    from bogc_core.calibrate import reference_calibrate
-    from bogc_core.dispatch import run_fast_path
-
-    names = list(srcs)
-    stats = list(srcs.values())
-    lambdas = [1.0 if lam is None else float(lam[k]) for k in names]
-    space = resolve(stats[0].mean)
-    if config.backend != "reference":
-        result = run_fast_path(space, names, stats, lambdas, config)
-        if result is not None:
-            return result
-    return reference_calibrate(names, stats, lambdas, space, config)
 
 
 def _all_finite(scalars: list[torch.Tensor]) -> list[bool]:
@@ -546,13 +522,17 @@ class GradientCalibrator:
             if self.config.scope == "tensor":
                 for i in multi:
                     srcs = per_param.pop(i)
-                    cal = _calibrate_validated(srcs, self.config, lam)
+                    # the sources reaching this tensor may be a subset of all sources
+                    lam_i = None if lam is None else {k: lam[k] for k in srcs}
+                    cal = calibrate(srcs, self.config, lam_i, check_values=False)  # checked above
                     del srcs
                     grads[i] = cal.gradient * out_scale if out_scale != 1.0 else cal.gradient
                     summaries[i] = self._digest(cal)
                     del cal
             else:
-                cals = calibrate_tensors([per_param.pop(i) for i in multi], self.config, lam)
+                cals = calibrate_tensors(
+                    [per_param.pop(i) for i in multi], self.config, lam, check_values=False
+                )
                 for i, cal in zip(multi, cals):
                     grads[i] = cal.gradient * out_scale if out_scale != 1.0 else cal.gradient
                     summaries[i] = self._digest(cal)
