@@ -16,6 +16,11 @@ except ImportError:  # PyTorch not installed
     pass
 
 try:
+    from . import torch_compiled  # noqa: F401  (opt-in: registered after torch-fused)
+except ImportError:  # PyTorch not installed
+    pass
+
+try:
     from . import cupy_fused  # noqa: F401
 except ImportError:  # CuPy not installed
     pass

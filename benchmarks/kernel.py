@@ -92,7 +92,9 @@ def make_numpy(
     return out
 
 
-def bench_case(D: int, S: int, dtype: str, device: str, repeat: int, ref_limit: int) -> list[dict]:
+def bench_case(
+    D: int, S: int, dtype: str, device: str, repeat: int, ref_limit: int, compiled: bool = False
+) -> list[dict]:
     import torch
 
     from bogc_core import CalibrationConfig, GradientStats, calibrate
@@ -176,6 +178,25 @@ def bench_case(D: int, S: int, dtype: str, device: str, repeat: int, ref_limit: 
         timeit(lambda: runner(space, names, st, lam, CalibrationConfig()), repeat, device),
         in_bytes + out_bytes,
     )
+    if compiled and device == "cpu" and "torch-compiled" in _REGISTRY:
+        # Opt-in torch.compile path: the first call compiles (or re-uses the
+        # compilation of an earlier size); it is timed apart as compile_s.
+        ccfg = CalibrationConfig(backend="torch-compiled")
+        t0 = time.perf_counter()
+        first = calibrate(t_stats, ccfg)
+        first_s = time.perf_counter() - t0
+        if first.flags.get("path") != "torch-compiled":
+            print(f"torch-compiled fell back: {first.flags.get('fallback')}", file=sys.stderr)
+        else:
+            del first
+            t = timeit(lambda: calibrate(t_stats, ccfg), repeat, device)
+            add("torch-compiled", t, in_bytes + out_bytes, compile_s=max(first_s - t, 0.0))
+            crunner = _REGISTRY["torch-compiled"][1]
+            add(
+                "torch-compiled-runner",
+                timeit(lambda: crunner(space, names, st, lam, ccfg), repeat, device),
+                in_bytes + out_bytes,
+            )
     if device == "cuda" and "cupy-fused" in _REGISTRY:
         import cupy
 
@@ -277,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the references above this D*S (they need ~20 (S, D) temporaries)",
     )
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time the opt-in torch-compiled backend (CPU; compile time reported apart)",
+    )
     p.add_argument("--out", default=str(HERE / "results" / "kernel.json"))
     a = p.parse_args(argv)
 
@@ -298,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     print(hdr)
     for D in sizes:
         for S in sources:
-            for r in bench_case(D, S, a.dtype, a.device, a.repeat, int(a.ref_limit)):
+            for r in bench_case(D, S, a.dtype, a.device, a.repeat, int(a.ref_limit), a.compiled):
                 rows.append(r)
                 sp = r["speedup_vs_numpy_reference"]
                 print(
@@ -312,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                     flush=True,
                 )
+                if "compile_s" in r:
+                    print(f"{'':24s} (first call: {r['compile_s']:.1f} s of compilation)")
     memory = []
     if not a.no_memory and a.device == "cpu":
         D, S = max(sizes), (3 if 3 in sources else sources[0])
