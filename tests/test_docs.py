@@ -77,8 +77,16 @@ def test_docs_have_python_blocks() -> None:
     assert len(_params()) >= 3
 
 
+# Optional extras a block may need; without them the block is skipped (with
+# the reason), as the extra's own tests are. `.ci/run` installs them all.
+OPTIONAL = ("jax", "lightning", "torchjd")
+IMPORT = re.compile(r"^\s*(?:import|from)\s+(\w+)", re.M)
+
+
 @pytest.mark.parametrize("code", _params())
 def test_python_block_runs(code: str, tmp_path: Path) -> None:
+    for module in sorted(set(IMPORT.findall(code)) & set(OPTIONAL)):
+        pytest.importorskip(module, reason=f"the block needs the optional {module!r} extra")
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [sys.executable, "-c", code],
