@@ -49,7 +49,7 @@ from typing import Any
 from bogc_core.calibrate import Calibration, CalibrationConfig
 from bogc_core.weights import gauss_legendre01
 
-__all__ = ["Ops", "run_chunked", "evidence_range_problem", "hugepage_buffer"]
+__all__ = ["Ops", "run_chunked", "evidence_range_problem", "decline_reason", "hugepage_buffer"]
 
 
 class Ops:
@@ -187,6 +187,24 @@ def _prepare(ops: Ops, stats: Sequence[Any], lambdas: Sequence[float], shape: tu
     return out
 
 
+def decline_reason(space: Any, stats: Sequence[Any], config: CalibrationConfig) -> str | None:
+    """Why no fused path can take this call (the reference runs instead), or None.
+
+    Shared by every backend: a dtype other than float32/float64, statistics
+    that require grad (the fused paths write into buffers, outside autograd),
+    an empty parameter, or evidence the dtype cannot represent.
+    """
+    dtype_name = str(space.dtype).rsplit(".", 1)[-1]
+    if dtype_name not in ("float32", "float64"):
+        return f"dtype {space.dtype} (the fused paths support float32 and float64)"
+    for s in stats:
+        if any(getattr(t, "requires_grad", False) for t in (s.count, s.mean, s.m2)):
+            return "statistics require grad (the fused path writes into buffers, outside autograd)"
+    if math.prod(stats[0].shape) == 0:
+        return "empty parameter (no dimensions)"
+    return evidence_range_problem(config, space.tiny, space.max)
+
+
 def run_chunked(
     ops: Ops,
     path: str,
@@ -198,15 +216,13 @@ def run_chunked(
     chunk: int,
 ) -> Calibration | str:
     """The fused pipeline on validated inputs; a ``str`` is a reason to decline."""
+    problem = decline_reason(space, stats, config)
+    if problem:
+        return problem
     shape = tuple(stats[0].shape)
     D = math.prod(shape)
     S = len(stats)
-    if D == 0:
-        return "empty parameter (no dimensions)"
     tiny, big = space.tiny, space.max
-    problem = evidence_range_problem(config, tiny, big)
-    if problem:
-        return problem
     prior = config.prior
     gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
     srcs = _prepare(ops, stats, lambdas, shape)

@@ -40,7 +40,7 @@ from bogc_core.calibrate import Calibration, CalibrationConfig
 from bogc_core.dispatch import register
 from bogc_core.weights import gauss_legendre01
 
-from ._chunked import evidence_range_problem
+from ._chunked import decline_reason
 
 __all__ = ["NAME", "run", "accepts"]
 
@@ -204,17 +204,13 @@ def run(
     config: CalibrationConfig,
 ) -> Calibration | str:
     """Runner for :func:`bogc_core.dispatch.register` (float32/float64 CuPy arrays)."""
-    dtype = np.dtype(space.dtype)
-    if dtype not in (np.float32, np.float64):
-        return f"dtype {dtype} (the fused path supports float32 and float64)"
-    shape = tuple(stats[0].shape)
-    D, S = math.prod(shape), len(stats)
-    if D == 0:
-        return "empty parameter (no dimensions)"
-    tiny, big = space.tiny, space.max
-    problem = evidence_range_problem(config, tiny, big)
+    problem = decline_reason(space, stats, config)
     if problem:
         return problem
+    dtype = np.dtype(space.dtype)
+    shape = tuple(stats[0].shape)
+    D, S = math.prod(shape), len(stats)
+    tiny = space.tiny
     T = dtype.type
     prior = config.prior
     counts = [T(float(s.count.reshape(-1)[0])) if s.count.size == 1 else s.count for s in stats]

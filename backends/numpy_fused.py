@@ -145,8 +145,7 @@ def run(
 ) -> Calibration | str:
     """Runner for :func:`bogc_core.dispatch.register` (float32/float64 NumPy arrays)."""
     dtype = np.dtype(space.dtype)
-    if dtype not in (np.float32, np.float64):
-        return f"dtype {dtype} (the fused path supports float32 and float64)"
+    # run_chunked declines (decline_reason) anything but float32/float64.
     # 1/Q for Q = 0 and 1/(1 + inf) are intended (they give B = 0 and U = 0).
     with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
         return run_chunked(NumpyOps(dtype), NAME, space, names, stats, lambdas, config, CHUNK)

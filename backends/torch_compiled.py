@@ -38,7 +38,7 @@ import torch
 from bogc_core.calibrate import Calibration, CalibrationConfig
 from bogc_core.dispatch import register
 
-from ._chunked import evidence_range_problem, hugepage_buffer
+from ._chunked import decline_reason, hugepage_buffer
 
 __all__ = ["NAME", "run", "accepts", "compiled_stages"]
 
@@ -212,20 +212,13 @@ def run(
 ) -> Calibration | str:
     """Runner for :func:`bogc_core.dispatch.register`; a ``str`` is a reason to decline."""
     dtype = space.dtype
-    if dtype not in (torch.float32, torch.float64):
-        return f"dtype {dtype} (the compiled path supports float32 and float64)"
     if config.weights == "dempster":
         return "weights='dempster' is not compiled (use torch-fused)"
-    for s in stats:
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (s.count, s.mean, s.m2)):
-            return "statistics require grad (the compiled path runs outside autograd)"
-    shape = tuple(stats[0].shape)
-    D, S = math.prod(shape), len(stats)
-    if D == 0:
-        return "empty parameter (no dimensions)"
-    problem = evidence_range_problem(config, space.tiny, space.max)
+    problem = decline_reason(space, stats, config)
     if problem:
         return problem
+    shape = tuple(stats[0].shape)
+    D, S = math.prod(shape), len(stats)
     prior = config.prior
     opts = (
         config.evidence_from == "snr",

@@ -181,12 +181,7 @@ def run(
     config: CalibrationConfig,
 ) -> Calibration | str:
     """Runner for :func:`bogc_core.dispatch.register` (float32/float64 tensors, any device)."""
-    dtype = space.dtype
-    if dtype not in (torch.float32, torch.float64):
-        return f"dtype {dtype} (the fused path supports float32 and float64)"
-    for s in stats:
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (s.count, s.mean, s.m2)):
-            return "statistics require grad (the fused path writes into buffers, outside autograd)"
+    dtype = space.dtype  # run_chunked's decline_reason covers dtype and requires_grad
     device = torch.device(space.device)
     with torch.no_grad():
         return run_chunked(
