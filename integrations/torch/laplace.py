@@ -37,11 +37,12 @@ from bogc_core.errors import ConfigError, InsufficientSamplesError
 
 from .distributed import allreduce_sum
 from .samples import Problem, batched_grads, work_dtype
+from .shortcut import ForwardRecorder
 
 __all__ = ["LaplaceSource"]
 
 
-class LaplaceSource:
+class LaplaceSource(ForwardRecorder):
     """Diagonal last-layer Laplace draws for every source (see module docstring)."""
 
     def __init__(
@@ -51,6 +52,7 @@ class LaplaceSource:
         prior_precision: float = 1.0,
         draws: int = 8,
     ) -> None:
+        super().__init__()
         if not isinstance(layers, Mapping) or not layers:
             raise ConfigError(
                 "laplace_layers: samples='laplace' needs a mapping source name -> the last layer "
@@ -74,26 +76,9 @@ class LaplaceSource:
         self.draws = draws
         # Linear last layers: record (input, output) so that the Fisher diagonal
         # comes from the per-layer identity sum_i g_i^2 = (delta^2)^T (x^2).
-        self._records: dict[str, list] = {}
-        self._handles = []
         for name, mod in layers.items():
             if type(mod) is nn.Linear:
-                self._handles.append(mod.register_forward_hook(self._hook(str(name))))
-
-    def _hook(self, name: str):
-        def hook(mod, inputs, out):
-            if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad and inputs:
-                self._records.setdefault(name, []).append((inputs[0].detach(), out, out._version))
-        return hook
-
-    def clear(self) -> None:
-        self._records.clear()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._records.clear()
+                self._watch(mod, str(name))
 
     def _fisher_linear(self, name: str, loss: torch.Tensor, head: list[torch.Tensor]):
         """Fisher diagonal of a Linear last layer from its recorded call, or None."""

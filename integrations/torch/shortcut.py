@@ -31,12 +31,13 @@ its weight is also used elsewhere in a loss's graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LinearTaps", "Tap", "supported", "factors", "per_example_sums", "conv_per_example_sums"]
+__all__ = ["ForwardRecorder", "LinearTaps", "Tap", "supported", "factors", "per_example_sums", "conv_per_example_sums"]
 
 
 def supported(mod: nn.Module) -> bool:
@@ -65,12 +66,42 @@ class Tap:
     bias: int | None
 
 
-class LinearTaps:
+class ForwardRecorder:
+    """Forward hooks that record ``(input, output, output version)`` per key.
+
+    Shared by the Linear/Conv2d shortcut and the Laplace Fisher: both need a
+    layer's detached input and its live output from the current forward pass.
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[Any, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        self._handles: list[Any] = []
+
+    def _watch(self, mod: nn.Module, key: Any) -> None:
+        def hook(mod: nn.Module, inputs: tuple, out: Any) -> None:
+            if not (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad):
+                return
+            x = inputs[0] if inputs else None
+            if isinstance(x, torch.Tensor):
+                self._records.setdefault(key, []).append((x.detach(), out, out._version))
+
+        self._handles.append(mod.register_forward_hook(hook))
+
+    def clear(self) -> None:
+        self._records.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._records.clear()
+
+
+class LinearTaps(ForwardRecorder):
     """Forward hooks on the supported layers of ``model`` whose weight is calibrated."""
 
     def __init__(self, model: nn.Module, param_index: dict[int, int]) -> None:
-        self._records: dict[nn.Linear, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
-        self._handles = []
+        super().__init__()
         self._index: dict[nn.Linear, tuple[int | None, int | None]] = {}
         for mod in model.modules():
             if supported(mod) and id(mod.weight) in param_index:
@@ -79,15 +110,7 @@ class LinearTaps:
                     param_index[id(mod.weight)],
                     param_index.get(id(b)) if b is not None else None,
                 )
-                self._handles.append(mod.register_forward_hook(self._hook))
-
-    def _hook(self, mod: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-        if not (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad):
-            return
-        x = inputs[0] if inputs else None
-        if not isinstance(x, torch.Tensor):
-            return
-        self._records.setdefault(mod, []).append((x.detach(), out, out._version))
+                self._watch(mod, mod)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -107,15 +130,6 @@ class LinearTaps:
                 if x.dim() == r and out.dim() == r and out._version == version and out.grad_fn is not None:
                     taps.append(Tap(mod, x, out, version, w, b))
         return taps
-
-    def clear(self) -> None:
-        self._records.clear()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._records.clear()
 
 
 def per_example_sums(x: torch.Tensor, delta: torch.Tensor, with_weight: bool, with_bias: bool):
