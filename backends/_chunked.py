@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bogc_core.calibrate import Calibration, CalibrationConfig
+from bogc_core._types import Calibration, CalibrationConfig
 from bogc_core.weights import gauss_legendre01
 
 __all__ = ["Ops", "run_chunked", "evidence_range_problem", "decline_reason", "hugepage_buffer"]

@@ -36,7 +36,7 @@ import array_api_compat
 import cupy as cp
 import numpy as np
 
-from bogc_core.calibrate import Calibration, CalibrationConfig
+from bogc_core._types import Calibration, CalibrationConfig
 from bogc_core.dispatch import register
 from bogc_core.weights import gauss_legendre01
 

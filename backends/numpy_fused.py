@@ -16,7 +16,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from bogc_core.calibrate import Calibration, CalibrationConfig
+from bogc_core._types import Calibration, CalibrationConfig
 from bogc_core.dispatch import register
 
 from ._chunked import Ops, hugepage_buffer, run_chunked

@@ -22,7 +22,7 @@ from typing import Any
 import array_api_compat
 import torch
 
-from bogc_core.calibrate import Calibration, CalibrationConfig
+from bogc_core._types import Calibration, CalibrationConfig
 from bogc_core.dispatch import register
 from bogc_core.errors import ConfigError
 

@@ -5,6 +5,7 @@ The pipeline of METHOD.md, one module per stage:
 -> :mod:`~bogc_core.opinion` -> :mod:`~bogc_core.weights` -> :mod:`~bogc_core.calibrate`.
 """
 
+from ._types import NormalGammaPrior
 from .calibrate import Calibration, CalibrationConfig, calibrate, calibrate_tensors
 from .errors import (
     BOGCError,
@@ -18,7 +19,7 @@ from .errors import (
 )
 from .evidence import evidence
 from .opinion import Opinion, combine, fuse_single, reduced_dempster
-from .posterior import NormalGammaPrior, Posterior, posterior
+from .posterior import Posterior, posterior
 from .stats import GradientStats
 
 __version__ = "0.1.0"

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 from ._namespace import Space, check_same_shape, resolve
+from ._types import SCALES, SCOPES, Calibration, CalibrationConfig
 from .errors import ConfigError, ShapeError
-from .evidence import DEFAULT_CLIP, EVIDENCE_FROM, evidence_from_log_scores, log_score
+from .evidence import evidence_from_log_scores, log_score
 from .opinion import fuse_single
-from .posterior import NormalGammaPrior, Posterior, posterior
+from .posterior import Posterior, posterior
 from .stats import GradientStats
-from .weights import WEIGHTS
 from .weights import source_weights as _source_weights
 
 __all__ = [
@@ -38,110 +36,6 @@ __all__ = [
     "resolve_source_weights",
     "calibrated_update",
 ]
-
-SCALES = ("belief", "none")
-SCOPES = ("tensor", "global")
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """Options of :func:`calibrate` (defaults of METHOD.md).
-
-    ``backend`` chooses the implementation: ``"auto"`` takes the fastest
-    registered path for the input's namespace and device, ``"reference"``
-    forces the Array API reference, any other name asks for that backend.
-    """
-
-    gamma: float = 0.5
-    evidence_from: str = "snr"
-    prior_weight: float = 1.0
-    prior: NormalGammaPrior = field(default_factory=NormalGammaPrior)
-    weights: str = "evidence"
-    scale: str = "belief"
-    s_max: float | None = None
-    clip: float = DEFAULT_CLIP
-    scope: str = "tensor"
-    backend: str = "auto"
-
-    def __post_init__(self) -> None:
-        def bad(name: str, allowed: str) -> ConfigError:
-            return ConfigError(f"{name}: must be {allowed}, got {getattr(self, name)!r}")
-
-        if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma >= 0):
-            raise bad("gamma", "a finite number >= 0 (0.5 is the default)")
-        if self.evidence_from not in EVIDENCE_FROM:
-            raise bad("evidence_from", f"one of {EVIDENCE_FROM}")
-        if not (isinstance(self.prior_weight, (int, float)) and 0 < self.prior_weight < math.inf):
-            raise bad("prior_weight", "a finite number > 0 (1 is the default)")
-        if not isinstance(self.prior, NormalGammaPrior):
-            raise bad("prior", "a NormalGammaPrior")
-        if self.weights not in WEIGHTS:
-            raise bad("weights", f"one of {WEIGHTS}")
-        if self.scale not in SCALES:
-            raise bad("scale", f"one of {SCALES}")
-        if self.s_max is not None and not (isinstance(self.s_max, (int, float)) and self.s_max > 0):
-            raise bad("s_max", "None or a number > 0")
-        if not (isinstance(self.clip, (int, float)) and self.clip > 0):
-            raise bad("clip", "a number > 0 (log(1e6) is the default)")
-        if self.scope not in SCOPES:
-            raise bad("scope", f"one of {SCOPES}")
-        if not isinstance(self.backend, str):
-            raise bad("backend", "'auto', 'reference' or a registered backend name")
-
-
-class Calibration:
-    """Result of :func:`calibrate` for one group.
-
-    Attributes
-    ----------
-    gradient : array ``(*shape)``
-        The calibrated update ``g_hat``.
-    weights : array ``(S, *shape)``
-        Source weights ``w`` (sum over the first axis is 1).
-    uncertainty : array ``(*shape)``
-        Fused uncertainty ``U = prod_k u_k``.
-    belief_scale : array ``(*shape)``
-        ``s = B / mean(B)`` (ones with ``scale="none"``).
-    evidence : array ``(S, *shape)``
-        Per-source evidence ``e``.
-    sources : tuple of str
-        Source names, in the order of the first axis of ``weights``.
-    diagnostics : dict
-        Plain Python floats and flags (computed on first access).
-    """
-
-    def __init__(
-        self,
-        gradient: Any,
-        weights: Any,
-        uncertainty: Any,
-        belief_scale: Any,
-        evidence: Any,
-        sources: Sequence[str],
-        prior_weight: float = 1.0,
-        flags: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.gradient = gradient
-        self.weights = weights
-        self.uncertainty = uncertainty
-        self.belief_scale = belief_scale
-        self.evidence = evidence
-        self.sources = tuple(sources)
-        self.prior_weight = prior_weight
-        self.flags = dict(flags or {})
-
-    @cached_property
-    def diagnostics(self) -> dict[str, Any]:
-        from .diagnostics import summarize
-
-        return summarize(self)
-
-    def __repr__(self) -> str:
-        return (
-            f"Calibration(shape={tuple(self.gradient.shape)}, sources={self.sources}, "
-            f"path={self.flags.get('path', 'reference')!r})"
-        )
-
 
 def resolve_source_weights(
     names: Sequence[str], source_weights: Sequence[float] | Mapping[str, float] | None

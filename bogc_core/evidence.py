@@ -28,13 +28,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._namespace import resolve
+from ._types import DEFAULT_CLIP, EVIDENCE_FROM
 from .errors import ConfigError, ShapeError
 from .posterior import Posterior
 
 __all__ = ["EVIDENCE_FROM", "log_score", "evidence", "evidence_from_log_scores", "reference"]
 
-EVIDENCE_FROM = ("snr", "precision")
-DEFAULT_CLIP = math.log(1e6)
 
 
 def log_score(post: Posterior, evidence_from: str = "snr") -> Any:

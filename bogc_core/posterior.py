@@ -14,45 +14,15 @@ location ``mu_n`` and squared scale ``beta_n / (alpha_n * kappa_n)``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from ._namespace import resolve
+from ._types import NormalGammaPrior
 from .errors import ConfigError, InsufficientSamplesError
 from .stats import GradientStats
 
 __all__ = ["NormalGammaPrior", "Posterior", "posterior", "empirical_beta0"]
-
-
-@dataclass(frozen=True)
-class NormalGammaPrior:
-    """Conjugate prior ``NG(mu0, kappa0, alpha0, beta0)``.
-
-    ``beta0=None`` selects the empirical-Bayes default ``beta0 = alpha0 * vbar``
-    with ``vbar`` the group's mean per-sample variance ``mean_d(M2/n)``
-    (taken over dimensions with ``n >= 2``), which keeps the method
-    equivariant to the scale of the gradients.
-    """
-
-    mu0: float = 0.0
-    kappa0: float = 0.0
-    alpha0: float = 1.0
-    beta0: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("mu0", "kappa0", "alpha0") + (("beta0",) if self.beta0 is not None else ()):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"{name}: must be a finite real number, got {v!r}")
-        if self.kappa0 < 0:
-            raise ConfigError(f"kappa0: must be >= 0 (0 is the flat default), got {self.kappa0}")
-        if self.alpha0 < 0:
-            raise ConfigError(f"alpha0: must be >= 0 (1 is the default), got {self.alpha0}")
-        if self.beta0 is not None and self.beta0 < 0:
-            raise ConfigError(
-                f"beta0: must be >= 0, or None for the empirical-Bayes default, got {self.beta0}"
-            )
 
 
 @dataclass(frozen=True, eq=False)

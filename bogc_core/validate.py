@@ -36,6 +36,7 @@ from typing import Any, cast
 import numpy as np
 
 import bogc_core as bc
+from bogc_core._types import SCALES, WEIGHTS
 
 __all__ = ["IDENTITIES", "Namespace", "Result", "available_namespaces", "run", "main"]
 
@@ -609,10 +610,8 @@ def _check_scale_equivariance(ns: Namespace, rng: np.random.Generator, err: _Err
 def _check_equal_stats(ns: Namespace, rng: np.random.Generator, err: _Errors) -> None:
     """(8) equal statistics for all sources and dimensions: g_hat = sum_k lambda_k m_k."""
     shape = SHAPE2
-    for weights, scale in itertools.product(
-        ("evidence", "dempster", "uniform"), ("belief", "none")
-    ):
-        cfg = bc.CalibrationConfig(weights=weights, scale=scale)
+    for weights, scale in itertools.product(WEIGHTS, SCALES):
+        cfg = bc.CalibrationConfig(weights=weights, scale=scale)  # type: ignore[arg-type]
         st = bc.GradientStats(ns(np.array(10.0)), ns(np.full(shape, -0.7)), ns(np.full(shape, 3.2)))
         cal = bc.calibrate([st, st, st], cfg)
         err.close(cal.gradient, np.full(shape, -2.1), f"sum of means, {weights}/{scale}")

@@ -21,11 +21,11 @@ import math
 from typing import Any
 
 from ._namespace import resolve
+from ._types import WEIGHTS
 from .errors import ConfigError
 
 __all__ = ["WEIGHTS", "source_weights", "gauss_legendre01"]
 
-WEIGHTS = ("evidence", "dempster", "uniform")
 
 
 @functools.cache
