@@ -6,7 +6,13 @@ The pipeline of METHOD.md, one module per stage:
 """
 
 from ._types import NormalGammaPrior
-from .calibrate import Calibration, CalibrationConfig, calibrate, calibrate_tensors
+from .calibrate import (
+    Calibration,
+    CalibrationConfig,
+    calibrate,
+    calibrate_gradient,
+    calibrate_tensors,
+)
 from .errors import (
     BOGCError,
     ConfigError,
@@ -40,6 +46,7 @@ __all__ = [
     "ShapeError",
     "TotalConflictError",
     "calibrate",
+    "calibrate_gradient",
     "calibrate_tensors",
     "combine",
     "evidence",

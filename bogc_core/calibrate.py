@@ -30,6 +30,7 @@ __all__ = [
     "Calibration",
     "calibrate",
     "calibrate_tensors",
+    "calibrate_gradient",
     "SCALES",
     "SCOPES",
     "prepare_sources",
@@ -274,3 +275,90 @@ def calibrate_tensors(
             )
             start += size
     return [c for c in out if c is not None]
+
+
+def calibrate_gradient(
+    stats_per_source: Sequence[GradientStats] | Mapping[str, GradientStats],
+    config: CalibrationConfig | None = None,
+    *,
+    source_weights: Sequence[float] | Mapping[str, float] | None = None,
+    out: Any = None,
+    segments: Sequence[int] | None = None,
+    diagnostics: dict[str, Any] | None = None,
+    check_values: bool = True,
+) -> Any:
+    """The calibrated gradient alone: ``calibrate(...).gradient`` without the other outputs.
+
+    ``stats_per_source`` and ``source_weights`` as in :func:`calibrate`.
+
+    ``segments``: ``None`` (the whole input is one group), or positive segment
+    lengths ``(n_1, ..., n_G)`` with ``sum = D`` over one-dimensional
+    statistics of shape ``(D,)``: each segment is its own group (its own
+    empirical-Bayes prior, evidence reference and belief-scale mean), so the
+    result equals calibrating each segment on its own and concatenating. This
+    is how a whole model is calibrated in one call with ``scope="tensor"``.
+
+    ``out``: an array of the result's shape, namespace, dtype and device that
+    receives the gradient (returned); ``None`` allocates.
+
+    ``diagnostics``: ``None`` (no diagnostics, no extra pass), or a dict that
+    is filled with scalar diagnostics (``path``, ``fallback`` when a fast path
+    declined, ``zero_variance_sources``).
+    """
+    config = CalibrationConfig() if config is None else config
+    if not isinstance(config, CalibrationConfig):
+        raise ConfigError(f"config: expected CalibrationConfig, got {type(config).__name__}")
+    names, stats, lambdas, space = prepare_sources(stats_per_source, source_weights, check_values)
+    xp = space.xp
+    shape = stats[0].shape
+    if segments is None:
+        bounds: list[tuple[int, int | None]] = [(0, None)]
+    else:
+        if len(shape) != 1:
+            raise ShapeError(
+                f"segments: given, so the statistics must be one-dimensional (D,); got shape "
+                f"{shape}; flatten them, or pass segments=None"
+            )
+        lengths = [int(n) for n in segments]
+        if any(n < 1 for n in lengths) or sum(lengths) != shape[0]:
+            raise ShapeError(
+                f"segments: must be positive lengths summing to D={shape[0]}; got {lengths}"
+            )
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        bounds = [(a, a + n) for a, n in zip(starts, lengths)]
+    parts = []
+    zero_var: list[str] = []
+    paths: list[str] = []
+    fallbacks: list[str] = []
+    for a, b in bounds:
+        if b is None:
+            seg = dict(zip(names, stats))
+        else:
+            seg = {
+                k: GradientStats(
+                    st.count if len(tuple(getattr(st.count, "shape", ()))) == 0 else st.count[a:b],
+                    st.mean[a:b],
+                    st.m2[a:b],
+                )
+                for k, st in zip(names, stats)
+            }
+        cal = calibrate(seg, config, dict(zip(names, lambdas)), check_values=False)
+        parts.append(cal.gradient)
+        if diagnostics is not None:
+            zero_var.extend(cal.flags.get("zero_variance_sources", []))
+            paths.append(str(cal.flags.get("path", "reference")))
+            if "fallback" in cal.flags:
+                fallbacks.append(str(cal.flags["fallback"]))
+    g = parts[0] if len(parts) == 1 else xp.concat(parts)
+    if diagnostics is not None:
+        diagnostics["path"] = paths[0]
+        diagnostics["zero_variance_sources"] = sorted(set(zero_var))
+        if fallbacks:
+            diagnostics["fallback"] = fallbacks[0]
+    if out is None:
+        return g
+    check_same_shape(tuple(out.shape), tuple(g.shape), "out")
+    out[...] = g
+    return out
