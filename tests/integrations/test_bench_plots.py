@@ -1,0 +1,163 @@
+"""The figures of ``bogc bench`` from a synthetic ``results.json`` document."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+pytest.importorskip("matplotlib", reason="the plots need the bench extra (matplotlib)")
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _load() -> ModuleType:
+    try:
+        return importlib.import_module("bogc_core.integrations.bench.plots")
+    except ImportError:
+        # While integrations/bench.py is still a module next to the bench/ folder,
+        # plots.py is loaded from its file (it needs nothing from the package).
+        import bogc_core.integrations as integ
+
+        path = Path(integ.__path__[0]) / "bench" / "plots.py"
+        spec = importlib.util.spec_from_file_location("bench_plots", path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+
+plots = _load()
+
+
+def _entry(curve: list[float], accs: list[float], diag: bool = False) -> dict[str, Any]:
+    e: dict[str, Any] = {"test_curve_mean": curve, "accuracies": accs, "macro_f1s": accs,
+                         "accuracy_mean": sum(accs) / len(accs)}
+    if diag:
+        e["diagnostics_curve_mean"] = {
+            "weight/fusion": [0.5, 0.6, 0.62], "weight/audio": [0.3, 0.25, 0.2],
+            "weight/image": [0.2, 0.15, 0.18], "uncertainty": [0.1, 0.05, 0.04],
+        }
+    return e
+
+
+def _doc(order: list[str]) -> dict[str, Any]:
+    same = _entry([0.12, 0.8, 0.95], [0.95, 0.96], diag=True)
+    methods = {
+        "sum": _entry([0.30, 0.85, 0.94], [0.94, 0.95]),
+        "bogc": same,
+        "bogc_tuned": dict(same),
+        "pcgrad": _entry([0.25, 0.83, 0.93], [0.93, 0.94]),
+        "my_method": _entry([0.4, 0.7, 0.9], [0.9, 0.91]),
+        "bogc_gamma2": _entry([0.2, 0.86, 0.96], [0.96, 0.95]),
+    }
+    return {"dataset": "toy", "setting": "standard", "epochs": 3,
+            "methods": {n: methods[n] for n in order}}
+
+
+ORDER_A = ["sum", "bogc", "bogc_tuned", "pcgrad", "my_method", "bogc_gamma2"]
+ORDER_B = ["my_method", "pcgrad", "bogc_gamma2", "bogc_tuned", "sum", "bogc"]
+
+
+def _lines(fig: Any) -> dict[tuple[int, str], Any]:
+    return {(i, line.get_label()): line for i, ax in enumerate(fig.axes)
+            for line in ax.get_lines()}
+
+
+def test_plot_writes_both_pngs_and_returns_their_paths(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "folder"
+    paths = plots.plot(_doc(ORDER_A), out)
+    assert paths == [str(out / "accuracy_curves.png"), str(out / "bogc_diagnostics.png")]
+    for p in paths:
+        data = Path(p).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_identical_methods_are_drawn_once_with_a_note() -> None:
+    fig = plots.accuracy_figure(_doc(ORDER_A))
+    try:
+        labels = [line.get_label() for line in fig.axes[0].get_lines()]
+        assert labels == ["sum", "bogc = bogc_tuned", "pcgrad", "my_method"]
+        texts = [t.get_text() for t in fig.axes[0].texts]
+        assert any("bogc = bogc_tuned: identical results" in t for t in texts)
+        # the ablation panel carries sum and bogc as anchors
+        assert [line.get_label() for line in fig.axes[1].get_lines()] == [
+            "sum", "bogc", "bogc_gamma2"]
+    finally:
+        plt.close(fig)
+
+
+def test_identical_groups_need_equal_curves_and_seeds() -> None:
+    doc = _doc(ORDER_A)
+    doc["methods"]["bogc_tuned"] = dict(doc["methods"]["bogc"], accuracies=[0.95, 0.97])
+    assert plots.identical_groups(doc["methods"], ORDER_A) == [[n] for n in ORDER_A]
+    doc["methods"]["pcgrad"] = dict(doc["methods"]["sum"])
+    assert ["sum", "pcgrad"] in plots.identical_groups(doc["methods"], ORDER_A)
+
+
+def test_colours_are_fixed_per_method_whatever_the_order() -> None:
+    fig_a, fig_b = plots.accuracy_figure(_doc(ORDER_A)), plots.accuracy_figure(_doc(ORDER_B))
+    try:
+        la, lb = _lines(fig_a), _lines(fig_b)
+        assert set(la) == set(lb)
+        for key in la:
+            assert la[key].get_color() == lb[key].get_color(), key
+        colours = [la[(0, n)].get_color() for n in ("sum", "bogc = bogc_tuned", "pcgrad",
+                                                     "my_method")]
+        assert len(set(colours)) == 4
+    finally:
+        plt.close(fig_a)
+        plt.close(fig_b)
+    assert plots.color_of("bogc") == plots.color_of("bogc")
+    assert plots.color_of("my_method") == plots.color_of("my_method")
+    # an unknown name's colour comes from its name only: the same in a fresh process
+    import subprocess
+    import sys
+
+    code = ("import zlib; from pathlib import Path; import importlib.util as u; "
+            f"s = u.spec_from_file_location('p', {plots.__file__!r}); m = u.module_from_spec(s); "
+            "s.loader.exec_module(m); print(m.color_of('my_method'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env={"PYTHONHASHSEED": "123", "PATH": ""})
+    assert proc.stdout.strip() == plots.color_of("my_method"), proc.stderr
+
+
+def test_full_y_range_and_integer_epoch_ticks() -> None:
+    fig = plots.accuracy_figure(_doc(ORDER_A))
+    try:
+        for ax in fig.axes:
+            lo, hi = ax.get_ylim()
+            ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+            assert lo <= min(ys) and hi >= max(ys) and hi >= 100.0
+            assert lo <= 12.0 if ax is fig.axes[0] else lo <= 20.0  # the first epoch is in view
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(fig)
+
+
+def test_diagnostics_use_math_text_and_source_colours() -> None:
+    fig = plots.diagnostics_figure(_doc(ORDER_B))
+    try:
+        assert r"$\prod_k u_k$" in fig.axes[1].get_ylabel()
+        lines = {line.get_label(): line.get_color() for line in fig.axes[0].get_lines()}
+        assert set(lines) == {"fusion", "audio", "image"}
+        assert lines == {n: plots.color_of(n) for n in lines}
+        for ax in fig.axes:
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert all(float(t).is_integer() for t in ticks)
+    finally:
+        plt.close(fig)
+
+
+def test_a_doc_without_bogc_or_curves_still_plots(tmp_path: Path) -> None:
+    doc = {"dataset": "toy", "setting": "missing",
+           "methods": {"sum": {"test_curve_mean": [], "accuracies": [0.5]}}}
+    paths = plots.plot(doc, tmp_path)
+    assert all(Path(p).is_file() for p in paths)
