@@ -19,11 +19,11 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
+from bogc_core.integrations.transformers import BOGCTrainer
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
 
 from bogc_core import CalibrationConfig
-from bogc_core.integrations.transformers import BOGCTrainer
 
 
 class TinyFusionConfig(PretrainedConfig):

@@ -168,8 +168,9 @@ class BOGCTrainer(Trainer):
     ) -> torch.Tensor:
         """Forward, then ``GradientCalibrator.backward(losses)``; returns the detached plain loss."""
         model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
+        train_mode = getattr(self.optimizer, "train", None)  # schedule-free optimizers have modes
+        if callable(train_mode):
+            train_mode()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             outputs = model(**inputs)

@@ -123,7 +123,7 @@ def test_equal_evidence_follows_the_plain_trainer(ex: ModuleType, tmp_path: Path
     bogc, _, _ = _train(BOGCTrainer, ex, tmp_path / "b", steps=3, batch=16,
                         bogc_config=CalibrationConfig(gamma=0.0))
     plain, _, _ = _train(Trainer, ex, tmp_path / "p", steps=3, batch=16)
-    for (n, p), (_, q) in zip(bogc.model.named_parameters(), plain.model.named_parameters()):
+    for (_, p), (_, q) in zip(bogc.model.named_parameters(), plain.model.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
     moved = [float((p - q).detach().abs().max()) for (_, p), (_, q) in
              zip(bogc.model.named_parameters(), _setup(ex, tmp_path)[1].named_parameters())]
