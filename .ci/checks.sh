@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Static checks: lint (ruff), types (mypy on bogc_core), docs (mkdocs --strict).
+# Static checks: lint (ruff), types (mypy on the three packages), docs (mkdocs --strict).
 # Runs every check, prints a summary, exits non-zero if any failed.
 # Uses the active Python environment: `pip install ".[docs,dev]"` first.
 set -uo pipefail
@@ -20,10 +20,14 @@ run() {
     fi
 }
 
-# Lint: the library and the examples (rules in pyproject.toml [tool.ruff]).
-run ruff "$python" -m ruff check bogc_core backends integrations examples
-# Types: the core must type-check cleanly (config in pyproject.toml [tool.mypy]).
-run mypy "$python" -m mypy bogc_core
+# Lint: the library, the examples and the benchmarks (rules in pyproject.toml [tool.ruff]).
+lint=(bogc_core backends integrations examples)
+[ -d benchmarks ] && lint+=(benchmarks)
+run ruff "$python" -m ruff check "${lint[@]}"
+# Types: the core, the fast paths and the integrations must type-check cleanly
+# (config in pyproject.toml [tool.mypy]; optional libraries without stubs are
+# ignored there, so the check needs no GPU library installed).
+run mypy "$python" -m mypy bogc_core backends integrations
 # Docs: warnings (broken links, missing pages, docstrings mkdocstrings cannot
 # parse) are errors. Built into a temporary folder so no site/ is left behind.
 site="$(mktemp -d)"

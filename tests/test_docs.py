@@ -79,7 +79,7 @@ def test_docs_have_python_blocks() -> None:
 
 # Optional extras a block may need; without them the block is skipped (with
 # the reason), as the extra's own tests are. `.ci/run` installs them all.
-OPTIONAL = ("jax", "lightning", "torchjd")
+OPTIONAL = ("jax", "lightning", "torchjd", "transformers")
 IMPORT = re.compile(r"^\s*(?:import|from)\s+(\w+)", re.M)
 
 
@@ -97,3 +97,51 @@ def test_python_block_runs(code: str, tmp_path: Path) -> None:
         timeout=TIMEOUT_S,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+
+
+# ----------------------------------------------------------------- install commands
+EXTRAS = re.compile(r'"?\.\[(?P<extras>[a-z,_-]+)\]"?')
+# Extras a CPU cannot run (CuPy needs CUDA) or that only serve the static checks.
+NOT_IN_TEST_COMMAND = {"cupy", "docs", "dev"}
+
+
+def _pyproject_extras() -> set[str]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml needs tomllib")
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    return set(data["project"]["optional-dependencies"])
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    first = re.search(r"^## (.+)$", text, re.M)
+    assert first and first.group(1) == "The two commands", "README must lead with its two commands"
+    block = re.search(r"```bash\n(.*?)```", text[first.end() :], re.S)
+    assert block
+    return [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_leads_with_the_main_job_and_the_test_command() -> None:
+    run, test = _readme_commands()
+    assert run.startswith('pip install "torch==2.13.0" && ') and run.endswith("bogc bench")
+    assert test.startswith('pip install "torch==2.13.0" && ') and test.endswith("&& pytest")
+
+
+def test_readme_test_command_installs_every_extra_a_cpu_runs() -> None:
+    _, test = _readme_commands()
+    found = EXTRAS.search(test)
+    assert found, test
+    extras = set(found.group("extras").split(","))
+    assert extras == _pyproject_extras() - NOT_IN_TEST_COMMAND
+
+
+def test_ci_installs_the_readme_extras_plus_docs_and_dev() -> None:
+    _, test = _readme_commands()
+    readme = EXTRAS.search(test)
+    ci = [EXTRAS.search(line) for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.startswith("pip install") and ".[" in line]
+    assert readme and len(ci) == 1 and ci[0]
+    assert set(ci[0].group("extras").split(",")) == (
+        set(readme.group("extras").split(",")) | {"docs", "dev"})

@@ -54,7 +54,7 @@ def test_per_example_gradients_match_finite_differences(ex: ModuleType) -> None:
 
 def test_equal_evidence_reproduces_plain_sum_training(ex: ModuleType) -> None:
     # gamma = 0 gives e = 1 everywhere, so every calibrated update is the plain sum
-    # (METHOD.md, Stage 5); the two trajectories must coincide.
+    # (docs/method.md, Stage 5); the two trajectories must coincide.
     train, _ = ex.make_data(n=600, seed=1)
     p_sum, h_sum = ex.train(train, "sum", epochs=3)
     p_eq, h_eq = ex.train(train, "bogc", CalibrationConfig(gamma=0.0), epochs=3)
