@@ -225,16 +225,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[i] if i is not None else ""
     try:
         top = _top_parser()
-        if i is None:
-            flags = top.parse_args([a for a in argv] + ["validate"])
-            if flags.version:
-                from importlib.metadata import version
+        # the top-level flags and the command's name ("validate" stands in when there is none)
+        flags = top.parse_args(argv[: i + 1] if i is not None else argv + ["validate"])
+        if flags.version:
+            from importlib.metadata import version
 
-                print(f"bogc {version('bogc')}")
-                return 0
+            print(f"bogc {version('bogc')}")
+            return 0
+        if i is None:
             top.print_help()
             return 0 if argv and not flags.debug else EXIT_USAGE
-        top.parse_args(argv[: i + 1])  # the top-level flags and the command's name
         rest = [a for a in argv[i + 1 :] if a != "--debug"]
         return _RUNNERS[command](rest)
     except KeyboardInterrupt:

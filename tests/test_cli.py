@@ -87,8 +87,9 @@ def test_no_arguments_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 
-    code, out, _ = run(["--version"], capsys)
-    assert code == 0 and out.strip() == f"bogc {version('bogc')}"
+    for argv in (["--version"], ["--version", "bench", "--quick"]):
+        code, out, _ = run(argv, capsys)
+        assert code == 0 and out.strip() == f"bogc {version('bogc')}"
 
 
 @pytest.mark.parametrize("argv, word", [(["frobnicate"], "frobnicate"), (["--nope"], "--nope"),
