@@ -11,7 +11,7 @@ of every source (a fusion loss plus one per modality, say) under one key,
 
 (a ``dict`` or a ``transformers.utils.ModelOutput`` with a ``losses`` field).
 :class:`BOGCTrainer` then replaces the Trainer's ``loss.backward()`` with
-:meth:`GradientCalibrator.backward(losses) <bogc_core.integrations.torch.GradientCalibrator.backward>`:
+``GradientCalibrator.backward(losses)``:
 every parameter reached by two or more sources gets the calibrated gradient
 ``g_hat`` of ``docs/method.md`` (Stage 5), the others the plain sum of their
 sources' gradients. Gradient clipping (``max_grad_norm``), the optimizer, the
@@ -25,7 +25,7 @@ Limits: ``gradient_accumulation_steps`` must be 1 (the calibrator replaces
 scaler) is refused; ``bf16`` works. DeepSpeed and FSDP are not supported.
 Statistics carried across steps (``samples="steps"`` or a ``rho``) are not
 written into the Trainer's checkpoints; use
-:meth:`BOGCTrainer.calibrator.state_dict` for that.
+``trainer.calibrator.state_dict()`` for that.
 
 Needs the ``transformers`` extra: ``pip install "bogc[torch,transformers]"``.
 """
@@ -89,6 +89,10 @@ def _plain_total(losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
 class BOGCTrainer(Trainer):
     """A ``transformers.Trainer`` whose backward pass is BOGC's calibrated gradient.
 
+    The calibrator is built at the first training step, over the trainable
+    parameters of the model; it is ``trainer.calibrator`` afterwards, and the
+    diagnostics of the last step are ``trainer.last_diagnostics``.
+
     Parameters
     ----------
     *args, **kwargs
@@ -102,10 +106,6 @@ class BOGCTrainer(Trainer):
     calibrator_kwargs : mapping, optional (keyword)
         More keyword arguments of ``GradientCalibrator`` (``chunks``, ``rho``,
         ``source_weights``, ``diagnostics``...).
-
-    The calibrator is built at the first training step, over the trainable
-    parameters of the model; it is :attr:`calibrator` afterwards, and the
-    diagnostics of the last step are :attr:`last_diagnostics`.
     """
 
     def __init__(
