@@ -20,9 +20,11 @@ learning-rate schedule, logging and evaluation stay the Trainer's.
 The loss the Trainer logs and evaluates is the plain sum of the sources' mean
 losses, ``sum_k mean(losses[k])``.
 
-Limits: ``gradient_accumulation_steps`` must be 1 (the calibrator replaces
-``p.grad`` each step; raise the batch size instead) and ``fp16`` (a loss
-scaler) is refused; ``bf16`` works. DeepSpeed and FSDP are not supported.
+Limits: one process (multi-process runs, DeepSpeed and FSDP are refused; the
+plain ``GradientCalibrator`` loop handles distributed training);
+``gradient_accumulation_steps`` must be 1 (the calibrator replaces ``p.grad``
+each step; raise the batch size instead); ``fp16`` (a loss scaler) is
+refused, ``bf16`` works.
 Statistics carried across steps (``samples="steps"`` or a ``rho``) are not
 written into the Trainer's checkpoints; use
 ``trainer.calibrator.state_dict()`` for that.
@@ -132,7 +134,15 @@ class BOGCTrainer(Trainer):
                               "bf16=True or full precision")
         if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
             raise ConfigError("args: DeepSpeed and FSDP are not supported by BOGCTrainer; train "
-                              "on one process or with plain data parallelism")
+                              "in one process")
+        if self.args.world_size > 1:
+            # The Trainer would wrap the model in DistributedDataParallel, whose gradient
+            # hooks expect loss.backward(); the calibrator all-reduces statistics itself
+            # in a plain training loop (docs/integrations.md) instead.
+            raise ConfigError(
+                f"args.world_size: BOGCTrainer runs in one process, got {self.args.world_size} "
+                f"processes; for multi-process training use GradientCalibrator in a plain loop"
+            )
         self.bogc_config = bogc_config or CalibrationConfig()
         self.samples = samples
         self.losses_key = losses_key

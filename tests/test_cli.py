@@ -394,3 +394,20 @@ def test_validate_is_forwarded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(validate, "main", lambda argv: seen.append(list(argv)) or 1)
     assert main(["--debug", "validate", "--dtype", "both"]) == 1
     assert seen == [["--dtype", "both"]]
+
+
+def test_the_installed_command_runs(tmp_path: Path) -> None:
+    # The console script `bogc` (pyproject [project.scripts]) and `python -m` reach main().
+    import shutil
+
+    exe = shutil.which("bogc", path=str(Path(sys.executable).parent))
+    assert exe is not None, "the bogc console script is not installed next to this Python"
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not an archive")
+    for cmd in ([exe], [sys.executable, "-m", "bogc_core.integrations.cli"]):
+        ok = subprocess.run([*cmd, "data", "check", "mfeat"], capture_output=True, text=True,
+                            timeout=120)
+        assert ok.returncode == 0 and "6 classes" not in ok.stdout and "10 classes" in ok.stdout
+        proc = subprocess.run([*cmd, "data", "check", str(bad)], capture_output=True, text=True,
+                              timeout=120)
+        assert_one_line_error(proc.returncode, proc.stderr, "bad.npz", "not a .npz")

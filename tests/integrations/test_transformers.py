@@ -143,6 +143,10 @@ def test_bogc_training_decreases_the_loss(ex: ModuleType, tmp_path: Path) -> Non
 
     assert plain_loss(model) < 0.9 * plain_loss(start)
     assert trainer.calibrator is not None
+    # evaluation reports the plain sum of the sources' mean losses (one batch: all rows)
+    trainer.args.per_device_eval_batch_size = 48
+    metrics = trainer.evaluate(data)
+    assert metrics["eval_loss"] == pytest.approx(plain_loss(model), rel=1e-9)
     assert set(trainer.calibrator.param_names) == {n for n, _ in model.named_parameters()}
 
 
@@ -163,7 +167,9 @@ def test_outputs_without_losses_are_refused(ex: ModuleType, tmp_path: Path) -> N
         assert torch.equal(p, before[n])
 
 
-def test_gradient_accumulation_is_refused(ex: ModuleType, tmp_path: Path) -> None:
+def test_gradient_accumulation_and_several_processes_are_refused(
+    ex: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data, model = _setup(ex, tmp_path)
     args = ex.training_args(str(tmp_path), 2, batch=16)
     args.gradient_accumulation_steps = 2
@@ -172,6 +178,10 @@ def test_gradient_accumulation_is_refused(ex: ModuleType, tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="bogc_config"):
         BOGCTrainer(model=model, args=ex.training_args(str(tmp_path), 2), train_dataset=data,
                     bogc_config={"gamma": 0.5})
+    args = ex.training_args(str(tmp_path), 2)
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: 2))
+    with pytest.raises(ConfigError, match="world_size"):
+        BOGCTrainer(model=model, args=args, train_dataset=data)
 
 
 def test_example_script_runs(ex: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
