@@ -1,6 +1,6 @@
 """Multi-modal data sets for ``bogc bench``: the shipped ones and user ``.npz`` files.
 
-A data set file is a ``.npz`` with (API.md)
+A data set file is a ``.npz`` archive (written by ``numpy.savez``) with
 
 - ``y``: class labels, shape ``(n,)`` (or ``(n, 1)``): integers, whole-valued
   floats, booleans or strings. Labels are mapped to class ids ``0..C-1`` in
@@ -16,8 +16,11 @@ Other keys are ignored. Every class needs at least :data:`MIN_TRAIN_PER_CLASS`
 training rows and :data:`MIN_TEST_PER_CLASS` test row (a fifth of the training
 rows is carved off for validation, and every training step draws a batch of
 several examples per source). Files are read with ``allow_pickle=False``:
-object arrays are refused, never unpickled. Shipped data sets (built by ``scripts/build_data.py``,
-see ``README.md`` next to this file for provenance and licences):
+object arrays are refused, never unpickled. ``bogc data check FILE.npz``
+reports what a file holds, or which key is wrong and how to fix it.
+
+Shipped data sets (built by ``scripts/build_data.py``, see ``README.md`` next
+to this file for provenance and licences):
 
 - ``"av-digits"``: FSDD spoken digits (log-mel) paired by class with MNIST
   images (14x14); 2700 train / 300 test; CC BY-SA 4.0 (FSDD) and CC BY-SA 3.0
