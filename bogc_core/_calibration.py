@@ -1,29 +1,34 @@
-"""Stage 5: the calibrated update, and the pipeline that leads to it.
+"""Stage 5: the calibrated update, and the pipeline that leads to it
+(docs/method.md#calibrated-update).
 
 For one group of dimensions (a parameter tensor by default)::
 
     stats -> posterior -> log score l -> evidence e -> opinions (b, u)
-          -> fused belief B = 1 - prod_k u_k -> weights w -> belief scale s
+          -> fused belief B = 1 - prod_k u_k -> fused weights w -> belief scale s
     g_hat_d = s_d * S * sum_k w_kd * lambda_k * mu_kd
 
-With equal evidence everywhere ``g_hat = sum_k lambda_k * mu_k``, the gradient
-of the plain weighted sum of losses.
+``lambda_k`` are the *fixed source weights* (the ``source_weights=``
+argument), ``w`` the *fused weights* (:func:`~bogc_core.fused_weights`). With
+equal evidence everywhere ``g_hat = sum_k lambda_k * mu_k``, the gradient of
+the plain weighted sum of losses.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from . import _dispatch
+from ._evidence import check_evidence_range, evidence_from_log_scores, log_score
+from ._fusion import fuse_beliefs
 from ._namespace import Space, check_same_shape, resolve
-from ._types import SCALES, SCOPES, Calibration, CalibrationConfig
-from .errors import ConfigError, ShapeError
-from .evidence import evidence_from_log_scores, log_score
-from .opinion import fuse_single
-from .posterior import Posterior, posterior
-from .stats import GradientStats
-from .weights import source_weights as _source_weights
+from ._posterior import Posterior, posterior
+from ._statistics import GradientStats
+from ._types import SCALES, SCOPES, Array, Calibration, CalibrationConfig, Decline
+from ._weights import fused_weights
+from .errors import ConfigError, NonFiniteError, ShapeError
 
 __all__ = [
     "CalibrationConfig",
@@ -35,43 +40,93 @@ __all__ = [
     "SCOPES",
     "prepare_sources",
     "resolve_source_weights",
+    "reference_calibrate",
+    "reference_gradient",
     "calibrated_update",
 ]
 
+SourceWeights = Sequence[float] | Mapping[str, float]
+StatsPerSource = Sequence[GradientStats] | Mapping[str, GradientStats]
+
+# Half-precision statistics are computed in float32: M2 and the log scores of
+# float16 overflow or underflow at ordinary gradient sizes.
+_HALF = ("float16", "bfloat16")
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _lambda(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ConfigError(f"source_weights[{name}]: must be a real number >= 0, got {v!r}")
+    f = float(v)
+    if not (math.isfinite(f) and f >= 0):
+        raise ConfigError(
+            f"source_weights[{name}]: must be a finite number >= 0 (a fixed weight on the "
+            f"source's loss), got {v!r}"
+        )
+    return f
+
+
 def resolve_source_weights(
-    names: Sequence[str], source_weights: Sequence[float] | Mapping[str, float] | None
+    names: Sequence[str], source_weights: SourceWeights | None
 ) -> list[float]:
-    """The fixed ``lambda_k`` as a list of floats in the order of ``names`` (default 1)."""
+    """The fixed source weights ``lambda_k`` as floats in the order of ``names`` (default 1).
+
+    ``source_weights`` is ``None``, a sequence with one number per source, or a
+    mapping name -> number; each must be finite and ``>= 0``.
+    """
     if source_weights is None:
-        lambdas = [1.0] * len(names)
-    elif isinstance(source_weights, Mapping):
-        missing = [n for n in names if n not in source_weights]
-        extra = [str(k) for k in source_weights if str(k) not in names]
+        return [1.0] * len(names)
+    if isinstance(source_weights, Mapping):
+        keys = [str(k) for k in source_weights]
+        missing = [n for n in names if n not in keys]
+        extra = [k for k in keys if k not in names]
         if missing or extra:
             raise ShapeError(
-                f"source_weights: keys must match the sources {names}; missing {missing}, "
+                f"source_weights: keys must match the sources {list(names)}; missing {missing}, "
                 f"unknown {extra}"
             )
-        lambdas = [float(source_weights[n]) for n in names]
-    else:
-        lambdas = [float(v) for v in source_weights]
-        if len(lambdas) != len(names):
-            raise ShapeError(
-                f"source_weights: {len(lambdas)} values for {len(names)} sources; give one "
-                f"weight per source"
-            )
-    if not all(math.isfinite(v) for v in lambdas):
-        raise ConfigError(f"source_weights: must be finite numbers, got {lambdas}")
-    return lambdas
+        by_name = {str(k): v for k, v in source_weights.items()}
+        return [_lambda(repr(n), by_name[n]) for n in names]
+    if isinstance(source_weights, (str, bytes)) or not isinstance(source_weights, Sequence):
+        raise ConfigError(
+            f"source_weights: must be None, a sequence of numbers (one per source) or a "
+            f"mapping name -> number, got {type(source_weights).__name__}"
+        )
+    if len(source_weights) != len(names):
+        raise ShapeError(
+            f"source_weights: {len(source_weights)} values for {len(names)} sources; give one "
+            f"weight per source"
+        )
+    return [_lambda(str(i), v) for i, v in enumerate(source_weights)]
+
+
+def _work_space(space: Space) -> Space:
+    if _dtype_name(space.dtype) in _HALF:
+        return Space(space.xp, space.xp.float32, space.device)
+    return space
+
+
+def _upcast(st: GradientStats, space: Space) -> GradientStats:
+    xp = space.xp
+    return GradientStats(
+        xp.astype(st.count, space.dtype), xp.astype(st.mean, space.dtype), xp.astype(st.m2, space.dtype)
+    )
 
 
 def prepare_sources(
-    stats_per_source: Sequence[GradientStats] | Mapping[str, GradientStats],
-    source_weights: Sequence[float] | Mapping[str, float] | None = None,
+    stats_per_source: StatsPerSource,
+    source_weights: SourceWeights | None = None,
     check_values: bool = True,
 ) -> tuple[list[str], list[GradientStats], list[float], Space]:
     """Normalise the inputs of :func:`calibrate`; validate shapes, namespaces and
-    (with ``check_values``) values."""
+    (with ``check_values``) values.
+
+    Half-precision (float16, bfloat16) statistics come back converted to
+    float32, with the float32 space: the caller casts its result back.
+    """
     if isinstance(stats_per_source, GradientStats):
         raise ShapeError(
             "stats_per_source: got a single GradientStats; pass a sequence or a mapping "
@@ -80,6 +135,11 @@ def prepare_sources(
     if isinstance(stats_per_source, Mapping):
         names = [str(k) for k in stats_per_source]
         stats = list(stats_per_source.values())
+    elif isinstance(stats_per_source, (str, bytes)) or not isinstance(stats_per_source, Sequence):
+        raise ShapeError(
+            f"stats_per_source: expected a sequence or a mapping name -> GradientStats, got "
+            f"{type(stats_per_source).__name__}"
+        )
     else:
         stats = list(stats_per_source)
         names = [str(i) for i in range(len(stats))]
@@ -97,17 +157,66 @@ def prepare_sources(
     shape = stats[0].shape
     for name, s in zip(names, stats):
         check_same_shape(s.shape, shape, f"stats_per_source[{name!r}]")
-        if check_values:
+    work = _work_space(space)
+    if work is not space:
+        stats = [_upcast(s, work) for s in stats]
+    if check_values:
+        for name, s in zip(names, stats):
             s.check(f"stats_per_source[{name!r}]")
-
     lambdas = resolve_source_weights(names, source_weights)
-    return names, stats, lambdas, space
+    return names, stats, lambdas, work
+
+
+def check_ranges(space: Space, S: int, lambdas: Sequence[float], config: CalibrationConfig) -> None:
+    """Refuse, before any work, the options that can only give non-finite results in
+    ``space``'s dtype: ``clip`` and ``prior_weight`` outside the evidence range,
+    ``gamma`` or a fixed source weight beyond the dtype's largest number."""
+    big = space.max
+    if config.gamma > big:
+        raise ConfigError(
+            f"gamma: {config.gamma} exceeds the largest {_dtype_name(space.dtype)} number; "
+            f"use gamma <= {big:.4g} (0.5 is the default)"
+        )
+    for i, lam in enumerate(lambdas):
+        if lam > big:
+            raise ConfigError(
+                f"source_weights[{i}]: {lam} exceeds the largest {_dtype_name(space.dtype)} "
+                f"number; rescale the source weights (only their ratios and the learning rate "
+                f"matter)"
+            )
+    check_evidence_range(space, config.clip, config.prior_weight, S)
+
+
+def _finished(space: Space, g: Array, check_values: bool) -> None:
+    if check_values and not space.all_finite(g):
+        raise NonFiniteError(
+            "stats_per_source: the calibrated gradient overflows the dtype (its magnitude "
+            "exceeds the largest number); rescale the loss or the source_weights, or use "
+            "float64"
+        )
+
+
+def _resolved_config(config: CalibrationConfig | None) -> CalibrationConfig:
+    config = CalibrationConfig() if config is None else config
+    if not isinstance(config, CalibrationConfig):
+        raise ConfigError(f"config: expected CalibrationConfig, got {type(config).__name__}")
+    return config
+
+
+def _cast_calibration(cal: Calibration, dtype: Any) -> Calibration:
+    xp = resolve(cal.gradient).xp
+    return Calibration(
+        *(xp.astype(a, dtype) for a in (cal.gradient, cal.weights, cal.uncertainty, cal.belief_scale, cal.evidence)),
+        cal.sources,
+        cal.prior_weight,
+        cal.flags,
+    )
 
 
 def calibrate(
-    stats_per_source: Sequence[GradientStats] | Mapping[str, GradientStats],
+    stats_per_source: StatsPerSource,
     config: CalibrationConfig | None = None,
-    source_weights: Sequence[float] | Mapping[str, float] | None = None,
+    source_weights: SourceWeights | None = None,
     *,
     check_values: bool = True,
 ) -> Calibration:
@@ -115,29 +224,56 @@ def calibrate(
 
     ``stats_per_source``: a sequence of ``GradientStats`` (one per source) or
     a mapping name -> ``GradientStats``, all of shape ``(*shape)`` in one
-    namespace, device and dtype. ``source_weights``: fixed ``lambda_k``
-    applied after calibration (default 1). The whole input is one group: the
-    empirical-Bayes prior, the evidence reference and the belief-scale mean
-    are taken over all its dimensions (see :func:`calibrate_tensors` for
-    several tensors). Returns a :class:`Calibration` in the input's namespace.
+    namespace, device and dtype. ``source_weights``: the fixed source weights
+    ``lambda_k >= 0`` applied after calibration (default 1). The whole input
+    is one group: the empirical-Bayes prior, the evidence reference and the
+    belief-scale mean are taken over all its dimensions (see
+    :func:`calibrate_tensors` for several tensors). Returns a
+    :class:`Calibration` in the input's namespace and dtype (float16 and
+    bfloat16 are computed in float32).
 
-    ``check_values=False`` skips the scan of every statistic for NaN, inf and
-    negative values (shapes, namespaces and options are still checked): for
-    callers that built the statistics themselves and have checked their
-    inputs, such as the training integrations, where the scan would cost
+    ``check_values=False`` skips the scans of every statistic for NaN, inf and
+    negative values and of the result for overflow (shapes, namespaces and
+    options are still checked): for callers that built the statistics
+    themselves, such as the training integrations, where the scans would cost
     several passes over the data per step.
     """
-    config = CalibrationConfig() if config is None else config
-    if not isinstance(config, CalibrationConfig):
-        raise ConfigError(f"config: expected CalibrationConfig, got {type(config).__name__}")
+    config = _resolved_config(config)
     names, stats, lambdas, space = prepare_sources(stats_per_source, source_weights, check_values)
-    if config.backend != "reference":
-        from .dispatch import run_fast_path
+    check_ranges(space, len(stats), lambdas, config)
+    in_dtype = stats_per_source_dtype(stats_per_source)
+    fp = _dispatch.choose(space, stats[0].mean, config)
+    flags: dict[str, Any] = {}
+    cal: Calibration | None = None
+    if fp is not None:
+        try:
+            cal = fp.calibrate(space, names, stats, lambdas, config)
+        except Decline as d:
+            flags["fallback"] = f"{fp.name}: {d.reason}"
+    if cal is None:
+        cal = reference_calibrate(names, stats, lambdas, space, config, flags)
+    _finished(space, cal.gradient, check_values)
+    return cal if in_dtype == space.dtype else _cast_calibration(cal, in_dtype)
 
-        result = run_fast_path(space, names, stats, lambdas, config)
-        if result is not None:
-            return result
-    return reference_calibrate(names, stats, lambdas, space, config)
+
+def stats_per_source_dtype(stats_per_source: StatsPerSource) -> Any:
+    """The dtype of the first source's mean (the dtype results are returned in)."""
+    first = (
+        next(iter(stats_per_source.values()))
+        if isinstance(stats_per_source, Mapping)
+        else stats_per_source[0]
+    )
+    return first.mean.dtype
+
+
+def _zero_variance(names: Sequence[str], stats: Sequence[GradientStats], space: Space, config: CalibrationConfig) -> list[str]:
+    # A source whose pooled variance is exactly 0 (deterministic gradients)
+    # has infinite precision everywhere: no dimension is more reliable than
+    # another, so the whole group falls back to equal evidence.
+    if config.prior.beta0 is not None:
+        return []
+    xp = space.xp
+    return [n for n, s in zip(names, stats) if not bool(xp.any(s.m2 > 0))]
 
 
 def reference_calibrate(
@@ -149,18 +285,70 @@ def reference_calibrate(
     flags: Mapping[str, Any] | None = None,
 ) -> Calibration:
     """The Array API reference pipeline on already validated inputs."""
-    xp = space.xp
     posts = [posterior(s, config.prior) for s in stats]
-    # A source whose pooled variance is exactly 0 (deterministic gradients)
-    # has infinite precision everywhere: no dimension is more reliable than
-    # another, so the whole group falls back to equal evidence.
-    zero_var = [
-        n for n, s in zip(names, stats) if config.prior.beta0 is None and not bool(xp.any(s.m2 > 0))
-    ]
+    zero_var = _zero_variance(names, stats, space, config)
     g, w, fused_u, s, e = calibrated_update(posts, lambdas, config, bool(zero_var))
-    all_flags = {"path": "reference", "zero_variance_sources": zero_var}
+    all_flags: dict[str, Any] = {"path": "reference", "zero_variance_sources": zero_var}
     all_flags.update(flags or {})
     return Calibration(g, w, fused_u, s, e, names, config.prior_weight, all_flags)
+
+
+def _evidence(posts: Sequence[Posterior], config: CalibrationConfig, equal_evidence: Any) -> Array:
+    xp = resolve(posts[0].mu).xp
+    shape = tuple(posts[0].mu.shape)
+    if equal_evidence is True:
+        return xp.ones((len(posts),) + shape, dtype=posts[0].mu.dtype, device=resolve(posts[0].mu).device)
+    l = xp.stack([log_score(p, config.evidence_from) for p in posts], axis=0)
+    e = evidence_from_log_scores(l, config.gamma, config.clip)
+    if equal_evidence is not False:
+        e = xp.where(equal_evidence, xp.ones_like(e), e)
+    return e
+
+
+def _belief_scale(fused_b: Array, config: CalibrationConfig) -> Array:
+    xp = resolve(fused_b).xp
+    mean_b = xp.mean(fused_b)
+    s = fused_b / mean_b
+    if config.s_max is not None:
+        s = xp.clip(s, max=float(config.s_max))
+    return s
+
+
+def reference_gradient(
+    names: Sequence[str],
+    stats: Sequence[GradientStats],
+    lambdas: Sequence[float],
+    space: Space,
+    config: CalibrationConfig,
+) -> tuple[Array, list[str]]:
+    """The calibrated gradient alone of one group (validated inputs), and the
+    names of the zero-variance sources: only what ``g_hat`` needs is computed
+    (no fused uncertainty; with ``weights="evidence"`` no weight array)."""
+    xp = space.xp
+    posts = [posterior(s, config.prior) for s in stats]
+    zero_var = _zero_variance(names, stats, space, config)
+    S = len(posts)
+    shape = tuple(posts[0].mu.shape)
+    mu = xp.stack([xp.broadcast_to(p.mu, shape) for p in posts], axis=0)
+    lam = xp.reshape(space.asarray(list(lambdas)), (S,) + (1,) * len(shape))
+    if config.weights == "uniform":
+        combo = xp.sum(lam * mu, axis=0)
+        e = None if config.scale == "none" else _evidence(posts, config, bool(zero_var))
+    else:
+        e = _evidence(posts, config, bool(zero_var))
+        if config.weights == "evidence":
+            # w = e / sum(e) before the product: e * mu can overflow where w * mu cannot.
+            combo = S * xp.sum((e / xp.sum(e, axis=0)) * lam * mu, axis=0)
+        else:
+            W = config.prior_weight
+            fused_b, _ = fuse_beliefs(e, W)
+            w = fused_weights("dempster", e, e / (e + W), W / (e + W), fused_b)
+            combo = S * xp.sum(w * lam * mu, axis=0)
+    if config.scale == "belief":
+        assert e is not None
+        fused_b, _ = fuse_beliefs(e, config.prior_weight)
+        return _belief_scale(fused_b, config) * combo, zero_var
+    return combo, zero_var
 
 
 def calibrated_update(
@@ -168,7 +356,7 @@ def calibrated_update(
     lambdas: Sequence[float],
     config: CalibrationConfig,
     equal_evidence: Any = False,
-) -> tuple[Any, Any, Any, Any, Any]:
+) -> tuple[Array, Array, Array, Array, Array]:
     """Stages 2-5 from the sources' posteriors: ``(g_hat, w, U, s, e)``.
 
     Shapes: each posterior's ``mu`` is ``(*shape)``; ``w`` and ``e`` are
@@ -181,26 +369,14 @@ def calibrated_update(
     S = len(posts)
     shape = tuple(posts[0].mu.shape)
     mu = xp.stack([xp.broadcast_to(p.mu, shape) for p in posts], axis=0)
-    if equal_evidence is True:
-        e = xp.ones_like(mu)
-    else:
-        l = xp.stack([log_score(p, config.evidence_from) for p in posts], axis=0)
-        e = evidence_from_log_scores(l, config.gamma, config.clip)
-        if equal_evidence is not False:
-            e = xp.where(equal_evidence, xp.ones_like(e), e)
+    e = _evidence(posts, config, equal_evidence)
     W = config.prior_weight
-    fused_b, fused_u = fuse_single(e, W)
+    fused_b, fused_u = fuse_beliefs(e, W)
     if config.weights == "dempster":
-        b = e / (e + W)
-        w = _source_weights("dempster", e, b, W / (e + W), fused_b)
+        w = fused_weights("dempster", e, e / (e + W), W / (e + W), fused_b)
     else:
-        w = _source_weights(config.weights, e)
-    if config.scale == "belief":
-        s = fused_b / xp.mean(fused_b)
-        if config.s_max is not None:
-            s = xp.clip(s, max=float(config.s_max))
-    else:
-        s = xp.ones_like(fused_b)
+        w = fused_weights(config.weights, e)
+    s = _belief_scale(fused_b, config) if config.scale == "belief" else xp.ones_like(fused_b)
     lam = xp.reshape(space.asarray(list(lambdas)), (S,) + (1,) * len(shape))
     g = s * (S * xp.sum(w * lam * mu, axis=0))
     return g, w, fused_u, s, e
@@ -227,10 +403,34 @@ def calibrate_tensors(
     its own; ``scope="global"`` pools every tensor reached by the same set of
     sources into one group (flattened and concatenated), so the prior, the
     evidence reference and the belief-scale mean are shared across them.
-    Returns one :class:`Calibration` per tensor, in order. ``check_values``
-    as in :func:`calibrate`.
+    ``source_weights`` maps every source name to its fixed weight. Returns one
+    :class:`Calibration` per tensor, in order. ``check_values`` as in
+    :func:`calibrate`.
     """
-    config = CalibrationConfig() if config is None else config
+    config = _resolved_config(config)
+    if isinstance(stats_per_tensor, Mapping) or not isinstance(stats_per_tensor, Sequence):
+        raise ShapeError(
+            f"stats_per_tensor: expected a sequence (one mapping name -> GradientStats per "
+            f"tensor), got {type(stats_per_tensor).__name__}"
+        )
+    if source_weights is not None and not isinstance(source_weights, Mapping):
+        raise ConfigError(
+            f"source_weights: must be None or a mapping name -> number, got "
+            f"{type(source_weights).__name__}"
+        )
+    for i, srcs in enumerate(stats_per_tensor):
+        if not isinstance(srcs, Mapping) or not srcs:
+            raise ShapeError(
+                f"stats_per_tensor[{i}]: expected a non-empty mapping name -> GradientStats "
+                f"(the sources that reach tensor {i}), got {srcs!r:.60}"
+            )
+        if source_weights is not None:
+            missing = [str(k) for k in srcs if k not in source_weights]
+            if missing:
+                raise ShapeError(
+                    f"source_weights: no weight for the sources {missing} of "
+                    f"stats_per_tensor[{i}]; give every source a weight, or pass None"
+                )
 
     def lam_for(srcs: Mapping[str, GradientStats]) -> dict[str, float] | None:
         return None if source_weights is None else {k: source_weights[k] for k in srcs}
@@ -241,6 +441,20 @@ def calibrate_tensors(
             for srcs in stats_per_tensor
         ]
 
+    # Every tensor of the call shares one namespace, device and dtype, as in
+    # calibrate(); checked before any array is concatenated.
+    means, labels = [], []
+    for i, srcs in enumerate(stats_per_tensor):
+        for k, st in srcs.items():
+            if not isinstance(st, GradientStats):
+                raise ShapeError(
+                    f"stats_per_tensor[{i}][{k!r}]: expected GradientStats, got "
+                    f"{type(st).__name__}"
+                )
+            means.append(st.mean)
+            labels.append(f"stats_per_tensor[{i}][{k!r}]")
+    resolve(*means, names=tuple(labels))
+
     out: list[Calibration | None] = [None] * len(stats_per_tensor)
     groups: dict[tuple[str, ...], list[int]] = {}
     for i, srcs in enumerate(stats_per_tensor):
@@ -249,6 +463,13 @@ def calibrate_tensors(
         first = stats_per_tensor[idx[0]][key[0]]
         xp = first.space.xp
         sizes = [math.prod(stats_per_tensor[i][key[0]].shape) for i in idx]
+        for i in idx:
+            for k in key:
+                check_same_shape(
+                    stats_per_tensor[i][k].shape,
+                    stats_per_tensor[i][key[0]].shape,
+                    f"stats_per_tensor[{i}][{k!r}]",
+                )
 
         pooled = {}
         for k in key:
@@ -277,16 +498,45 @@ def calibrate_tensors(
     return [c for c in out if c is not None]
 
 
+def _segment_bounds(segments: Sequence[int] | None, shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
+    if segments is None:
+        return None
+    if len(shape) != 1:
+        raise ShapeError(
+            f"segments: given, so the statistics must be one-dimensional (D,); got shape "
+            f"{shape}; flatten them, or pass segments=None"
+        )
+    if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence):
+        raise ShapeError(f"segments: must be a sequence of positive ints, got {segments!r:.60}")
+    lengths = []
+    for n in segments:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise ShapeError(f"segments: must hold ints, got {n!r}")
+        lengths.append(int(n))
+    if any(n < 1 for n in lengths) or sum(lengths) != shape[0]:
+        raise ShapeError(f"segments: must be positive lengths summing to D={shape[0]}; got {lengths}")
+    bounds, a = [], 0
+    for n in lengths:
+        bounds.append((a, a + n))
+        a += n
+    return bounds
+
+
+def _segment(st: GradientStats, a: int, b: int) -> GradientStats:
+    count = st.count if len(tuple(st.count.shape)) == 0 else st.count[a:b]
+    return GradientStats(count, st.mean[a:b], st.m2[a:b])
+
+
 def calibrate_gradient(
-    stats_per_source: Sequence[GradientStats] | Mapping[str, GradientStats],
+    stats_per_source: StatsPerSource,
     config: CalibrationConfig | None = None,
     *,
-    source_weights: Sequence[float] | Mapping[str, float] | None = None,
-    out: Any = None,
+    source_weights: SourceWeights | None = None,
+    out: Array | None = None,
     segments: Sequence[int] | None = None,
     diagnostics: dict[str, Any] | None = None,
     check_values: bool = True,
-) -> Any:
+) -> Array:
     """The calibrated gradient alone: ``calibrate(...).gradient`` without the other outputs.
 
     ``stats_per_source`` and ``source_weights`` as in :func:`calibrate`.
@@ -304,61 +554,73 @@ def calibrate_gradient(
     ``diagnostics``: ``None`` (no diagnostics, no extra pass), or a dict that
     is filled with scalar diagnostics (``path``, ``fallback`` when a fast path
     declined, ``zero_variance_sources``).
+
+    The fast path of the input's array library computes it when it accepts
+    the input; otherwise the reference computes only what the gradient needs,
+    one segment at a time.
     """
-    config = CalibrationConfig() if config is None else config
-    if not isinstance(config, CalibrationConfig):
-        raise ConfigError(f"config: expected CalibrationConfig, got {type(config).__name__}")
+    config = _resolved_config(config)
     names, stats, lambdas, space = prepare_sources(stats_per_source, source_weights, check_values)
-    xp = space.xp
+    S = len(stats)
+    check_ranges(space, S, lambdas, config)
+    in_dtype = stats_per_source_dtype(stats_per_source)
     shape = stats[0].shape
-    if segments is None:
-        bounds: list[tuple[int, int | None]] = [(0, None)]
-    else:
-        if len(shape) != 1:
-            raise ShapeError(
-                f"segments: given, so the statistics must be one-dimensional (D,); got shape "
-                f"{shape}; flatten them, or pass segments=None"
-            )
-        lengths = [int(n) for n in segments]
-        if any(n < 1 for n in lengths) or sum(lengths) != shape[0]:
-            raise ShapeError(
-                f"segments: must be positive lengths summing to D={shape[0]}; got {lengths}"
-            )
-        starts = [0]
-        for n in lengths[:-1]:
-            starts.append(starts[-1] + n)
-        bounds = [(a, a + n) for a, n in zip(starts, lengths)]
-    parts = []
-    zero_var: list[str] = []
-    paths: list[str] = []
-    fallbacks: list[str] = []
-    for a, b in bounds:
-        if b is None:
-            seg = dict(zip(names, stats))
-        else:
-            seg = {
-                k: GradientStats(
-                    st.count if len(tuple(getattr(st.count, "shape", ()))) == 0 else st.count[a:b],
-                    st.mean[a:b],
-                    st.m2[a:b],
-                )
-                for k, st in zip(names, stats)
-            }
-        cal = calibrate(seg, config, dict(zip(names, lambdas)), check_values=False)
-        parts.append(cal.gradient)
-        if diagnostics is not None:
-            zero_var.extend(cal.flags.get("zero_variance_sources", []))
-            paths.append(str(cal.flags.get("path", "reference")))
-            if "fallback" in cal.flags:
-                fallbacks.append(str(cal.flags["fallback"]))
-    g = parts[0] if len(parts) == 1 else xp.concat(parts)
+    bounds = _segment_bounds(segments, shape)
+    if out is not None:
+        resolve(out, stats_per_source_mean(stats_per_source), names=("out", "stats_per_source"))
+        check_same_shape(tuple(out.shape), shape, "out")
+    if diagnostics is not None and not isinstance(diagnostics, dict):
+        raise ConfigError(f"diagnostics: must be None or a dict, got {type(diagnostics).__name__}")
+    fp = _dispatch.choose(space, stats[0].mean, config)
+    info: dict[str, Any] = {}
+    g: Array | None = None
+    direct_out = out is not None and in_dtype == space.dtype
+    if fp is not None:
+        try:
+            if fp.run_gradient is not None:
+                g = fp.run_gradient(
+                    space, names, stats, lambdas, config,
+                    out=out if direct_out else None, segments=segments, diagnostics=info,
+                )  # fmt: skip
+                info.setdefault("path", fp.name)
+            else:
+                parts, zero_var = [], []
+                for a, b in bounds or [(0, shape[0] if shape else 0)]:
+                    seg = stats if bounds is None else [_segment(st, a, b) for st in stats]
+                    cal = fp.calibrate(space, names, seg, lambdas, config)
+                    parts.append(cal.gradient)
+                    zero_var += list(cal.flags.get("zero_variance_sources", []))
+                g = parts[0] if len(parts) == 1 else space.xp.concat(parts)
+                info.update(path=fp.name, zero_variance_sources=sorted(set(zero_var)))
+        except Decline as d:
+            info = {"fallback": f"{fp.name}: {d.reason}"}
+            g = None
+    if g is None:
+        parts, zero_var = [], []
+        for a, b in bounds or [(0, 0)]:
+            seg = stats if bounds is None else [_segment(st, a, b) for st in stats]
+            part, zv = reference_gradient(names, seg, lambdas, space, config)
+            parts.append(part)
+            zero_var += zv
+        g = parts[0] if len(parts) == 1 else space.xp.concat(parts)
+        info.update(path="reference", zero_variance_sources=sorted(set(zero_var)))
+    _finished(space, g, check_values)
     if diagnostics is not None:
-        diagnostics["path"] = paths[0]
-        diagnostics["zero_variance_sources"] = sorted(set(zero_var))
-        if fallbacks:
-            diagnostics["fallback"] = fallbacks[0]
+        diagnostics.update(info)
+    if in_dtype != space.dtype:
+        g = space.xp.astype(g, in_dtype)
     if out is None:
         return g
-    check_same_shape(tuple(out.shape), tuple(g.shape), "out")
-    out[...] = g
+    if g is not out:
+        out[...] = g
     return out
+
+
+def stats_per_source_mean(stats_per_source: StatsPerSource) -> Array:
+    """The first source's mean array (the reference for ``out``'s namespace and dtype)."""
+    first = (
+        next(iter(stats_per_source.values()))
+        if isinstance(stats_per_source, Mapping)
+        else stats_per_source[0]
+    )
+    return first.mean

@@ -14,24 +14,25 @@ from typing import TYPE_CHECKING, Any
 from ._namespace import resolve
 
 if TYPE_CHECKING:
-    from .calibrate import Calibration
+    from ._types import Calibration
 
 __all__ = ["summarize"]
 
 
 def summarize(cal: Calibration) -> dict[str, Any]:
-    """Diagnostics of METHOD.md for one group.
+    """Diagnostics of docs/method.md#diagnostics for one group.
 
     Keys: ``sources``; per source (dicts name -> float) ``evidence_mean``,
     ``belief_mean``, ``uncertainty_mean``, ``weight_mean``,
     ``weight_top_fraction`` (share of dimensions where the source has the
     largest weight); scalars ``fused_uncertainty_mean``,
     ``belief_scale_min``/``max``, ``evidence_min``/``max``, ``num_dims``,
-    ``num_sources``; flags ``zero_variance`` (with
+    ``num_sources``; ``nonfinite`` (the gradient holds NaN or inf); flags ``zero_variance`` (with
     ``zero_variance_sources``), ``path`` and any other flag the producing path
     set (for instance ``fallback``).
     """
-    xp = resolve(cal.evidence).xp
+    space = resolve(cal.evidence)
+    xp = space.xp
     e, w, W = cal.evidence, cal.weights, cal.prior_weight
     S = len(cal.sources)
     b = e / (e + W)
@@ -70,6 +71,7 @@ def summarize(cal: Calibration) -> dict[str, Any]:
     zero_var = list(cal.flags.get("zero_variance_sources", []))
     d["zero_variance"] = bool(zero_var)
     d["num_sources"] = S
+    d["nonfinite"] = not space.all_finite(cal.gradient)
     for key, value in cal.flags.items():
         d.setdefault(key, value)
     return d

@@ -3,7 +3,7 @@
 An opinion over ``K`` singletons holds a belief mass per singleton,
 ``belief[..., K]``, and the uncertainty mass on the whole frame,
 ``uncertainty[...]``, with ``sum(belief) + uncertainty = 1``. Two opinions
-combine by the reduced Dempster rule (METHOD.md, Stage 4)::
+combine by the reduced Dempster rule (docs/method.md#fusion)::
 
     C   = sum_{i != j} b1_i * b2_j
     b_j = (b1_j*b2_j + b1_j*u2 + b2_j*u1) / (1 - C)
@@ -12,6 +12,7 @@ combine by the reduced Dempster rule (METHOD.md, Stage 4)::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from ._namespace import resolve
 from .errors import ConfigError, ShapeError, TotalConflictError
 
-__all__ = ["Opinion", "reduced_dempster", "combine", "fuse_single"]
+__all__ = ["Opinion", "reduced_dempster", "combine", "fuse_single", "fuse_beliefs"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,7 +92,12 @@ def reduced_dempster(a: Opinion, b: Opinion, tol: float | None = None) -> tuple[
     agree = b1 * b2
     conflict = xp.clip(xp.sum(b1, axis=-1) * xp.sum(b2, axis=-1) - xp.sum(agree, axis=-1), min=0.0)
     norm = 1.0 - conflict
-    tol = _default_tol(xp, space.dtype) if tol is None else tol
+    if tol is None:
+        tol = _default_tol(xp, space.dtype)
+    elif isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+        raise ConfigError(
+            f"tol: must be None (64 * eps) or a number in [0, 1), got {tol!r}"
+        )
     if bool(xp.any(norm <= tol)):
         raise TotalConflictError(
             "a, b: the opinions are in total conflict (1 - C is at or near 0), so Dempster's "
@@ -112,24 +118,51 @@ def combine(opinions: Sequence[Opinion], tol: float | None = None) -> tuple[Opin
     opinions = list(opinions)
     if not opinions:
         raise ShapeError("opinions: empty; pass at least one Opinion")
+    for k, op in enumerate(opinions):
+        if not isinstance(op, Opinion):
+            raise ShapeError(
+                f"opinions[{k}]: expected Opinion, got {type(op).__name__}; build one with "
+                f"Opinion(belief, uncertainty) or Opinion.from_evidence"
+            )
     fused = opinions[0]
     xp = resolve(fused.belief).xp
     keep = xp.ones_like(fused.uncertainty)
-    for k, op in enumerate(opinions[1:], start=1):
-        if not isinstance(op, Opinion):
-            raise ShapeError(f"opinions[{k}]: expected Opinion, got {type(op).__name__}")
+    for op in opinions[1:]:
         fused, c = reduced_dempster(fused, op, tol=tol)
         keep = keep * (1.0 - c)
     return fused, 1.0 - keep
 
 
-def fuse_single(e: Any, prior_weight: float = 1.0) -> tuple[Any, Any]:
-    """Fast K = 1 fusion of stacked evidence ``e[S, *shape]``: ``(belief, uncertainty)``.
+def fuse_beliefs(e: Any, prior_weight: float = 1.0) -> tuple[Any, Any]:
+    """K = 1 fusion of stacked evidence ``e[S, *shape]`` (no checks): ``(B, U)``.
 
-    ``u = prod_k W/(e_k + W)`` and ``b = 1 - u``, computed as
-    ``b = -expm1(-sum_k log1p(e_k / W))`` so a small fused belief keeps its
+    ``U = prod_k W/(e_k + W)`` and ``B = 1 - U``, computed as
+    ``B = -expm1(-sum_k log1p(e_k / W))`` so a small fused belief keeps its
     relative precision.
     """
     xp = resolve(e, names=("e",)).xp
     log_u = -xp.sum(xp.log1p(e / prior_weight), axis=0)
     return -xp.expm1(log_u), xp.exp(log_u)
+
+
+def fuse_single(e: Any, prior_weight: float = 1.0) -> tuple[Any, Any]:
+    """Fast K = 1 fusion of stacked evidence ``e[S, *shape]``: ``(belief, uncertainty)``.
+
+    As :func:`fuse_beliefs`, after checking that ``prior_weight`` is a finite
+    number ``> 0`` and that ``e`` is finite and ``>= 0`` (evidence is a count
+    of support; a negative one has no opinion).
+    """
+    if isinstance(prior_weight, bool) or not isinstance(prior_weight, (int, float)) or not (
+        0 < prior_weight < math.inf
+    ):
+        raise ConfigError(f"prior_weight: must be a finite number > 0 (1 is the default), got {prior_weight!r}")
+    space = resolve(e, names=("e",))
+    xp = space.xp
+    if math.prod(e.shape) > 0:
+        lo, hi = xp.min(e), xp.max(e)
+        if not bool(xp.isfinite(lo) & xp.isfinite(hi) & (lo >= 0)):
+            raise ConfigError(
+                "e: evidence must be finite and >= 0 (exp of a clipped log score); check how "
+                "it was computed, or use bogc_core.evidence"
+            )
+    return fuse_beliefs(e, prior_weight)

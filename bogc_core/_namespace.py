@@ -29,7 +29,7 @@ class Space:
 
     @property
     def tiny(self) -> float:
-        """Smallest positive normal number of the dtype (METHOD.md, Stage 2)."""
+        """Smallest positive normal number of the dtype (docs/method.md#evidence)."""
         return float(self.xp.finfo(self.dtype).smallest_normal)
 
     @property

@@ -1,4 +1,4 @@
-"""Stage 1: Normal-Gamma posterior of each source's mean gradient (METHOD.md).
+"""Stage 1: Normal-Gamma posterior of each source's mean gradient (docs/method.md#posterior).
 
 Likelihood ``g^(i) ~ N(mu, 1/lambda)``; prior ``lambda ~ Gamma(alpha0, rate=beta0)``,
 ``mu | lambda ~ N(mu0, 1/(kappa0 * lambda))``. The posterior is conjugate::
@@ -20,7 +20,7 @@ from typing import Any
 from ._namespace import resolve
 from ._types import NormalGammaPrior
 from .errors import ConfigError, InsufficientSamplesError
-from .stats import GradientStats
+from ._statistics import GradientStats
 
 __all__ = ["NormalGammaPrior", "Posterior", "posterior", "empirical_beta0"]
 

@@ -1,4 +1,4 @@
-"""Stage 0: sufficient statistics of gradient samples (METHOD.md).
+"""Stage 0: sufficient statistics of gradient samples (docs/method.md#statistics).
 
 A source's gradient samples ``g^(i)``, ``i = 1..n``, are summarised per
 dimension by the count ``n``, the mean ``m`` and the centred sum of squares
@@ -8,11 +8,12 @@ dimension by the count ``n``, the mean ``m`` and the centred sum of squares
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 from ._namespace import Space, broadcast_shape, check_finite, resolve
-from .errors import ConfigError, InsufficientSamplesError, ShapeError
+from .errors import ConfigError, InsufficientSamplesError, NonFiniteError, ShapeError
 
 __all__ = ["GradientStats"]
 
@@ -55,6 +56,8 @@ class GradientStats:
                 f"{tuple(self.mean.shape)}; both describe the same dimensions"
             )
         count = self.count
+        if isinstance(count, bool):
+            raise ConfigError(f"count: must be a number >= 0 or an array, got {count!r}")
         if isinstance(count, (int, float)):
             if count < 0:
                 raise ConfigError(f"count: must be >= 0, got {count}")
@@ -118,6 +121,9 @@ class GradientStats:
         space = resolve(x, names=("x",))
         xp = space.xp
         ndim = len(x.shape)
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise ShapeError(f"axis: must be an int (the samples' axis), got {axis!r}")
+        axis = int(axis)
         if not -ndim <= axis < ndim:
             raise ShapeError(f"axis: {axis} is out of range for x of shape {tuple(x.shape)}")
         n = x.shape[axis]
@@ -126,9 +132,33 @@ class GradientStats:
                 f"x: has no samples along axis {axis}; pass at least one gradient sample"
             )
         check_finite(space, x, "x")
+        work = space
+        if str(space.dtype).rsplit(".", 1)[-1] in ("float16", "bfloat16"):
+            # Half precision holds neither M2 (overflows at |g| ~ 100) nor small
+            # squared deviations: the statistics are kept in float32.
+            x = xp.astype(x, xp.float32)
+            work = resolve(x, names=("x",))
         m = xp.mean(x, axis=axis)
+        if not work.all_finite(m):
+            # the sum inside mean overflowed: average the samples scaled down
+            c = work.max / n
+            m = xp.mean(x / c, axis=axis) * c
         d = x - xp.expand_dims(m, axis=axis)
-        return cls(space.asarray(float(n)), m, xp.sum(d * d, axis=axis))
+        m2 = xp.sum(d * d, axis=axis)
+        if not work.all_finite(m2):
+            # d^2 overflows before M2 does: scale by the largest deviation,
+            # M2 = a^2 * sum((d/a)^2).
+            a = xp.max(xp.abs(d), axis=axis, keepdims=True)
+            a = xp.where(a > 0, a, xp.ones_like(a))
+            r = d / a
+            m2 = xp.sum(r * r, axis=axis) * xp.squeeze(a * a, axis=axis)
+        if not work.all_finite(m2):
+            raise NonFiniteError(
+                f"x: the centred sum of squares M2 of these samples exceeds the largest "
+                f"{str(work.dtype).rsplit('.', 1)[-1]} number; rescale the gradients (e.g. the "
+                f"loss) or use float64"
+            )
+        return cls(work.asarray(float(n)), m, m2)
 
     @classmethod
     def from_sums(
@@ -197,6 +227,8 @@ class GradientStats:
 
     def decay(self, rho: float) -> GradientStats:
         """Forget old samples: ``n <- rho * n``, ``M2 <- rho * M2``, ``m`` unchanged."""
+        if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
+            raise ConfigError(f"rho: must be a number in [0, 1] (1 keeps everything), got {rho!r}")
         rho = float(rho)
         if not 0.0 <= rho <= 1.0:
             raise ConfigError(f"rho: must lie in [0, 1] (1 keeps everything), got {rho}")

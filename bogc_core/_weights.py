@@ -1,4 +1,7 @@
-"""Stage 5a: per-dimension source weights ``w[S, *shape]`` that sum to 1 over sources.
+"""Stage 5a: the fused weights ``w[S, *shape]``, per dimension, summing to 1 over sources
+(docs/method.md#calibrated-update). Not to be confused with the fixed source
+weights ``lambda_k`` (the ``source_weights=`` argument of ``calibrate``).
+
 
 - ``"evidence"``: ``w_k = e_k / sum_j e_j``.
 - ``"dempster"``: source k's share of the fused belief when each term
@@ -18,15 +21,14 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 from ._namespace import resolve
 from ._types import WEIGHTS
 from .errors import ConfigError
 
-__all__ = ["WEIGHTS", "source_weights", "gauss_legendre01"]
-
-
+__all__ = ["WEIGHTS", "fused_weights", "source_weights", "gauss_legendre01"]
 
 @functools.cache
 def gauss_legendre01(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -70,10 +72,10 @@ def _dempster(b: Any, u: Any, fused_belief: Any) -> Any:
     return b * share / fused_belief
 
 
-def source_weights(
+def fused_weights(
     kind: str, e: Any, b: Any = None, u: Any = None, fused_belief: Any = None
 ) -> Any:
-    """Weights ``w[S, *shape]`` of kind ``kind`` from evidence ``e[S, *shape]``.
+    """Fused weights ``w[S, *shape]`` of kind ``kind`` from evidence ``e[S, *shape]``.
 
     ``"dempster"`` also needs the per-source beliefs ``b``, uncertainties ``u``
     (both ``[S, *shape]``) and the fused belief ``B[*shape]``.
@@ -88,3 +90,15 @@ def source_weights(
             raise ConfigError("weights='dempster': needs b, u and fused_belief")
         return _dempster(b, u, fused_belief)
     raise ConfigError(f"weights: must be one of {WEIGHTS}, got {kind!r}")
+
+
+def source_weights(
+    kind: str, e: Any, b: Any = None, u: Any = None, fused_belief: Any = None
+) -> Any:
+    """Deprecated name of :func:`fused_weights`."""
+    warnings.warn(
+        "bogc_core.weights.source_weights is deprecated; use bogc_core.fused_weights",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return fused_weights(kind, e, b, u, fused_belief)

@@ -1,0 +1,46 @@
+"""Old import paths kept working, with a :class:`DeprecationWarning`.
+
+The stage modules were renamed to private ones (``stats`` -> ``_statistics``
+and so on); ``bogc_core.calibrate``, ``bogc_core.evidence`` and
+``bogc_core.posterior`` are the public *functions* of those names, so their
+old module paths live only in ``sys.modules`` (``from bogc_core.calibrate
+import X`` keeps working) and never shadow the functions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from types import ModuleType
+from typing import Any
+
+__all__ = ["AliasModule", "install_alias", "warn_moved"]
+
+
+def warn_moved(old: str, new: str, stacklevel: int = 3) -> None:
+    warnings.warn(
+        f"{old} is deprecated; import {new} instead", DeprecationWarning, stacklevel=stacklevel
+    )
+
+
+class AliasModule(ModuleType):
+    """A module object that forwards every attribute to ``target``, warning once per name."""
+
+    def __init__(self, name: str, target: str, new: str) -> None:
+        super().__init__(name, f"Deprecated alias of {target}; import {new} instead.")
+        self._target = target
+        self._new = new
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        public = getattr(sys.modules.get("bogc_core"), "__all__", ())
+        where = self._new if attr in public else self._target
+        warn_moved(f"{self.__name__}.{attr}", f"{attr} from {where}")
+        return getattr(importlib.import_module(self._target), attr)
+
+
+def install_alias(name: str, target: str, new: str) -> None:
+    """Make ``from <name> import X`` read ``X`` from ``target`` (with a warning)."""
+    sys.modules.setdefault(name, AliasModule(name, target, new))
