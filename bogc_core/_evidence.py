@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._namespace import Space, resolve
+from ._posterior import Posterior
 from ._types import DEFAULT_CLIP, EVIDENCE_FROM
 from .errors import ConfigError, ShapeError
-from ._posterior import Posterior
 
 __all__ = [
     "EVIDENCE_FROM",

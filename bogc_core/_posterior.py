@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._namespace import resolve
+from ._statistics import GradientStats
 from ._types import NormalGammaPrior
 from .errors import ConfigError, InsufficientSamplesError
-from ._statistics import GradientStats
 
 __all__ = ["NormalGammaPrior", "Posterior", "posterior", "empirical_beta0"]
 

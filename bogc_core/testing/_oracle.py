@@ -1,19 +1,45 @@
-"""An independent, deliberately plain NumPy transcription of METHOD.md.
+"""The float64 oracle: an independent, deliberately plain NumPy transcription
+of docs/method.md.
 
-It shares no code with ``bogc_core``: float64 throughout, direct formulas
-(no log-domain tricks, no quadrature), and brute force over subsets and over
-the power set where METHOD.md defines a quantity that way. Tests compare the
-library, on every namespace, with these functions.
+It shares no code with the rest of ``bogc_core``: float64 throughout, direct
+formulas (no log-domain tricks, no quadrature), and brute force over subsets
+and over the power set where the method defines a quantity that way. The
+tests and ``bogc validate`` compare the library, on every namespace, with
+these functions.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "LOG_1E6",
+    "stats_of",
+    "sample_stats",
+    "posterior",
+    "dempster_shares_bruteforce",
+    "calibrate",
+    "calibrate_samples",
+    "OracleResult",
+    "dempster_full",
+    "dempster_power_set",
+    "masses",
+]
+
 LOG_1E6 = math.log(1e6)
+
+
+def sample_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(n, m, M2)`` of samples ``x[n, *shape]``, with ``n`` broadcast to the shape."""
+    n = np.full(x.shape[1:], float(x.shape[0]))
+    m = x.mean(axis=0)
+    return n, m, ((x - m) ** 2).sum(axis=0)
 
 
 def stats_of(samples: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -65,9 +91,13 @@ def calibrate(
     prior = prior or {}
     S = len(sources)
     posts = [posterior(n, m, m2, **prior) for n, m, m2 in sources]
+    # a source with zero pooled variance (and the empirical-Bayes prior) has
+    # infinite precision everywhere: the whole group gets equal evidence
+    zero_var = prior.get("beta0") is None and any(not np.any(np.asarray(m2) > 0) for _, _, m2 in sources)
     q = []
     for mu, kappa, alpha, beta in posts:
-        tau = alpha * kappa / beta
+        with np.errstate(divide="ignore"):
+            tau = alpha * kappa / beta
         q.append(tau * mu**2 if evidence_from == "snr" else tau)
     q = np.array(q)
     pos = q > 0
@@ -76,6 +106,8 @@ def calibrate(
     q_ref = np.exp(np.mean(np.log(q[pos]))) if pos.any() else 1.0
     with np.errstate(divide="ignore"):
         e = np.exp(np.clip(gamma * np.log(q / q_ref), -clip, clip)) if gamma > 0 else np.ones_like(q)
+    if zero_var:
+        e = np.ones_like(e)
     b = e / (e + W)
     u = W / (e + W)
     U = np.prod(u, axis=0)
@@ -117,3 +149,59 @@ def dempster_full(b1: np.ndarray, u1: float, b2: np.ndarray, u2: float):
     norm = 1.0 - conflict
     belief = np.array([out.get(frozenset([i]), 0.0) / norm for i in range(K)])
     return belief, out.get(frame, 0.0) / norm, conflict
+
+
+@dataclass
+class OracleResult:
+    gradient: np.ndarray
+    weights: np.ndarray
+    uncertainty: np.ndarray
+    belief_scale: np.ndarray
+    evidence: np.ndarray
+
+
+def calibrate_samples(
+    samples: Sequence[np.ndarray], cfg: Any, lambdas: Sequence[float] | None = None
+) -> OracleResult:
+    """:func:`calibrate` of raw samples ``x_k[n_k, *shape]`` with the options of a
+    ``CalibrationConfig`` ``cfg`` (read as plain attributes)."""
+    p = cfg.prior
+    prior = dict(mu0=p.mu0, kappa0=p.kappa0, alpha0=p.alpha0, beta0=p.beta0)
+    g, w, U, s, e = calibrate(
+        [sample_stats(np.asarray(x, dtype=np.float64)) for x in samples],
+        gamma=cfg.gamma,
+        evidence_from=cfg.evidence_from,
+        W=cfg.prior_weight,
+        prior=prior,
+        weights=cfg.weights,
+        scale=cfg.scale,
+        s_max=cfg.s_max,
+        clip=cfg.clip,
+        lambdas=lambdas,
+    )
+    return OracleResult(g, w, U, s, e)
+
+
+def dempster_power_set(mass_list: list[dict[frozenset[int], float]]) -> dict[frozenset[int], float]:
+    """Dempster's rule over the full power set, one-shot for any number of sources;
+    the conflict is returned under the empty set."""
+    combined: dict[frozenset[int], float] = {}
+    for focal in itertools.product(*[list(m.items()) for m in mass_list]):
+        inter = frozenset.intersection(*[f for f, _ in focal])
+        combined[inter] = combined.get(inter, 0.0) + math.prod(v for _, v in focal)
+    conflict = combined.pop(frozenset(), 0.0)
+    return {a: v / (1.0 - conflict) for a, v in combined.items()} | {frozenset(): conflict}
+
+
+def masses(b: np.ndarray, u: float) -> dict[frozenset[int], float]:
+    """Masses on the singletons ``{i}`` and on the frame.
+
+    The frame gets one extra element that carries no singleton mass (the
+    complement of the K propositions), so that with K = 1 the frame differs
+    from the singleton, as in the one-proposition opinions of the method; for
+    K >= 2 it changes no intersection and hence no combined mass.
+    """
+    K = len(b)
+    m = {frozenset([i]): float(b[i]) for i in range(K)}
+    m[frozenset(range(K + 1))] = float(u)
+    return m

@@ -2,7 +2,7 @@
 
 Every expected value comes from an independent computation: brute force over
 the power set or over subsets, scipy, or the plain NumPy transcription in
-``oracle.py``.
+``bogc_core.testing.oracle``.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import oracle
 import pytest
 import scipy.integrate
 import scipy.stats
 
 import bogc_core as bc
-from bogc_core.weights import source_weights
+from bogc_core import fused_weights
+from bogc_core.testing import oracle
 
 
 def stats_np(ns, samples):
@@ -233,7 +233,7 @@ def test_equal_statistics_give_plain_sum(ns, weights):
     ns.close(cal.belief_scale, np.ones(shape))
 
 
-def test_equal_statistics_respect_source_weights(ns):
+def test_equal_statistics_respect_fused_weights(ns):
     m = np.linspace(-1, 1, 6)
     stats = [bc.GradientStats(5.0, ns.asarray(m), ns.asarray(np.ones(6))) for _ in range(2)]
     # equal statistics per source but not across dimensions: weights stay 1/2
@@ -260,7 +260,7 @@ def test_dempster_shares_match_subset_enumeration(ns, rng, S):
     b, u = e / (e + 1), 1 / (e + 1)
     B = 1 - np.prod(u, axis=0)
     xe = ns.asarray(e)
-    w = source_weights("dempster", xe, ns.asarray(b), ns.asarray(u), ns.asarray(B))
+    w = fused_weights("dempster", xe, ns.asarray(b), ns.asarray(u), ns.asarray(B))
     ns.close(w, oracle.dempster_shares_bruteforce(b), scale=10)
 
 

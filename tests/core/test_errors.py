@@ -112,9 +112,9 @@ def test_mixed_and_integer_dtypes(ns):
 
 
 def _cast(ns, dtype_name):
-    from nstools import Namespace
+    from bogc_core.testing import Backend
 
-    return Namespace(ns.name, ns.xp, dtype_name).asarray(np.arange(6.0).reshape(3, 2) ** 2)
+    return Backend(ns.name).namespace(dtype_name).asarray(np.arange(6.0).reshape(3, 2) ** 2)
 
 
 def test_not_an_array():

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import oracle
 import pytest
 
 import bogc_core as bc
+from bogc_core.testing import oracle
 
 
 def test_extreme_scales_float64(ns64, rng):
