@@ -27,7 +27,8 @@ def summarize(cal: Calibration) -> dict[str, Any]:
     ``weight_top_fraction`` (share of dimensions where the source has the
     largest weight); scalars ``fused_uncertainty_mean``,
     ``belief_scale_min``/``max``, ``evidence_min``/``max``, ``num_dims``,
-    ``num_sources``; ``nonfinite`` (the gradient holds NaN or inf); flags ``zero_variance`` (with
+    ``num_sources``; ``nonfinite`` (the gradient holds NaN or inf); flags
+    ``zero_variance`` (with
     ``zero_variance_sources``), ``path`` and any other flag the producing path
     set (for instance ``fallback``).
     """
@@ -41,18 +42,22 @@ def summarize(cal: Calibration) -> dict[str, Any]:
     # Share of first maxima over the sources (argmax's tie rule), written as a
     # column maximum and S comparisons: an argmax over the short leading axis
     # is a strided reduction per column, far slower on PyTorch CPU.
-    mx = xp.max(w, axis=0)
+    mx = xp.max(w, axis=0) if D > 0 else w
     taken = None
     top_counts = []
-    for k in range(S):
+    for k in range(S if D > 0 else 0):
         is_top = w[k, ...] == mx
         if taken is not None:
             is_top = xp.logical_and(is_top, xp.logical_not(taken))
         top_counts.append(int(xp.count_nonzero(is_top)))
         taken = is_top if taken is None else xp.logical_or(taken, is_top)
 
+    def red(fn: Any, x: Any) -> float:
+        # an empty parameter has no dimensions to reduce over
+        return float(fn(x)) if D > 0 else math.nan
+
     def per_source(x: Any) -> dict[str, float]:
-        return {name: float(xp.mean(x[k, ...])) for k, name in enumerate(cal.sources)}
+        return {name: red(xp.mean, x[k, ...]) for k, name in enumerate(cal.sources)}
 
     d: dict[str, Any] = {
         "sources": list(cal.sources),
@@ -61,12 +66,14 @@ def summarize(cal: Calibration) -> dict[str, Any]:
         "belief_mean": per_source(b),
         "uncertainty_mean": per_source(u),
         "weight_mean": per_source(w),
-        "weight_top_fraction": {name: top_counts[k] / D for k, name in enumerate(cal.sources)},
-        "fused_uncertainty_mean": float(xp.mean(cal.uncertainty)),
-        "belief_scale_min": float(xp.min(cal.belief_scale)),
-        "belief_scale_max": float(xp.max(cal.belief_scale)),
-        "evidence_max": float(xp.max(e)),
-        "evidence_min": float(xp.min(e)),
+        "weight_top_fraction": {
+            name: top_counts[k] / D if D > 0 else math.nan for k, name in enumerate(cal.sources)
+        },
+        "fused_uncertainty_mean": red(xp.mean, cal.uncertainty),
+        "belief_scale_min": red(xp.min, cal.belief_scale),
+        "belief_scale_max": red(xp.max, cal.belief_scale),
+        "evidence_max": red(xp.max, e),
+        "evidence_min": red(xp.min, e),
     }
     zero_var = list(cal.flags.get("zero_variance_sources", []))
     d["zero_variance"] = bool(zero_var)
