@@ -144,14 +144,8 @@ class GradientStats:
             c = work.max / n
             m = xp.mean(x / c, axis=axis) * c
         d = x - xp.expand_dims(m, axis=axis)
+        # M2 >= max d^2, so d * d overflows only where M2 itself does.
         m2 = xp.sum(d * d, axis=axis)
-        if not work.all_finite(m2):
-            # d^2 overflows before M2 does: scale by the largest deviation,
-            # M2 = a^2 * sum((d/a)^2).
-            a = xp.max(xp.abs(d), axis=axis, keepdims=True)
-            a = xp.where(a > 0, a, xp.ones_like(a))
-            r = d / a
-            m2 = xp.sum(r * r, axis=axis) * xp.squeeze(a * a, axis=axis)
         if not work.all_finite(m2):
             raise NonFiniteError(
                 f"x: the centred sum of squares M2 of these samples exceeds the largest "
