@@ -19,8 +19,7 @@ namespaces; ``bogc_core.validate`` is the ``bogc validate`` command.
 
 from ._calibration import calibrate, calibrate_gradient, calibrate_tensors
 from ._deprecated import install_alias
-from ._dispatch import fast_paths
-from ._dispatch import register as register_fast_path
+from ._dispatch import fast_paths, register_fast_path
 from ._evidence import evidence
 from ._fusion import Opinion, combine, fuse_single, reduced_dempster
 from ._posterior import Posterior, posterior

@@ -26,24 +26,11 @@ from ._fusion import fuse_beliefs
 from ._namespace import Space, check_same_shape, resolve
 from ._posterior import Posterior, posterior
 from ._statistics import GradientStats
-from ._types import SCALES, SCOPES, Array, Calibration, CalibrationConfig, Decline
+from ._types import Array, Calibration, CalibrationConfig, Decline
 from ._weights import fused_weights
 from .errors import ConfigError, NonFiniteError, ShapeError
 
-__all__ = [
-    "CalibrationConfig",
-    "Calibration",
-    "calibrate",
-    "calibrate_tensors",
-    "calibrate_gradient",
-    "SCALES",
-    "SCOPES",
-    "prepare_sources",
-    "resolve_source_weights",
-    "reference_calibrate",
-    "reference_gradient",
-    "calibrated_update",
-]
+__all__ = ["calibrate", "calibrate_gradient", "calibrate_tensors"]
 
 SourceWeights = Sequence[float] | Mapping[str, float]
 StatsPerSource = Sequence[GradientStats] | Mapping[str, GradientStats]

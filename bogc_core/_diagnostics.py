@@ -16,7 +16,7 @@ from ._namespace import resolve
 if TYPE_CHECKING:
     from ._types import Calibration
 
-__all__ = ["summarize"]
+__all__ = []
 
 
 def summarize(cal: Calibration) -> dict[str, Any]:

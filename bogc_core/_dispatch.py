@@ -17,7 +17,7 @@ recorded as ``"<name>: <reason>"`` under ``diagnostics["fallback"]``. A module
 that fails to import although its library is present raises
 :class:`~bogc_core.FastPathError`.
 
-:func:`register` adds a fast path from outside the table (a *runner* with the
+:func:`register_fast_path` adds a fast path from outside the table (a *runner* with the
 signature of ``calibrate``; returning a ``str`` instead of raising
 :class:`Decline` is accepted too, as a reason to decline).
 """
@@ -39,16 +39,7 @@ if TYPE_CHECKING:
     from ._namespace import Space
     from ._statistics import GradientStats
 
-__all__ = [
-    "FAST_PATHS",
-    "OPT_IN",
-    "FastPath",
-    "Runner",
-    "register",
-    "available",
-    "fast_paths",
-    "choose",
-]
+__all__ = ["fast_paths", "register_fast_path"]
 
 #: Fast paths per array library (the top-level module of the array's type), in
 #: priority order: ``library -> ((name, module), ...)``.
@@ -69,7 +60,7 @@ Runner = Callable[
     "Calibration | str",
 ]
 
-# Fast paths given to register(): name -> (accepts, runner). Modules of the
+# Fast paths given to register_fast_path(): name -> (accepts, runner). Modules of the
 # table that still register a runner on import land here too.
 _REGISTRY: dict[str, tuple[Callable[[Space], bool], Runner]] = {}
 # type -> library name (or "" for a library without fast paths).
@@ -77,7 +68,9 @@ _LIBRARY_OF_TYPE: dict[type, str] = {}
 _LOADED: dict[str, FastPath] = {}
 
 
-def register(name: str, accepts: Callable[[Space], bool], runner: Runner) -> None:
+def register_fast_path(
+    name: str, accepts: Callable[[Space], bool], runner: Runner
+) -> None:
     """Add the fast path ``name`` for the spaces where ``accepts(space)`` holds.
 
     ``runner(space, names, stats, lambdas, config)`` returns a
@@ -88,6 +81,10 @@ def register(name: str, accepts: Callable[[Space], bool], runner: Runner) -> Non
         raise ConfigError(f"name: must be a non-empty str other than 'auto'/'reference', got {name!r}")
     _REGISTRY[name] = (accepts, runner)
     _LOADED.pop(name, None)
+
+
+# The name fast-path modules written for the first dispatcher call on import.
+register = register_fast_path
 
 
 @dataclass(frozen=True)
@@ -208,7 +205,7 @@ def choose(space: Space, example: Array, config: CalibrationConfig) -> FastPath 
     for the reference.
 
     ``"auto"``: the first fast path of the library (skipping opt-in ones) whose
-    ``accepts(space)`` holds, then paths given to :func:`register`; ``None``
+    ``accepts(space)`` holds, then paths given to :func:`register_fast_path`; ``None``
     if there is none. A name: that path, or :class:`ConfigError` if it does
     not exist or does not accept the input.
     """

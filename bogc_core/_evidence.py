@@ -32,15 +32,7 @@ from ._posterior import Posterior
 from ._types import DEFAULT_CLIP, EVIDENCE_FROM
 from .errors import ConfigError, ShapeError
 
-__all__ = [
-    "EVIDENCE_FROM",
-    "log_score",
-    "evidence",
-    "evidence_from_log_scores",
-    "reference",
-    "largest_clip",
-    "check_evidence_range",
-]
+__all__ = ["evidence"]
 
 def log_score(post: Posterior, evidence_from: str = "snr") -> Any:
     """``l = log q`` of one source, shape ``(*shape)``; finite except ``-inf`` where ``q = 0``."""

@@ -20,7 +20,7 @@ from typing import Any
 from ._namespace import resolve
 from .errors import ConfigError, ShapeError, TotalConflictError
 
-__all__ = ["Opinion", "reduced_dempster", "combine", "fuse_single", "fuse_beliefs"]
+__all__ = ["Opinion", "reduced_dempster", "combine", "fuse_single"]
 
 
 @dataclass(frozen=True, eq=False)

@@ -16,7 +16,7 @@ import array_api_compat
 
 from .errors import DTypeError, NamespaceError, NonFiniteError, ShapeError
 
-__all__ = ["Space", "resolve", "broadcast_shape", "check_finite", "check_same_shape"]
+__all__ = []
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from ._statistics import GradientStats
 from ._types import NormalGammaPrior
 from .errors import ConfigError, InsufficientSamplesError
 
-__all__ = ["NormalGammaPrior", "Posterior", "posterior", "empirical_beta0"]
+__all__ = ["Posterior", "posterior"]
 
 
 @dataclass(frozen=True, eq=False)

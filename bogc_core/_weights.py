@@ -28,7 +28,7 @@ from ._namespace import resolve
 from ._types import WEIGHTS
 from .errors import ConfigError
 
-__all__ = ["WEIGHTS", "fused_weights", "source_weights", "gauss_legendre01"]
+__all__ = ["fused_weights"]
 
 @functools.cache
 def gauss_legendre01(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -180,9 +180,11 @@ def test_decay_range(ns):
             st.decay(rho)
 
 
-def test_unknown_backend(ns):
+def test_unknown_fast_path(ns):
     st = bc.GradientStats.from_samples(ns.asarray(np.arange(6.0).reshape(3, 2)))
-    with pytest.raises(ConfigError, match=r"backend: 'warp' is not available"):
+    with pytest.raises(ConfigError, match=r"fast_path: 'warp' is not available"):
+        bc.calibrate([st, st], bc.CalibrationConfig(fast_path="warp"))
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match=r"fast_path: 'warp'"):
         bc.calibrate([st, st], bc.CalibrationConfig(backend="warp"))
 
 
