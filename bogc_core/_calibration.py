@@ -193,7 +193,11 @@ def _resolved_config(config: CalibrationConfig | None) -> CalibrationConfig:
 def _cast_calibration(cal: Calibration, dtype: Any) -> Calibration:
     xp = resolve(cal.gradient).xp
     return Calibration(
-        *(xp.astype(a, dtype) for a in (cal.gradient, cal.weights, cal.uncertainty, cal.belief_scale, cal.evidence)),
+        xp.astype(cal.gradient, dtype),
+        xp.astype(cal.weights, dtype),
+        xp.astype(cal.uncertainty, dtype),
+        xp.astype(cal.belief_scale, dtype),
+        xp.astype(cal.evidence, dtype),
         cal.sources,
         cal.prior_weight,
         cal.flags,
@@ -495,7 +499,7 @@ def _segment_bounds(segments: Sequence[int] | None, shape: tuple[int, ...]) -> l
         )
     if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence):
         raise ShapeError(f"segments: must be a sequence of positive ints, got {segments!r:.60}")
-    lengths = []
+    lengths: list[int] = []
     for n in segments:
         if isinstance(n, bool) or not isinstance(n, numbers.Integral):
             raise ShapeError(f"segments: must hold ints, got {n!r}")
