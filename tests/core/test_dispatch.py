@@ -47,11 +47,19 @@ def _fake_module(monkeypatch, name, *, decline=None, accepts=True):
         cal.flags["path"] = "fake"
         return cal
 
-    def calibrate_gradient(space, names, stats, lambdas, config, *, out=None, segments=None, diagnostics=None):
+    def calibrate_gradient(
+        space, names, stats, lambdas, config, *, out=None, segments=None, diagnostics=None
+    ):
         calls.append("calibrate_gradient")
         if decline:
             raise bc.Decline(decline)
-        return bc.calibrate_gradient(dict(zip(names, stats)), _ref(config), source_weights=lambdas, out=out, segments=segments)
+        return bc.calibrate_gradient(
+            dict(zip(names, stats)),
+            _ref(config),
+            source_weights=lambdas,
+            out=out,
+            segments=segments,
+        )
 
     mod.NAME = "fake"
     mod.accepts = lambda space: accepts
@@ -116,7 +124,10 @@ def test_a_broken_module_raises_fast_path_error(table, monkeypatch, tmp_path, so
     with pytest.raises(bc.FastPathError, match="broken.*failed to import.*fast_path='reference'"):
         bc.calibrate(_stats())
     # the reference stays reachable
-    assert bc.calibrate(_stats(), bc.CalibrationConfig(fast_path="reference")).flags["path"] == "reference"
+    assert (
+        bc.calibrate(_stats(), bc.CalibrationConfig(fast_path="reference")).flags["path"]
+        == "reference"
+    )
 
 
 def test_registered_runner_old_style_str_is_a_decline(table):
@@ -143,9 +154,12 @@ def test_unknown_and_wrong_library_names(table):
         bc.calibrate(_stats(), bc.CalibrationConfig(fast_path="torch-fused"))
 
 
-_EAGER_BACKENDS = "from . import torch_fused" in Path(
-    importlib.util.find_spec("bogc_core.backends").origin  # type: ignore[union-attr, arg-type]
-).read_text()
+_EAGER_BACKENDS = (
+    "from . import torch_fused"
+    in Path(
+        importlib.util.find_spec("bogc_core.backends").origin  # type: ignore[union-attr, arg-type]
+    ).read_text()
+)
 
 
 @pytest.mark.xfail(

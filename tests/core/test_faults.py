@@ -144,12 +144,16 @@ def test_global_scope_checks_namespaces_dtypes_and_keys(ns):
         with pytest.raises(bc.DTypeError, match=r"stats_per_tensor\[1\]\['a'\]: mixed dtypes"):
             bc.calibrate_tensors([{"a": stats[0]}, {"a": mixed}], cfg)
     if ns.name != "numpy":
-        np_stats = bc.GradientStats(6.0, np.ones(5, dtype=ns.dtype_name), np.ones(5, dtype=ns.dtype_name))
+        np_stats = bc.GradientStats(
+            6.0, np.ones(5, dtype=ns.dtype_name), np.ones(5, dtype=ns.dtype_name)
+        )
         with pytest.raises(bc.NamespaceError, match=r"stats_per_tensor\[1\]\['a'\]"):
             bc.calibrate_tensors([{"a": stats[0]}, {"a": np_stats}], cfg)
     for scope in ("global", "tensor"):
         c = bc.CalibrationConfig(scope=scope)
-        with pytest.raises(bc.ShapeError, match=r"source_weights: no weight for the sources \['b'\]"):
+        with pytest.raises(
+            bc.ShapeError, match=r"source_weights: no weight for the sources \['b'\]"
+        ):
             bc.calibrate_tensors([{"a": stats[0], "b": stats[1]}], c, {"a": 1.0})
         with pytest.raises(bc.ShapeError, match=r"stats_per_tensor\[0\]: expected a non-empty"):
             bc.calibrate_tensors([{}], c)
@@ -170,7 +174,10 @@ def test_half_precision_is_accumulated_in_float32(half):
         np.testing.assert_allclose(s.m2.double().numpy(), m2, rtol=1e-5)
         np.testing.assert_allclose(s.mean.double().numpy(), m, rtol=1e-5, atol=1e-9)
     # statistics given in half precision: computed in float32, returned in the input dtype
-    hstats = [bc.GradientStats(s.count.to(t.dtype), s.mean.to(t.dtype), s.m2.to(t.dtype)) for s, t in zip(stats, tx)]
+    hstats = [
+        bc.GradientStats(s.count.to(t.dtype), s.mean.to(t.dtype), s.m2.to(t.dtype))
+        for s, t in zip(stats, tx)
+    ]
     cal = bc.calibrate(hstats)
     assert cal.gradient.dtype == getattr(torch, half) and not cal.diagnostics["zero_variance"]
     f32 = [bc.GradientStats(s.count.float(), s.mean.float(), s.m2.float()) for s in hstats]

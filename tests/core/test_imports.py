@@ -134,9 +134,7 @@ def cycles(graph: dict[str, set[str]], within: str | None = None) -> list[list[s
 
 
 def _core_only(graph: dict[str, set[str]]) -> dict[str, set[str]]:
-    core = {
-        m for m in graph if not m.startswith(("bogc_core.backends", "bogc_core.integrations"))
-    }
+    core = {m for m in graph if not m.startswith(("bogc_core.backends", "bogc_core.integrations"))}
     return {m: graph[m] & core for m in core}
 
 

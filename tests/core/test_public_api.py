@@ -31,7 +31,9 @@ def test_every_stage_name_is_exported():
     exported = set(bogc_core.__all__)
     for mod in [*_stage_modules(), bogc_core.errors]:
         missing = set(getattr(mod, "__all__", ())) - exported
-        assert not missing, f"{mod.__name__} defines public {sorted(missing)} not in bogc_core.__all__"
+        assert not missing, (
+            f"{mod.__name__} defines public {sorted(missing)} not in bogc_core.__all__"
+        )
 
 
 def test_every_exported_name_exists_and_is_unique():
