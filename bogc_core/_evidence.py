@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 from ._namespace import Space, resolve
 from ._posterior import Posterior
-from ._types import DEFAULT_CLIP, EVIDENCE_FROM
+from ._types import DEFAULT_CLIP, EVIDENCE_FROM, Array
 from .errors import ConfigError, ShapeError
 
 __all__ = ["evidence"]
 
-def log_score(post: Posterior, evidence_from: str = "snr") -> Any:
+def log_score(post: Posterior, evidence_from: str = "snr") -> Array:
     """``l = log q`` of one source, shape ``(*shape)``; finite except ``-inf`` where ``q = 0``."""
     if evidence_from not in EVIDENCE_FROM:
         raise ConfigError(
@@ -103,7 +102,7 @@ def check_evidence_range(space: Space, clip: float, prior_weight: float = 1.0, S
         )
 
 
-def evidence_from_log_scores(l: Any, gamma: float = 0.5, clip: float = DEFAULT_CLIP) -> Any:
+def evidence_from_log_scores(l: Array, gamma: float = 0.5, clip: float = DEFAULT_CLIP) -> Array:
     """``e = exp(clip(gamma * (l - ref), -clip, clip))`` for stacked scores ``l[S, *shape]``.
 
     ``ref`` is the mean of the finite entries of ``l`` (0 if there are none);
@@ -127,7 +126,7 @@ def evidence_from_log_scores(l: Any, gamma: float = 0.5, clip: float = DEFAULT_C
     return xp.exp(xp.clip(z, min=-clip, max=clip))
 
 
-def reference(l: Any) -> Any:
+def reference(l: Array) -> Array:
     """Mean of the finite entries of ``l`` (0-d array; 0 when no entry is finite)."""
     xp = resolve(l, names=("scores",)).xp
     finite = xp.isfinite(l)
@@ -141,7 +140,7 @@ def evidence(
     gamma: float = 0.5,
     evidence_from: str = "snr",
     clip: float = DEFAULT_CLIP,
-) -> Any:
+) -> Array:
     """Evidence of every source, stacked on a new leading axis: shape ``(S, *shape)``.
 
     ``posteriors`` is a non-empty sequence over sources, all of one shape; the

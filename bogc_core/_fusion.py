@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._namespace import resolve
+from ._types import Array
 from .errors import ConfigError, ShapeError, TotalConflictError
 
 __all__ = ["Opinion", "reduced_dempster", "combine", "fuse_single"]
@@ -27,8 +28,8 @@ __all__ = ["Opinion", "reduced_dempster", "combine", "fuse_single"]
 class Opinion:
     """Opinion with ``belief[..., K]`` and ``uncertainty[...]``."""
 
-    belief: Any
-    uncertainty: Any
+    belief: Array
+    uncertainty: Array
 
     def __post_init__(self) -> None:
         resolve(self.belief, self.uncertainty, names=("belief", "uncertainty"))
@@ -45,7 +46,7 @@ class Opinion:
         return int(self.belief.shape[-1])
 
     @classmethod
-    def from_evidence(cls, e: Any, prior_weight: float = 1.0) -> Opinion:
+    def from_evidence(cls, e: Array, prior_weight: float = 1.0) -> Opinion:
         """K = 1 opinion from evidence ``e[...]``: ``b = e/(e+W)``, ``u = W/(e+W)``."""
         if not prior_weight > 0:
             raise ConfigError(f"prior_weight: must be > 0 (1 is the default), got {prior_weight}")
@@ -54,7 +55,7 @@ class Opinion:
         return cls(xp.expand_dims(e / denom, axis=-1), prior_weight / denom)
 
     @classmethod
-    def vacuous(cls, shape: tuple[int, ...] | int, K: int = 1, like: Any = None) -> Opinion:
+    def vacuous(cls, shape: tuple[int, ...] | int, K: int = 1, like: Array = None) -> Opinion:
         """The identity of the fusion: ``b = 0``, ``u = 1``, in ``like``'s namespace/dtype/device."""
         if like is None:
             raise ConfigError("like: pass an array whose namespace, dtype and device to use")
@@ -64,7 +65,7 @@ class Opinion:
             raise ConfigError(f"K: must be >= 1, got {K}")
         return cls(space.full(shape + (K,), 0.0), space.full(shape, 1.0))
 
-    def evidence(self, prior_weight: float = 1.0) -> Any:
+    def evidence(self, prior_weight: float = 1.0) -> Array:
         """Evidence per singleton implied by the opinion, ``W * b / u``."""
         xp = resolve(self.belief).xp
         return prior_weight * self.belief / xp.expand_dims(self.uncertainty, axis=-1)
@@ -74,7 +75,7 @@ def _default_tol(xp: Any, dtype: Any) -> float:
     return 64.0 * float(xp.finfo(dtype).eps)
 
 
-def reduced_dempster(a: Opinion, b: Opinion, tol: float | None = None) -> tuple[Opinion, Any]:
+def reduced_dempster(a: Opinion, b: Opinion, tol: float | None = None) -> tuple[Opinion, Array]:
     """Combine two opinions over the same ``K`` singletons; returns ``(opinion, conflict)``.
 
     ``conflict`` has the shape of the uncertainty. Raises
@@ -109,7 +110,7 @@ def reduced_dempster(a: Opinion, b: Opinion, tol: float | None = None) -> tuple[
     return Opinion(belief, u1 * u2 / norm), conflict
 
 
-def combine(opinions: Sequence[Opinion], tol: float | None = None) -> tuple[Opinion, Any]:
+def combine(opinions: Sequence[Opinion], tol: float | None = None) -> tuple[Opinion, Array]:
     """Fold :func:`reduced_dempster` over ``opinions`` (commutative and associative).
 
     Returns the fused opinion and the total conflict ``1 - prod_i (1 - C_i)``,
@@ -133,7 +134,7 @@ def combine(opinions: Sequence[Opinion], tol: float | None = None) -> tuple[Opin
     return fused, 1.0 - keep
 
 
-def fuse_beliefs(e: Any, prior_weight: float = 1.0) -> tuple[Any, Any]:
+def fuse_beliefs(e: Array, prior_weight: float = 1.0) -> tuple[Array, Array]:
     """K = 1 fusion of stacked evidence ``e[S, *shape]`` (no checks): ``(B, U)``.
 
     ``U = prod_k W/(e_k + W)`` and ``B = 1 - U``, computed as
@@ -145,7 +146,7 @@ def fuse_beliefs(e: Any, prior_weight: float = 1.0) -> tuple[Any, Any]:
     return -xp.expm1(log_u), xp.exp(log_u)
 
 
-def fuse_single(e: Any, prior_weight: float = 1.0) -> tuple[Any, Any]:
+def fuse_single(e: Array, prior_weight: float = 1.0) -> tuple[Array, Array]:
     """Fast K = 1 fusion of stacked evidence ``e[S, *shape]``: ``(belief, uncertainty)``.
 
     As :func:`fuse_beliefs`, after checking that ``prior_weight`` is a finite

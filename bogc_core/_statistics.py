@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
 
 from ._namespace import Space, broadcast_shape, check_finite, resolve
+from ._types import Array
 from .errors import ConfigError, InsufficientSamplesError, NonFiniteError, ShapeError
 
 __all__ = ["GradientStats"]
@@ -44,9 +44,9 @@ class GradientStats:
     are immutable and never alias-modify their inputs.
     """
 
-    count: Any
-    mean: Any
-    m2: Any
+    count: Array
+    mean: Array
+    m2: Array
 
     def __post_init__(self) -> None:
         space = resolve(self.mean, self.m2, names=("mean", "m2"))
@@ -77,7 +77,7 @@ class GradientStats:
         return tuple(self.mean.shape)
 
     @property
-    def variance(self) -> Any:
+    def variance(self) -> Array:
         """Per-sample (population) variance ``M2 / n``; 0 where ``n == 0``."""
         xp = self.space.xp
         n = self.count
@@ -112,7 +112,7 @@ class GradientStats:
 
     # ----------------------------------------------------------- constructors
     @classmethod
-    def from_samples(cls, x: Any, axis: int = 0) -> GradientStats:
+    def from_samples(cls, x: Array, axis: int = 0) -> GradientStats:
         """Statistics of the samples along ``axis`` of ``x`` (two-pass, stable).
 
         ``x`` has shape ``(..., n, ...)`` with ``n >= 1`` samples on ``axis``;
@@ -156,7 +156,7 @@ class GradientStats:
 
     @classmethod
     def from_sums(
-        cls, count: Any, total: Any, total_sq: Any, shift: Any = None
+        cls, count: Array, total: Array, total_sq: Array, shift: Array = None
     ) -> GradientStats:
         """Statistics from the sums form ``(n, sum g, sum g^2)``.
 
@@ -184,7 +184,7 @@ class GradientStats:
             m = m + shift
         return cls(n, m, m2)
 
-    def to_sums(self, shift: Any = None) -> tuple[Any, Any, Any]:
+    def to_sums(self, shift: Array = None) -> tuple[Array, Array, Array]:
         """``(n, sum g, sum g^2)``, the form that adds across processes.
 
         With ``shift`` (a scalar or an array of the mean's shape shared by every

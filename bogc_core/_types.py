@@ -193,11 +193,11 @@ class Calibration:
 
     def __init__(
         self,
-        gradient: Any,
-        weights: Any,
-        uncertainty: Any,
-        belief_scale: Any,
-        evidence: Any,
+        gradient: Array,
+        weights: Array,
+        uncertainty: Array,
+        belief_scale: Array,
+        evidence: Array,
         sources: Sequence[str],
         prior_weight: float = 1.0,
         flags: Mapping[str, Any] | None = None,

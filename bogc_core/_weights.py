@@ -22,10 +22,9 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any
 
 from ._namespace import resolve
-from ._types import WEIGHTS
+from ._types import WEIGHTS, Array
 from .errors import ConfigError
 
 __all__ = ["fused_weights"]
@@ -58,7 +57,7 @@ def gauss_legendre01(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(nodes), tuple(wts)
 
 
-def _dempster(b: Any, u: Any, fused_belief: Any) -> Any:
+def _dempster(b: Array, u: Array, fused_belief: Array) -> Array:
     xp = resolve(b).xp
     S = b.shape[0]
     if S == 1:
@@ -73,8 +72,8 @@ def _dempster(b: Any, u: Any, fused_belief: Any) -> Any:
 
 
 def fused_weights(
-    kind: str, e: Any, b: Any = None, u: Any = None, fused_belief: Any = None
-) -> Any:
+    kind: str, e: Array, b: Array = None, u: Array = None, fused_belief: Array = None
+) -> Array:
     """Fused weights ``w[S, *shape]`` of kind ``kind`` from evidence ``e[S, *shape]``.
 
     ``"dempster"`` also needs the per-source beliefs ``b``, uncertainties ``u``
@@ -93,8 +92,8 @@ def fused_weights(
 
 
 def source_weights(
-    kind: str, e: Any, b: Any = None, u: Any = None, fused_belief: Any = None
-) -> Any:
+    kind: str, e: Array, b: Array = None, u: Array = None, fused_belief: Array = None
+) -> Array:
     """Deprecated name of :func:`fused_weights`."""
     warnings.warn(
         "bogc_core.weights.source_weights is deprecated; use bogc_core.fused_weights",
