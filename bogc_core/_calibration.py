@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import array_api_compat
 
 from . import _dispatch
 from ._evidence import check_evidence_range, evidence_from_log_scores, log_score
@@ -28,7 +30,7 @@ from ._posterior import Posterior, posterior
 from ._statistics import GradientStats
 from ._types import Array, Calibration, CalibrationConfig, Decline
 from ._weights import fused_weights
-from .errors import ConfigError, NonFiniteError, ShapeError
+from .errors import ConfigError, DTypeError, NamespaceError, NonFiniteError, ShapeError
 
 __all__ = ["calibrate", "calibrate_gradient", "calibrate_tensors"]
 
@@ -108,11 +110,23 @@ def prepare_sources(
     source_weights: SourceWeights | None = None,
     check_values: bool = True,
 ) -> tuple[list[str], list[GradientStats], list[float], Space]:
+    """Normalise the inputs of :func:`calibrate`: ``(names, stats, lambdas, space)``
+    (see :func:`_prepare`)."""
+    names, stats, lambdas, space, _ = _prepare(stats_per_source, source_weights, check_values)
+    return names, stats, lambdas, space
+
+
+def _prepare(
+    stats_per_source: StatsPerSource,
+    source_weights: SourceWeights | None = None,
+    check_values: bool = True,
+) -> tuple[list[str], list[GradientStats], list[float], Space, Any]:
     """Normalise the inputs of :func:`calibrate`; validate shapes, namespaces and
     (with ``check_values``) values.
 
     Half-precision (float16, bfloat16) statistics come back converted to
-    float32, with the float32 space: the caller casts its result back.
+    float32, with the float32 space; the last item is the input's dtype, which
+    the caller casts its result back to.
     """
     if isinstance(stats_per_source, GradientStats):
         raise ShapeError(
@@ -122,7 +136,7 @@ def prepare_sources(
     if isinstance(stats_per_source, Mapping):
         names = [str(k) for k in stats_per_source]
         stats = list(stats_per_source.values())
-    elif isinstance(stats_per_source, (str, bytes)) or not isinstance(stats_per_source, Sequence):
+    elif isinstance(stats_per_source, (str, bytes)) or not isinstance(stats_per_source, Iterable):
         raise ShapeError(
             f"stats_per_source: expected a sequence or a mapping name -> GradientStats, got "
             f"{type(stats_per_source).__name__}"
@@ -151,7 +165,7 @@ def prepare_sources(
         for name, s in zip(names, stats):
             s.check(f"stats_per_source[{name!r}]")
     lambdas = resolve_source_weights(names, source_weights)
-    return names, stats, lambdas, work
+    return names, stats, lambdas, work, space.dtype
 
 
 def check_ranges(space: Space, S: int, lambdas: Sequence[float], config: CalibrationConfig) -> None:
@@ -230,9 +244,8 @@ def calibrate(
     several passes over the data per step.
     """
     config = _resolved_config(config)
-    names, stats, lambdas, space = prepare_sources(stats_per_source, source_weights, check_values)
+    names, stats, lambdas, space, in_dtype = _prepare(stats_per_source, source_weights, check_values)
     check_ranges(space, len(stats), lambdas, config)
-    in_dtype = stats_per_source_dtype(stats_per_source)
     fp = _dispatch.choose(space, stats[0].mean, config)
     flags: dict[str, Any] = {}
     cal: Calibration | None = None
@@ -245,16 +258,6 @@ def calibrate(
         cal = reference_calibrate(names, stats, lambdas, space, config, flags)
     _finished(space, cal.gradient, check_values)
     return cal if in_dtype == space.dtype else _cast_calibration(cal, in_dtype)
-
-
-def stats_per_source_dtype(stats_per_source: StatsPerSource) -> Any:
-    """The dtype of the first source's mean (the dtype results are returned in)."""
-    first = (
-        next(iter(stats_per_source.values()))
-        if isinstance(stats_per_source, Mapping)
-        else stats_per_source[0]
-    )
-    return first.mean.dtype
 
 
 def _zero_variance(names: Sequence[str], stats: Sequence[GradientStats], space: Space, config: CalibrationConfig) -> list[str]:
@@ -551,14 +554,25 @@ def calibrate_gradient(
     one segment at a time.
     """
     config = _resolved_config(config)
-    names, stats, lambdas, space = prepare_sources(stats_per_source, source_weights, check_values)
+    names, stats, lambdas, space, in_dtype = _prepare(stats_per_source, source_weights, check_values)
     S = len(stats)
     check_ranges(space, S, lambdas, config)
-    in_dtype = stats_per_source_dtype(stats_per_source)
     shape = stats[0].shape
     bounds = _segment_bounds(segments, shape)
     if out is not None:
-        resolve(out, stats_per_source_mean(stats_per_source), names=("out", "stats_per_source"))
+        if array_api_compat.is_jax_array(out):
+            raise ConfigError(
+                "out: JAX arrays are immutable and cannot receive the result; pass out=None "
+                "and use the returned array"
+            )
+        out_space = resolve(out, names=("out",))
+        if out_space.xp is not space.xp or out_space.device != space.device:
+            raise NamespaceError(
+                f"out: must be an array of the statistics' library on {space.device}; got "
+                f"{type(out).__name__} on {out_space.device}"
+            )
+        if out.dtype != in_dtype:
+            raise DTypeError(f"out: dtype {out.dtype} differs from the statistics' {in_dtype}")
         check_same_shape(tuple(out.shape), shape, "out")
     if diagnostics is not None and not isinstance(diagnostics, dict):
         raise ConfigError(f"diagnostics: must be None or a dict, got {type(diagnostics).__name__}")
@@ -606,12 +620,3 @@ def calibrate_gradient(
         out[...] = g
     return out
 
-
-def stats_per_source_mean(stats_per_source: StatsPerSource) -> Array:
-    """The first source's mean array (the reference for ``out``'s namespace and dtype)."""
-    first = (
-        next(iter(stats_per_source.values()))
-        if isinstance(stats_per_source, Mapping)
-        else stats_per_source[0]
-    )
-    return first.mean
