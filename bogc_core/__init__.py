@@ -8,7 +8,9 @@ here (``bogc_core.__all__``)::
     _evidence    evidence                            (Stage 2)
     _fusion      Opinion, reduced_dempster, combine  (Stages 3-4)
     _weights     fused_weights                       (Stage 5a)
-    _calibration calibrate, calibrate_gradient, calibrate_tensors (Stage 5)
+    _calibration calibrate, calibrate_gradient           (Stage 5)
+    _tensors     calibrate_tensors (several tensors, by scope)
+    _inputs      validation of the sources, fixed weights and options
     _diagnostics Calibration.diagnostics
     _dispatch    the fast path of the input's array library, imported on demand
     _types       options, results, Decline (the leaf every module imports from)
@@ -17,13 +19,14 @@ here (``bogc_core.__all__``)::
 namespaces; ``bogc_core.validate`` is the ``bogc validate`` command.
 """
 
-from ._calibration import calibrate, calibrate_gradient, calibrate_tensors
+from ._calibration import calibrate, calibrate_gradient
 from ._deprecated import install_alias
 from ._dispatch import fast_paths, register_fast_path
 from ._evidence import evidence
 from ._fusion import Opinion, combine, fuse_single, reduced_dempster
 from ._posterior import Posterior, posterior
 from ._statistics import GradientStats
+from ._tensors import calibrate_tensors
 from ._types import (
     DEFAULT_CLIP,
     Array,
@@ -53,9 +56,13 @@ from .errors import (
 __version__ = "0.1.0"
 
 # Old module paths whose names are now functions: importable, never attributes.
-install_alias("bogc_core.calibrate", "bogc_core._calibration", "bogc_core")
-install_alias("bogc_core.evidence", "bogc_core._evidence", "bogc_core")
-install_alias("bogc_core.posterior", "bogc_core._posterior", "bogc_core")
+install_alias(
+    "bogc_core.calibrate",
+    ("bogc_core._calibration", "bogc_core._tensors", "bogc_core._inputs"),
+    "bogc_core",
+)
+install_alias("bogc_core.evidence", ("bogc_core._evidence",), "bogc_core")
+install_alias("bogc_core.posterior", ("bogc_core._posterior",), "bogc_core")
 del install_alias
 
 __all__ = [

@@ -15,16 +15,22 @@ the plain weighted sum of losses.
 
 from __future__ import annotations
 
-import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import array_api_compat
 
 from . import _dispatch
-from ._evidence import check_evidence_range, evidence_from_log_scores, log_score
+from ._evidence import evidence_from_log_scores, log_score
 from ._fusion import fuse_beliefs
+from ._inputs import (
+    SourceWeights,
+    StatsPerSource,
+    _prepare,
+    check_ranges,
+    resolved_config,
+)
 from ._namespace import Space, check_same_shape, resolve
 from ._posterior import Posterior, posterior
 from ._statistics import GradientStats
@@ -32,160 +38,7 @@ from ._types import Array, Calibration, CalibrationConfig, Decline
 from ._weights import fused_weights
 from .errors import ConfigError, DTypeError, NamespaceError, NonFiniteError, ShapeError
 
-__all__ = ["calibrate", "calibrate_gradient", "calibrate_tensors"]
-
-SourceWeights = Sequence[float] | Mapping[str, float]
-StatsPerSource = Sequence[GradientStats] | Mapping[str, GradientStats]
-
-# Half-precision statistics are computed in float32: M2 and the log scores of
-# float16 overflow or underflow at ordinary gradient sizes.
-_HALF = ("float16", "bfloat16")
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).rsplit(".", 1)[-1]
-
-
-def _lambda(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise ConfigError(f"source_weights[{name}]: must be a real number >= 0, got {v!r}")
-    f = float(v)
-    if not (math.isfinite(f) and f >= 0):
-        raise ConfigError(
-            f"source_weights[{name}]: must be a finite number >= 0 (a fixed weight on the "
-            f"source's loss), got {v!r}"
-        )
-    return f
-
-
-def resolve_source_weights(
-    names: Sequence[str], source_weights: SourceWeights | None
-) -> list[float]:
-    """The fixed source weights ``lambda_k`` as floats in the order of ``names`` (default 1).
-
-    ``source_weights`` is ``None``, a sequence with one number per source, or a
-    mapping name -> number; each must be finite and ``>= 0``.
-    """
-    if source_weights is None:
-        return [1.0] * len(names)
-    if isinstance(source_weights, Mapping):
-        keys = [str(k) for k in source_weights]
-        missing = [n for n in names if n not in keys]
-        extra = [k for k in keys if k not in names]
-        if missing or extra:
-            raise ShapeError(
-                f"source_weights: keys must match the sources {list(names)}; missing {missing}, "
-                f"unknown {extra}"
-            )
-        by_name = {str(k): v for k, v in source_weights.items()}
-        return [_lambda(repr(n), by_name[n]) for n in names]
-    if isinstance(source_weights, (str, bytes)) or not isinstance(source_weights, Sequence):
-        raise ConfigError(
-            f"source_weights: must be None, a sequence of numbers (one per source) or a "
-            f"mapping name -> number, got {type(source_weights).__name__}"
-        )
-    if len(source_weights) != len(names):
-        raise ShapeError(
-            f"source_weights: {len(source_weights)} values for {len(names)} sources; give one "
-            f"weight per source"
-        )
-    return [_lambda(str(i), v) for i, v in enumerate(source_weights)]
-
-
-def _work_space(space: Space) -> Space:
-    if _dtype_name(space.dtype) in _HALF:
-        return Space(space.xp, space.xp.float32, space.device)
-    return space
-
-
-def _upcast(st: GradientStats, space: Space) -> GradientStats:
-    xp = space.xp
-    return GradientStats(
-        xp.astype(st.count, space.dtype), xp.astype(st.mean, space.dtype), xp.astype(st.m2, space.dtype)
-    )
-
-
-def prepare_sources(
-    stats_per_source: StatsPerSource,
-    source_weights: SourceWeights | None = None,
-    check_values: bool = True,
-) -> tuple[list[str], list[GradientStats], list[float], Space]:
-    """Normalise the inputs of :func:`calibrate`: ``(names, stats, lambdas, space)``
-    (see :func:`_prepare`)."""
-    names, stats, lambdas, space, _ = _prepare(stats_per_source, source_weights, check_values)
-    return names, stats, lambdas, space
-
-
-def _prepare(
-    stats_per_source: StatsPerSource,
-    source_weights: SourceWeights | None = None,
-    check_values: bool = True,
-) -> tuple[list[str], list[GradientStats], list[float], Space, Any]:
-    """Normalise the inputs of :func:`calibrate`; validate shapes, namespaces and
-    (with ``check_values``) values.
-
-    Half-precision (float16, bfloat16) statistics come back converted to
-    float32, with the float32 space; the last item is the input's dtype, which
-    the caller casts its result back to.
-    """
-    if isinstance(stats_per_source, GradientStats):
-        raise ShapeError(
-            "stats_per_source: got a single GradientStats; pass a sequence or a mapping "
-            "name -> GradientStats, one per source"
-        )
-    if isinstance(stats_per_source, Mapping):
-        names = [str(k) for k in stats_per_source]
-        stats = list(stats_per_source.values())
-    elif isinstance(stats_per_source, (str, bytes)) or not isinstance(stats_per_source, Iterable):
-        raise ShapeError(
-            f"stats_per_source: expected a sequence or a mapping name -> GradientStats, got "
-            f"{type(stats_per_source).__name__}"
-        )
-    else:
-        stats = list(stats_per_source)
-        names = [str(i) for i in range(len(stats))]
-    if not stats:
-        raise ShapeError("stats_per_source: empty; pass at least one source's GradientStats")
-    for name, s in zip(names, stats):
-        if not isinstance(s, GradientStats):
-            raise ShapeError(
-                f"stats_per_source[{name!r}]: expected GradientStats, got {type(s).__name__}; "
-                f"build it with GradientStats.from_samples or GradientStats(count, mean, m2)"
-            )
-    space = resolve(
-        *[s.mean for s in stats], names=tuple(f"stats_per_source[{n!r}]" for n in names)
-    )
-    shape = stats[0].shape
-    for name, s in zip(names, stats):
-        check_same_shape(s.shape, shape, f"stats_per_source[{name!r}]")
-    work = _work_space(space)
-    if work is not space:
-        stats = [_upcast(s, work) for s in stats]
-    if check_values:
-        for name, s in zip(names, stats):
-            s.check(f"stats_per_source[{name!r}]")
-    lambdas = resolve_source_weights(names, source_weights)
-    return names, stats, lambdas, work, space.dtype
-
-
-def check_ranges(space: Space, S: int, lambdas: Sequence[float], config: CalibrationConfig) -> None:
-    """Refuse, before any work, the options that can only give non-finite results in
-    ``space``'s dtype: ``clip`` and ``prior_weight`` outside the evidence range,
-    ``gamma`` or a fixed source weight beyond the dtype's largest number."""
-    big = space.max
-    if config.gamma > big:
-        raise ConfigError(
-            f"gamma: {config.gamma} exceeds the largest {_dtype_name(space.dtype)} number; "
-            f"use gamma <= {big:.4g} (0.5 is the default)"
-        )
-    for i, lam in enumerate(lambdas):
-        if lam > big:
-            raise ConfigError(
-                f"source_weights[{i}]: {lam} exceeds the largest {_dtype_name(space.dtype)} "
-                f"number; rescale the source weights (only their ratios and the learning rate "
-                f"matter)"
-            )
-    check_evidence_range(space, config.clip, config.prior_weight, S)
+__all__ = ["calibrate", "calibrate_gradient"]
 
 
 def _finished(space: Space, g: Array, check_values: bool) -> None:
@@ -195,13 +48,6 @@ def _finished(space: Space, g: Array, check_values: bool) -> None:
             "exceeds the largest number); rescale the loss or the source_weights, or use "
             "float64"
         )
-
-
-def _resolved_config(config: CalibrationConfig | None) -> CalibrationConfig:
-    config = CalibrationConfig() if config is None else config
-    if not isinstance(config, CalibrationConfig):
-        raise ConfigError(f"config: expected CalibrationConfig, got {type(config).__name__}")
-    return config
 
 
 def _cast_calibration(cal: Calibration, dtype: Any) -> Calibration:
@@ -243,8 +89,10 @@ def calibrate(
     themselves, such as the training integrations, where the scans would cost
     several passes over the data per step.
     """
-    config = _resolved_config(config)
-    names, stats, lambdas, space, in_dtype = _prepare(stats_per_source, source_weights, check_values)
+    config = resolved_config(config)
+    names, stats, lambdas, space, in_dtype = _prepare(
+        stats_per_source, source_weights, check_values
+    )
     check_ranges(space, len(stats), lambdas, config)
     fp = _dispatch.choose(space, stats[0].mean, config)
     flags: dict[str, Any] = {}
@@ -260,7 +108,9 @@ def calibrate(
     return cal if in_dtype == space.dtype else _cast_calibration(cal, in_dtype)
 
 
-def _zero_variance(names: Sequence[str], stats: Sequence[GradientStats], space: Space, config: CalibrationConfig) -> list[str]:
+def _zero_variance(
+    names: Sequence[str], stats: Sequence[GradientStats], space: Space, config: CalibrationConfig
+) -> list[str]:
     # A source whose pooled variance is exactly 0 (deterministic gradients)
     # has infinite precision everywhere: no dimension is more reliable than
     # another, so the whole group falls back to equal evidence.
@@ -291,7 +141,9 @@ def _evidence(posts: Sequence[Posterior], config: CalibrationConfig, equal_evide
     xp = resolve(posts[0].mu).xp
     shape = tuple(posts[0].mu.shape)
     if equal_evidence is True:
-        return xp.ones((len(posts),) + shape, dtype=posts[0].mu.dtype, device=resolve(posts[0].mu).device)
+        return xp.ones(
+            (len(posts),) + shape, dtype=posts[0].mu.dtype, device=resolve(posts[0].mu).device
+        )
     l = xp.stack([log_score(p, config.evidence_from) for p in posts], axis=0)
     e = evidence_from_log_scores(l, config.gamma, config.clip)
     if equal_evidence is not False:
@@ -376,123 +228,9 @@ def calibrated_update(
     return g, w, fused_u, s, e
 
 
-def _flatten(st: GradientStats) -> GradientStats:
-    """``st`` as one-dimensional statistics (count broadcast to every dimension)."""
-    xp = st.space.xp
-    n = xp.reshape(xp.broadcast_to(st.count, st.shape), (-1,))
-    return GradientStats(n, xp.reshape(st.mean, (-1,)), xp.reshape(st.m2, (-1,)))
-
-
-def calibrate_tensors(
-    stats_per_tensor: Sequence[Mapping[str, GradientStats]],
-    config: CalibrationConfig | None = None,
-    source_weights: Mapping[str, float] | None = None,
-    *,
-    check_values: bool = True,
-) -> list[Calibration]:
-    """Calibrate several parameter tensors, grouped by ``config.scope``.
-
-    ``stats_per_tensor[i]`` maps the names of the sources that reach tensor
-    ``i`` to their statistics. ``scope="tensor"`` calibrates each tensor on
-    its own; ``scope="global"`` pools every tensor reached by the same set of
-    sources into one group (flattened and concatenated), so the prior, the
-    evidence reference and the belief-scale mean are shared across them.
-    ``source_weights`` maps every source name to its fixed weight. Returns one
-    :class:`Calibration` per tensor, in order. ``check_values`` as in
-    :func:`calibrate`.
-    """
-    config = _resolved_config(config)
-    if isinstance(stats_per_tensor, Mapping) or not isinstance(stats_per_tensor, Sequence):
-        raise ShapeError(
-            f"stats_per_tensor: expected a sequence (one mapping name -> GradientStats per "
-            f"tensor), got {type(stats_per_tensor).__name__}"
-        )
-    if source_weights is not None and not isinstance(source_weights, Mapping):
-        raise ConfigError(
-            f"source_weights: must be None or a mapping name -> number, got "
-            f"{type(source_weights).__name__}"
-        )
-    for i, srcs in enumerate(stats_per_tensor):
-        if not isinstance(srcs, Mapping) or not srcs:
-            raise ShapeError(
-                f"stats_per_tensor[{i}]: expected a non-empty mapping name -> GradientStats "
-                f"(the sources that reach tensor {i}), got {srcs!r:.60}"
-            )
-        if source_weights is not None:
-            missing = [str(k) for k in srcs if k not in source_weights]
-            if missing:
-                raise ShapeError(
-                    f"source_weights: no weight for the sources {missing} of "
-                    f"stats_per_tensor[{i}]; give every source a weight, or pass None"
-                )
-
-    def lam_for(srcs: Mapping[str, GradientStats]) -> dict[str, float] | None:
-        return None if source_weights is None else {k: source_weights[k] for k in srcs}
-
-    if config.scope == "tensor":
-        return [
-            calibrate(srcs, config, lam_for(srcs), check_values=check_values)
-            for srcs in stats_per_tensor
-        ]
-
-    # Every tensor of the call shares one namespace, device and dtype, as in
-    # calibrate(); checked before any array is concatenated.
-    means, labels = [], []
-    for i, srcs in enumerate(stats_per_tensor):
-        for k, st in srcs.items():
-            if not isinstance(st, GradientStats):
-                raise ShapeError(
-                    f"stats_per_tensor[{i}][{k!r}]: expected GradientStats, got "
-                    f"{type(st).__name__}"
-                )
-            means.append(st.mean)
-            labels.append(f"stats_per_tensor[{i}][{k!r}]")
-    resolve(*means, names=tuple(labels))
-
-    out: list[Calibration | None] = [None] * len(stats_per_tensor)
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for i, srcs in enumerate(stats_per_tensor):
-        groups.setdefault(tuple(srcs), []).append(i)
-    for key, idx in groups.items():
-        first = stats_per_tensor[idx[0]][key[0]]
-        xp = first.space.xp
-        sizes = [math.prod(stats_per_tensor[i][key[0]].shape) for i in idx]
-        for i in idx:
-            for k in key:
-                check_same_shape(
-                    stats_per_tensor[i][k].shape,
-                    stats_per_tensor[i][key[0]].shape,
-                    f"stats_per_tensor[{i}][{k!r}]",
-                )
-
-        pooled = {}
-        for k in key:
-            parts = [_flatten(stats_per_tensor[i][k]) for i in idx]
-            pooled[k] = GradientStats(
-                xp.concat([p.count for p in parts]),
-                xp.concat([p.mean for p in parts]),
-                xp.concat([p.m2 for p in parts]),
-            )
-        cal = calibrate(pooled, config, lam_for(pooled), check_values=check_values)
-        start = 0
-        for i, size in zip(idx, sizes):
-            shape = stats_per_tensor[i][key[0]].shape
-            sl = slice(start, start + size)
-            out[i] = Calibration(
-                xp.reshape(cal.gradient[sl], shape),
-                xp.reshape(cal.weights[:, sl], (len(key),) + shape),
-                xp.reshape(cal.uncertainty[sl], shape),
-                xp.reshape(cal.belief_scale[sl], shape),
-                xp.reshape(cal.evidence[:, sl], (len(key),) + shape),
-                cal.sources,
-                cal.prior_weight,
-                {**cal.flags, "group_size": len(idx)},
-            )
-            start += size
-    return [c for c in out if c is not None]
-
-
-def _segment_bounds(segments: Sequence[int] | None, shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
+def _segment_bounds(
+    segments: Sequence[int] | None, shape: tuple[int, ...]
+) -> list[tuple[int, int]] | None:
     if segments is None:
         return None
     if len(shape) != 1:
@@ -508,7 +246,9 @@ def _segment_bounds(segments: Sequence[int] | None, shape: tuple[int, ...]) -> l
             raise ShapeError(f"segments: must hold ints, got {n!r}")
         lengths.append(int(n))
     if any(n < 1 for n in lengths) or sum(lengths) != shape[0]:
-        raise ShapeError(f"segments: must be positive lengths summing to D={shape[0]}; got {lengths}")
+        raise ShapeError(
+            f"segments: must be positive lengths summing to D={shape[0]}; got {lengths}"
+        )
     bounds, a = [], 0
     for n in lengths:
         bounds.append((a, a + n))
@@ -553,8 +293,10 @@ def calibrate_gradient(
     the input; otherwise the reference computes only what the gradient needs,
     one segment at a time.
     """
-    config = _resolved_config(config)
-    names, stats, lambdas, space, in_dtype = _prepare(stats_per_source, source_weights, check_values)
+    config = resolved_config(config)
+    names, stats, lambdas, space, in_dtype = _prepare(
+        stats_per_source, source_weights, check_values
+    )
     S = len(stats)
     check_ranges(space, S, lambdas, config)
     shape = stats[0].shape
@@ -619,4 +361,3 @@ def calibrate_gradient(
     if g is not out:
         out[...] = g
     return out
-

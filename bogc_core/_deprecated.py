@@ -25,22 +25,27 @@ def warn_moved(old: str, new: str, stacklevel: int = 3) -> None:
 
 
 class AliasModule(ModuleType):
-    """A module object that forwards every attribute to ``target``, warning once per name."""
+    """A module object that forwards every attribute to ``targets``, with a warning."""
 
-    def __init__(self, name: str, target: str, new: str) -> None:
-        super().__init__(name, f"Deprecated alias of {target}; import {new} instead.")
-        self._target = target
+    def __init__(self, name: str, targets: tuple[str, ...], new: str) -> None:
+        super().__init__(name, f"Deprecated alias of {', '.join(targets)}; import {new} instead.")
+        self._targets = targets
         self._new = new
 
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("__"):
             raise AttributeError(attr)
-        public = getattr(sys.modules.get("bogc_core"), "__all__", ())
-        where = self._new if attr in public else self._target
-        warn_moved(f"{self.__name__}.{attr}", f"{attr} from {where}")
-        return getattr(importlib.import_module(self._target), attr)
+        for target in self._targets:
+            module = importlib.import_module(target)
+            if hasattr(module, attr):
+                public = getattr(sys.modules.get("bogc_core"), "__all__", ())
+                where = self._new if attr in public else target
+                warn_moved(f"{self.__name__}.{attr}", f"{attr} from {where}")
+                return getattr(module, attr)
+        raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}")
 
 
-def install_alias(name: str, target: str, new: str) -> None:
-    """Make ``from <name> import X`` read ``X`` from ``target`` (with a warning)."""
-    sys.modules.setdefault(name, AliasModule(name, target, new))
+def install_alias(name: str, targets: tuple[str, ...], new: str) -> None:
+    """Make ``from <name> import X`` read ``X`` from the first of ``targets`` that
+    has it (with a warning)."""
+    sys.modules.setdefault(name, AliasModule(name, targets, new))
