@@ -16,7 +16,7 @@ import array_api_compat
 
 from .errors import DTypeError, NamespaceError, NonFiniteError, ShapeError
 
-__all__ = ["Space", "resolve", "broadcast_shape", "check_finite", "check_same_shape"]
+__all__ = []
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Space:
 
     @property
     def tiny(self) -> float:
-        """Smallest positive normal number of the dtype (METHOD.md, Stage 2)."""
+        """Smallest positive normal number of the dtype (docs/method.md#evidence)."""
         return float(self.xp.finfo(self.dtype).smallest_normal)
 
     @property

@@ -8,6 +8,7 @@ package but :mod:`.errors`, so no import cycle can pass through it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,10 +22,6 @@ __all__ = [
     "WeightRule",
     "ScaleRule",
     "Scope",
-    "EVIDENCE_FROM",
-    "WEIGHTS",
-    "SCALES",
-    "SCOPES",
     "DEFAULT_CLIP",
     "NormalGammaPrior",
     "CalibrationConfig",
@@ -88,13 +85,15 @@ class NormalGammaPrior:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class CalibrationConfig:
-    """Options of :func:`calibrate` (defaults of METHOD.md).
+    """Options of :func:`calibrate` (defaults of docs/method.md).
 
-    ``backend`` chooses the implementation: ``"auto"`` takes the fastest
-    registered path for the input's namespace and device, ``"reference"``
-    forces the Array API reference, any other name asks for that backend.
+    ``fast_path`` chooses the implementation: ``"auto"`` takes the fast path
+    of the input's array library when it accepts the input, ``"reference"``
+    forces the Array API reference, any other name asks for that fast path
+    (``bogc_core.fast_paths()`` lists them). ``backend=`` is the deprecated
+    name of ``fast_path``.
     """
 
     gamma: float = 0.5
@@ -106,7 +105,44 @@ class CalibrationConfig:
     s_max: float | None = None
     clip: float = DEFAULT_CLIP
     scope: Scope = "tensor"
-    backend: str = "auto"
+    fast_path: str = "auto"
+
+    def __init__(
+        self,
+        gamma: float = 0.5,
+        evidence_from: EvidenceFrom = "snr",
+        prior_weight: float = 1.0,
+        prior: NormalGammaPrior | None = None,
+        weights: WeightRule = "evidence",
+        scale: ScaleRule = "belief",
+        s_max: float | None = None,
+        clip: float = DEFAULT_CLIP,
+        scope: Scope = "tensor",
+        fast_path: str = "auto",
+        backend: str | None = None,
+    ) -> None:
+        # ``backend`` is not a field, so dataclasses.replace never copies it
+        # back over a new ``fast_path``.
+        if backend is not None:
+            warnings.warn(
+                "CalibrationConfig(backend=...) is deprecated; use fast_path=...",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            fast_path = backend
+        values = dict(
+            gamma=gamma, evidence_from=evidence_from, prior_weight=prior_weight,
+            prior=NormalGammaPrior() if prior is None else prior, weights=weights, scale=scale,
+            s_max=s_max, clip=clip, scope=scope, fast_path=fast_path,
+        )  # fmt: skip
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        self.__post_init__()
+
+    @property
+    def backend(self) -> str:
+        """Deprecated alias of :attr:`fast_path`."""
+        return self.fast_path
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ConfigError:
@@ -130,8 +166,8 @@ class CalibrationConfig:
             raise bad("clip", "a number > 0 (log(1e6) is the default)")
         if self.scope not in SCOPES:
             raise bad("scope", f"one of {SCOPES}")
-        if not isinstance(self.backend, str):
-            raise bad("backend", "'auto', 'reference' or a registered backend name")
+        if not isinstance(self.fast_path, str):
+            raise bad("fast_path", "'auto', 'reference' or the name of a fast path")
 
 
 class Calibration:
@@ -157,11 +193,11 @@ class Calibration:
 
     def __init__(
         self,
-        gradient: Any,
-        weights: Any,
-        uncertainty: Any,
-        belief_scale: Any,
-        evidence: Any,
+        gradient: Array,
+        weights: Array,
+        uncertainty: Array,
+        belief_scale: Array,
+        evidence: Array,
         sources: Sequence[str],
         prior_weight: float = 1.0,
         flags: Mapping[str, Any] | None = None,
@@ -177,7 +213,7 @@ class Calibration:
 
     @cached_property
     def diagnostics(self) -> dict[str, Any]:
-        from .diagnostics import summarize
+        from ._diagnostics import summarize
 
         return summarize(self)
 

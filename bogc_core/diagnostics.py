@@ -1,75 +1,17 @@
-"""Cheap per-group reductions of a :class:`~bogc_core.Calibration` for logs and plots.
+"""Deprecated module path: use ``bogc_core`` (Calibration.diagnostics).
 
-Each value is a plain Python float, bool or list, so the dictionary can be
-logged or serialised to JSON directly. Computing it synchronises with the
-device once per reduction, which is why :attr:`Calibration.diagnostics` is
-lazy.
+Every attribute is read from :mod:`bogc_core._diagnostics`.
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._namespace import resolve
+from . import _diagnostics as _target
+from ._deprecated import warn_moved
 
-if TYPE_CHECKING:
-    from .calibrate import Calibration
-
-__all__ = ["summarize"]
+warn_moved("bogc_core.diagnostics", "bogc_core (Calibration.diagnostics)")
 
 
-def summarize(cal: Calibration) -> dict[str, Any]:
-    """Diagnostics of METHOD.md for one group.
-
-    Keys: ``sources``; per source (dicts name -> float) ``evidence_mean``,
-    ``belief_mean``, ``uncertainty_mean``, ``weight_mean``,
-    ``weight_top_fraction`` (share of dimensions where the source has the
-    largest weight); scalars ``fused_uncertainty_mean``,
-    ``belief_scale_min``/``max``, ``evidence_min``/``max``, ``num_dims``,
-    ``num_sources``; flags ``zero_variance`` (with
-    ``zero_variance_sources``), ``path`` and any other flag the producing path
-    set (for instance ``fallback``).
-    """
-    xp = resolve(cal.evidence).xp
-    e, w, W = cal.evidence, cal.weights, cal.prior_weight
-    S = len(cal.sources)
-    b = e / (e + W)
-    u = W / (e + W)
-    D = math.prod(cal.gradient.shape)
-    # Share of first maxima over the sources (argmax's tie rule), written as a
-    # column maximum and S comparisons: an argmax over the short leading axis
-    # is a strided reduction per column, far slower on PyTorch CPU.
-    mx = xp.max(w, axis=0)
-    taken = None
-    top_counts = []
-    for k in range(S):
-        is_top = w[k, ...] == mx
-        if taken is not None:
-            is_top = xp.logical_and(is_top, xp.logical_not(taken))
-        top_counts.append(int(xp.count_nonzero(is_top)))
-        taken = is_top if taken is None else xp.logical_or(taken, is_top)
-
-    def per_source(x: Any) -> dict[str, float]:
-        return {name: float(xp.mean(x[k, ...])) for k, name in enumerate(cal.sources)}
-
-    d: dict[str, Any] = {
-        "sources": list(cal.sources),
-        "num_dims": D,
-        "evidence_mean": per_source(e),
-        "belief_mean": per_source(b),
-        "uncertainty_mean": per_source(u),
-        "weight_mean": per_source(w),
-        "weight_top_fraction": {name: top_counts[k] / D for k, name in enumerate(cal.sources)},
-        "fused_uncertainty_mean": float(xp.mean(cal.uncertainty)),
-        "belief_scale_min": float(xp.min(cal.belief_scale)),
-        "belief_scale_max": float(xp.max(cal.belief_scale)),
-        "evidence_max": float(xp.max(e)),
-        "evidence_min": float(xp.min(e)),
-    }
-    zero_var = list(cal.flags.get("zero_variance_sources", []))
-    d["zero_variance"] = bool(zero_var)
-    d["num_sources"] = S
-    for key, value in cal.flags.items():
-        d.setdefault(key, value)
-    return d
+def __getattr__(name: str) -> Any:
+    return getattr(_target, name)

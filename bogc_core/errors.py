@@ -16,6 +16,8 @@ __all__ = [
     "InsufficientSamplesError",
     "TotalConflictError",
     "ConfigError",
+    "FastPathError",
+    "DistributedError",
 ]
 
 
@@ -40,12 +42,22 @@ class NonFiniteError(BOGCError):
 
 
 class InsufficientSamplesError(BOGCError):
-    """Too few gradient samples to identify a variance (METHOD.md, Stage 1)."""
+    """Too few gradient samples to identify a variance (docs/method.md#posterior)."""
 
 
 class TotalConflictError(BOGCError):
-    """Dempster's normaliser ``1 - C`` is at or near zero (METHOD.md, Stage 4)."""
+    """Dempster's normaliser ``1 - C`` is at or near zero (docs/method.md#fusion)."""
 
 
 class ConfigError(BOGCError):
     """An option outside its documented range."""
+
+
+class FastPathError(BOGCError):
+    """A fast-path module failed to import although its array library is
+    installed (a broken installation or a bug in the module, never a decline)."""
+
+
+class DistributedError(BOGCError):
+    """Processes of a distributed run disagree (source names, parameters
+    reached, dtype or step), or one of them cannot take part in a step."""

@@ -1,135 +1,17 @@
-"""Stages 3 and 4: subjective-logic opinions and reduced Dempster-Shafer fusion.
+"""Deprecated module path: use ``bogc_core`` (Opinion, combine, fuse_single, reduced_dempster).
 
-An opinion over ``K`` singletons holds a belief mass per singleton,
-``belief[..., K]``, and the uncertainty mass on the whole frame,
-``uncertainty[...]``, with ``sum(belief) + uncertainty = 1``. Two opinions
-combine by the reduced Dempster rule (METHOD.md, Stage 4)::
-
-    C   = sum_{i != j} b1_i * b2_j
-    b_j = (b1_j*b2_j + b1_j*u2 + b2_j*u1) / (1 - C)
-    u   = u1*u2 / (1 - C)
+Every attribute is read from :mod:`bogc_core._fusion`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from ._namespace import resolve
-from .errors import ConfigError, ShapeError, TotalConflictError
+from . import _fusion as _target
+from ._deprecated import warn_moved
 
-__all__ = ["Opinion", "reduced_dempster", "combine", "fuse_single"]
-
-
-@dataclass(frozen=True, eq=False)
-class Opinion:
-    """Opinion with ``belief[..., K]`` and ``uncertainty[...]``."""
-
-    belief: Any
-    uncertainty: Any
-
-    def __post_init__(self) -> None:
-        resolve(self.belief, self.uncertainty, names=("belief", "uncertainty"))
-        if len(self.belief.shape) < 1 or tuple(self.belief.shape[:-1]) != tuple(
-            self.uncertainty.shape
-        ):
-            raise ShapeError(
-                f"belief: shape {tuple(self.belief.shape)} must be uncertainty's shape "
-                f"{tuple(self.uncertainty.shape)} plus a trailing axis of K singletons"
-            )
-
-    @property
-    def K(self) -> int:
-        return int(self.belief.shape[-1])
-
-    @classmethod
-    def from_evidence(cls, e: Any, prior_weight: float = 1.0) -> Opinion:
-        """K = 1 opinion from evidence ``e[...]``: ``b = e/(e+W)``, ``u = W/(e+W)``."""
-        if not prior_weight > 0:
-            raise ConfigError(f"prior_weight: must be > 0 (1 is the default), got {prior_weight}")
-        xp = resolve(e, names=("e",)).xp
-        denom = e + prior_weight
-        return cls(xp.expand_dims(e / denom, axis=-1), prior_weight / denom)
-
-    @classmethod
-    def vacuous(cls, shape: tuple[int, ...] | int, K: int = 1, like: Any = None) -> Opinion:
-        """The identity of the fusion: ``b = 0``, ``u = 1``, in ``like``'s namespace/dtype/device."""
-        if like is None:
-            raise ConfigError("like: pass an array whose namespace, dtype and device to use")
-        space = resolve(like, names=("like",))
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        if K < 1:
-            raise ConfigError(f"K: must be >= 1, got {K}")
-        return cls(space.full(shape + (K,), 0.0), space.full(shape, 1.0))
-
-    def evidence(self, prior_weight: float = 1.0) -> Any:
-        """Evidence per singleton implied by the opinion, ``W * b / u``."""
-        xp = resolve(self.belief).xp
-        return prior_weight * self.belief / xp.expand_dims(self.uncertainty, axis=-1)
+warn_moved("bogc_core.opinion", "bogc_core (Opinion, combine, fuse_single, reduced_dempster)")
 
 
-def _default_tol(xp: Any, dtype: Any) -> float:
-    return 64.0 * float(xp.finfo(dtype).eps)
-
-
-def reduced_dempster(a: Opinion, b: Opinion, tol: float | None = None) -> tuple[Opinion, Any]:
-    """Combine two opinions over the same ``K`` singletons; returns ``(opinion, conflict)``.
-
-    ``conflict`` has the shape of the uncertainty. Raises
-    :class:`TotalConflictError` where ``1 - C <= tol`` (default ``64 * eps``).
-    """
-    space = resolve(a.belief, b.belief, names=("a.belief", "b.belief"))
-    xp = space.xp
-    if tuple(a.belief.shape) != tuple(b.belief.shape):
-        raise ShapeError(
-            f"b: belief shape {tuple(b.belief.shape)} differs from a's {tuple(a.belief.shape)}; "
-            f"combine opinions over the same frame and dimensions"
-        )
-    b1, b2, u1, u2 = a.belief, b.belief, a.uncertainty, b.uncertainty
-    # sum_{i != j} b1_i b2_j = (sum b1)(sum b2) - sum_i b1_i b2_i; exactly 0 for K = 1.
-    agree = b1 * b2
-    conflict = xp.clip(xp.sum(b1, axis=-1) * xp.sum(b2, axis=-1) - xp.sum(agree, axis=-1), min=0.0)
-    norm = 1.0 - conflict
-    tol = _default_tol(xp, space.dtype) if tol is None else tol
-    if bool(xp.any(norm <= tol)):
-        raise TotalConflictError(
-            "a, b: the opinions are in total conflict (1 - C is at or near 0), so Dempster's "
-            "rule is undefined; add uncertainty mass (a larger prior_weight) or lower gamma"
-        )
-    u1e, u2e = xp.expand_dims(u1, axis=-1), xp.expand_dims(u2, axis=-1)
-    normx = xp.expand_dims(norm, axis=-1)
-    belief = (agree + b1 * u2e + b2 * u1e) / normx
-    return Opinion(belief, u1 * u2 / norm), conflict
-
-
-def combine(opinions: Sequence[Opinion], tol: float | None = None) -> tuple[Opinion, Any]:
-    """Fold :func:`reduced_dempster` over ``opinions`` (commutative and associative).
-
-    Returns the fused opinion and the total conflict ``1 - prod_i (1 - C_i)``,
-    which is the conflict of the one-shot combination of all opinions.
-    """
-    opinions = list(opinions)
-    if not opinions:
-        raise ShapeError("opinions: empty; pass at least one Opinion")
-    fused = opinions[0]
-    xp = resolve(fused.belief).xp
-    keep = xp.ones_like(fused.uncertainty)
-    for k, op in enumerate(opinions[1:], start=1):
-        if not isinstance(op, Opinion):
-            raise ShapeError(f"opinions[{k}]: expected Opinion, got {type(op).__name__}")
-        fused, c = reduced_dempster(fused, op, tol=tol)
-        keep = keep * (1.0 - c)
-    return fused, 1.0 - keep
-
-
-def fuse_single(e: Any, prior_weight: float = 1.0) -> tuple[Any, Any]:
-    """Fast K = 1 fusion of stacked evidence ``e[S, *shape]``: ``(belief, uncertainty)``.
-
-    ``u = prod_k W/(e_k + W)`` and ``b = 1 - u``, computed as
-    ``b = -expm1(-sum_k log1p(e_k / W))`` so a small fused belief keeps its
-    relative precision.
-    """
-    xp = resolve(e, names=("e",)).xp
-    log_u = -xp.sum(xp.log1p(e / prior_weight), axis=0)
-    return -xp.expm1(log_u), xp.exp(log_u)
+def __getattr__(name: str) -> Any:
+    return getattr(_target, name)

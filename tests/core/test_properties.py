@@ -7,10 +7,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from nstools import available_namespaces
 
 import bogc_core as bc
 from bogc_core.errors import NonFiniteError
+from bogc_core.testing import namespace_params
 
 SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -154,6 +154,6 @@ def test_non_finite_samples_always_rejected(ns, pos, bad):
 # Hypothesis draws new shapes for every example, and eager JAX compiles each
 # new shape: minutes per test. JAX runs every closed form and numerics test;
 # the property tests run on the other namespaces.
-@pytest.fixture(params=[p for p in available_namespaces() if p.values[0] != "jax"])
+@pytest.fixture(params=[p for p in namespace_params() if p.values[0] != "jax"])
 def ns_name(request):
     return request.param

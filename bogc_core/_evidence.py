@@ -1,4 +1,4 @@
-"""Stage 2: evidence by power mapping, in the log domain (METHOD.md).
+"""Stage 2: evidence by power mapping, in the log domain (docs/method.md#evidence).
 
 Per source ``k`` and dimension ``d`` a log reliability score::
 
@@ -10,7 +10,7 @@ is compared with a reference shared by all sources of the group,
 ``e_kd = exp(clip(gamma * (l_kd - ref), -L, L))``: this is
 ``(q / q_ref)^gamma`` with ``q_ref`` the geometric mean of the positive ``q``.
 
-Departure from METHOD.md (documented in docs/method.md): METHOD.md floors
+Departure from the original statement of the method (docs/method.md#departures), which floors
 ``mu^2`` at the dtype's smallest normal number. That floor is an absolute
 number, so a mean that is exactly 0 (a dead unit, an unused embedding row)
 breaks scale equivariance (closed forms 7 and 10), and its ``l = log(tiny)``
@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
-from ._namespace import resolve
-from ._types import DEFAULT_CLIP, EVIDENCE_FROM
+from ._namespace import Space, resolve
+from ._posterior import Posterior
+from ._types import DEFAULT_CLIP, EVIDENCE_FROM, Array
 from .errors import ConfigError, ShapeError
-from .posterior import Posterior
 
-__all__ = ["EVIDENCE_FROM", "log_score", "evidence", "evidence_from_log_scores", "reference"]
+__all__ = ["evidence"]
 
-
-
-def log_score(post: Posterior, evidence_from: str = "snr") -> Any:
+def log_score(post: Posterior, evidence_from: str = "snr") -> Array:
     """``l = log q`` of one source, shape ``(*shape)``; finite except ``-inf`` where ``q = 0``."""
     if evidence_from not in EVIDENCE_FROM:
         raise ConfigError(
@@ -64,14 +61,61 @@ def _check_gamma_clip(gamma: float, clip: float) -> None:
         raise ConfigError(f"clip: must be > 0 (log(1e6) is the default), got {clip!r}")
 
 
-def evidence_from_log_scores(l: Any, gamma: float = 0.5, clip: float = DEFAULT_CLIP) -> Any:
+def largest_clip(space: Space, prior_weight: float = 1.0, S: int = 1) -> float:
+    """Largest ``clip`` whose evidence range stays finite and normal in ``space``'s dtype.
+
+    Evidence lies in ``[exp(-clip), exp(clip)]``; the pipeline needs
+    ``exp(-clip)`` and ``exp(-clip)/W`` at least the smallest normal number
+    (else a dimension with zero mean in every source gets zero evidence
+    everywhere and 0/0 weights), and ``S * exp(clip)`` and ``S * exp(clip)/W``
+    at most the largest number (the sums over sources), each with a margin of
+    a factor ``e``: about 86.3 in float32 and 707.4 in float64 for ``W = 1``
+    and two sources. ``<= 0`` means no clip
+    works: ``prior_weight`` itself is out of range.
+    """
+    log_tiny, log_big = math.log(space.tiny), math.log(space.max)
+    log_w = math.log(prior_weight)
+    # A margin of a factor e on both ends: exp() is a few ulps off, and
+    # libraries that flush subnormals to zero (XLA on CPU) turn a result just
+    # below the smallest normal number into 0.
+    margin = 1.0
+    return min(-log_tiny - max(0.0, log_w), log_big - math.log(S) + min(0.0, log_w)) - margin
+
+
+def check_evidence_range(space: Space, clip: float, prior_weight: float = 1.0, S: int = 1) -> None:
+    """Raise :class:`ConfigError` when ``clip`` (or ``prior_weight``) puts evidence
+    outside what ``space``'s dtype represents; see :func:`largest_clip`."""
+    limit = largest_clip(space, prior_weight, S)
+    dtype = str(space.dtype).rsplit(".", 1)[-1]
+    if limit <= 0:
+        raise ConfigError(
+            f"prior_weight: {prior_weight} is outside the range {dtype} can use with {S} "
+            f"sources (between about {S / space.max:.3g} and {1 / space.tiny:.3g}); use a "
+            f"prior_weight near 1 (the default), or float64"
+        )
+    if not clip <= limit:
+        raise ConfigError(
+            f"clip: {clip} is too large for {dtype} with prior_weight={prior_weight} and {S} "
+            f"sources: exp(-clip) or exp(clip) leaves the dtype's range, so a dimension whose "
+            f"mean is 0 in every source would get NaN; use clip <= {limit:.6g} (log(1e6) is "
+            f"the default)"
+        )
+
+
+def evidence_from_log_scores(l: Array, gamma: float = 0.5, clip: float = DEFAULT_CLIP) -> Array:
     """``e = exp(clip(gamma * (l - ref), -clip, clip))`` for stacked scores ``l[S, *shape]``.
 
     ``ref`` is the mean of the finite entries of ``l`` (0 if there are none);
     entries at ``-inf`` (zero reliability) get the minimum evidence ``exp(-clip)``.
+    Raises :class:`ConfigError` for a ``clip`` beyond :func:`largest_clip` or a
+    ``gamma`` beyond the dtype's largest number.
     """
     _check_gamma_clip(gamma, clip)
-    xp = resolve(l, names=("scores",)).xp
+    space = resolve(l, names=("scores",))
+    xp = space.xp
+    check_evidence_range(space, clip, 1.0, int(l.shape[0]) if len(l.shape) else 1)
+    if gamma > space.max:
+        raise ConfigError(f"gamma: {gamma} exceeds the dtype's largest number; use gamma <= {space.max:.4g}")
     ref = reference(l)
     if gamma == 0:  # q^0 = 1 everywhere, including q = 0
         return xp.ones_like(l)
@@ -82,7 +126,7 @@ def evidence_from_log_scores(l: Any, gamma: float = 0.5, clip: float = DEFAULT_C
     return xp.exp(xp.clip(z, min=-clip, max=clip))
 
 
-def reference(l: Any) -> Any:
+def reference(l: Array) -> Array:
     """Mean of the finite entries of ``l`` (0-d array; 0 when no entry is finite)."""
     xp = resolve(l, names=("scores",)).xp
     finite = xp.isfinite(l)
@@ -96,7 +140,7 @@ def evidence(
     gamma: float = 0.5,
     evidence_from: str = "snr",
     clip: float = DEFAULT_CLIP,
-) -> Any:
+) -> Array:
     """Evidence of every source, stacked on a new leading axis: shape ``(S, *shape)``.
 
     ``posteriors`` is a non-empty sequence over sources, all of one shape; the

@@ -1,4 +1,4 @@
-"""Stage 1: Normal-Gamma posterior of each source's mean gradient (METHOD.md).
+"""Stage 1: Normal-Gamma posterior of each source's mean gradient (docs/method.md#posterior).
 
 Likelihood ``g^(i) ~ N(mu, 1/lambda)``; prior ``lambda ~ Gamma(alpha0, rate=beta0)``,
 ``mu | lambda ~ N(mu0, 1/(kappa0 * lambda))``. The posterior is conjugate::
@@ -15,14 +15,13 @@ location ``mu_n`` and squared scale ``beta_n / (alpha_n * kappa_n)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ._namespace import resolve
-from ._types import NormalGammaPrior
+from ._statistics import GradientStats
+from ._types import Array, NormalGammaPrior
 from .errors import ConfigError, InsufficientSamplesError
-from .stats import GradientStats
 
-__all__ = ["NormalGammaPrior", "Posterior", "posterior", "empirical_beta0"]
+__all__ = ["Posterior", "posterior"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,16 +32,16 @@ class Posterior:
     depend only on the count), ``beta`` has the parameter's shape.
     """
 
-    mu: Any
-    kappa: Any
-    alpha: Any
-    beta: Any
+    mu: Array
+    kappa: Array
+    alpha: Array
+    beta: Array
 
-    def precision(self) -> Any:
+    def precision(self) -> Array:
         """Student-t precision ``tau = alpha * kappa / beta`` (inf where ``beta == 0``)."""
         return self.alpha * self.kappa / self.beta
 
-    def log_precision(self) -> Any:
+    def log_precision(self) -> Array:
         """``log(tau)``, finite: each factor is floored at the dtype's smallest normal."""
         space = resolve(self.mu)
         xp, tiny = space.xp, space.tiny
@@ -52,17 +51,17 @@ class Posterior:
             - xp.log(xp.clip(self.beta, min=tiny))
         )
 
-    def scale(self) -> Any:
+    def scale(self) -> Array:
         """Student-t scale ``sqrt(beta / (alpha * kappa))``."""
         xp = resolve(self.mu).xp
         return xp.sqrt(self.beta / (self.alpha * self.kappa))
 
-    def df(self) -> Any:
+    def df(self) -> Array:
         """Student-t degrees of freedom ``2 * alpha``."""
         return 2 * self.alpha
 
 
-def empirical_beta0(stats: GradientStats, alpha0: float) -> Any:
+def empirical_beta0(stats: GradientStats, alpha0: float) -> Array:
     """``alpha0 * vbar``, ``vbar = mean_d(M2/n)`` over dimensions with ``n >= 2`` (0-d array).
 
     Raises :class:`InsufficientSamplesError` when no dimension has two samples.
