@@ -1,0 +1,500 @@
+"""The calibrated gradient alone, over flat statistics cut into segments (groups).
+
+This is the engine of every fast path's ``calibrate_gradient``. It computes
+``calibrate(...).gradient`` (``docs/method.md``, Stages 1-5) for ``S``
+sources over one-dimensional statistics of length ``D`` cut into ``G``
+segments, each its own group (own empirical-Bayes ``vbar``, own evidence
+reference ``ref``, own mean fused belief), without materialising any
+``(S, D)`` array, evidence or weights. Only the gradient is written.
+
+Passes (the group reductions force them; each pass walks the statistics in
+cache-sized *blocks*, and reductions per segment are taken inside a block by
+one ``reduceat``-style call, so no Python loop runs over segments):
+
+A. (empirical-Bayes prior only) per source and segment, ``sum M2`` (or, with
+   per-dimension counts, ``sum_{n>=2} M2/n`` and the number of such
+   dimensions): ``beta0_kg = alpha0 * vbar_kg`` and the zero-variance test.
+B. Per source and segment, the sum and number of the finite log scores
+   ``l = C_k + y``: ``ref_g``.
+C. Per dimension: evidence, fused belief ``B = Q/(1+Q)`` with
+   ``Q = prod_k(1 + e_k/W) - 1``, weights, and ``B * sum_k w_k lambda_k mu_k``
+   written to ``out``; per segment, ``sum B``.
+D. In place on ``out``: ``*= S / mean_g(B)`` (with ``s_max``, ``B`` is kept
+   in a scratch vector and ``s = min(B/mean, s_max)`` is applied instead).
+
+Working precision is float64 inside a block whatever the input dtype, so
+no intermediate over- or underflows where the reference (which takes each
+logarithm separately) stays finite.
+
+Evidence without transcendentals. With a scalar count and ``2 gamma`` in
+``{1/2, 1, 2, 4}``, ``e = exp(gamma (l - ref))`` is ``r^(2 gamma) K`` with
+``r = |mu| / sqrt(beta)`` (``snr``) or ``r = 1 / sqrt(beta)``
+(``precision``) and ``K = exp(gamma (C_k - ref_g))`` one scalar per source
+and segment; a square root replaces a log and an exp. A zero mean gives
+``r = 0``, so ``e`` lands on the clip floor ``exp(-L)`` by the clip itself:
+the log score ``-inf`` needs no branch and no recomputation. The general
+path (any ``gamma``, per-dimension counts, float64 inputs whose ratios can
+leave the float64 range) takes the logarithms as the reference does, with
+``log 0 = -inf`` mapped to the floor by the same clip.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bogc_core._types import CalibrationConfig, Decline
+
+__all__ = ["Shim", "NumpyShim", "Plan", "plan_blocks", "gradient", "gauss_legendre01"]
+
+# A log score is at least 2*log(smallest subnormal) - log(largest float) >
+# -2200 (float64) when finite; -inf (a zero mean) is lifted to this floor so
+# a block sum stays finite, and the floor's contributions are taken back out.
+_LFLOOR = -1.0e4
+# The power form r^p K is taken only while |log10| of every factor keeps the
+# product inside float64's normal range with a margin.
+_LOG10_RANGE = 290.0
+_POWERS = {0.5: "sqrt", 1.0: "one", 2.0: "square", 4.0: "square2"}
+
+
+def gauss_legendre01(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Nodes and weights of ``n``-point Gauss-Legendre quadrature on ``[0, 1]``."""
+    x, w = np.polynomial.legendre.leggauss(n)
+    return tuple(float(v) for v in 0.5 * (x + 1.0)), tuple(float(v) for v in 0.5 * w)
+
+
+class Shim:
+    """The few array operations the engine needs, for one array library.
+
+    Work arrays are float64; ``segsum`` and ``expand`` take the block's
+    segment layout from :class:`Plan`.
+    """
+
+    xp: Any
+
+    def work(self, x: Any) -> Any:
+        """``x`` as a float64 array (may be ``x`` itself: the engine never writes into it)."""
+        raise NotImplementedError
+
+    def segsum(self, x: Any, offsets: Any) -> Any:
+        """Sums of ``x`` over the runs starting at ``offsets`` (float64)."""
+        raise NotImplementedError
+
+    def expand(self, vals: Any, counts: Any) -> Any:
+        """``vals[i]`` repeated ``counts[i]`` times."""
+        raise NotImplementedError
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        raise NotImplementedError
+
+    def index(self, x: np.ndarray) -> Any:
+        """A host int64 array as this library's index array."""
+        raise NotImplementedError
+
+    def asarray(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def store(self, dst: Any, src: Any) -> None:
+        """``dst[...] = src`` with a cast to ``dst``'s dtype."""
+        raise NotImplementedError
+
+    def to_host(self, x: Any) -> np.ndarray:
+        raise NotImplementedError
+
+
+class NumpyShim(Shim):
+    xp = np
+
+    def work(self, x: Any) -> Any:
+        return np.asarray(x, dtype=np.float64)
+
+    def segsum(self, x: Any, offsets: Any) -> Any:
+        return np.add.reduceat(x, offsets, dtype=np.float64)
+
+    def expand(self, vals: Any, counts: Any) -> Any:
+        return np.repeat(vals, counts)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return np.zeros(shape, dtype=np.float64)
+
+    def index(self, x: np.ndarray) -> Any:
+        return x
+
+    def asarray(self, x: Any) -> Any:
+        return np.asarray(x, dtype=np.float64)
+
+    def store(self, dst: Any, src: Any) -> None:
+        np.copyto(dst, src, casting="unsafe")
+
+    def to_host(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+
+@dataclass
+class Plan:
+    """Blocks ``[a, b)`` over ``D`` and, per block, its segments ``g0..g1``.
+
+    ``offsets[i]``/``counts[i]`` (host NumPy or the shim's arrays) describe
+    the runs of segments inside block ``i``; ``None`` when the block lies in
+    one segment, so a reduction is a plain sum and a segment value a scalar.
+    """
+
+    D: int
+    G: int
+    lengths: np.ndarray
+    blocks: list[tuple[int, int, int, int]] = field(default_factory=list)
+    offsets: list[Any] = field(default_factory=list)
+    counts: list[Any] = field(default_factory=list)
+
+
+def plan_blocks(D: int, segments: Sequence[int] | None, block: int, shim: Shim) -> Plan:
+    lengths = np.asarray([D] if segments is None else list(segments), dtype=np.int64)
+    G = int(lengths.size)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    a_all = np.arange(0, D, block, dtype=np.int64)
+    b_all = np.minimum(a_all + block, D)
+    g0s = np.searchsorted(ends, a_all, side="right")
+    g1s = np.searchsorted(ends, b_all - 1, side="right")
+    plan = Plan(D, G, lengths)
+    for a, b, g0, g1 in zip(a_all.tolist(), b_all.tolist(), g0s.tolist(), g1s.tolist()):
+        plan.blocks.append((a, b, g0, g1))
+        if g0 == g1:
+            plan.offsets.append(None)
+            plan.counts.append(None)
+        else:
+            off = np.maximum(starts[g0 : g1 + 1], a) - a
+            cnt = np.diff(np.append(off, b - a))
+            plan.offsets.append(shim.index(off))
+            plan.counts.append(shim.index(cnt))
+    return plan
+
+
+@dataclass
+class _Src:
+    m: Any  # flat mean, input dtype
+    m2: Any  # flat M2, input dtype
+    n: Any  # Python float, or flat per-dimension counts
+    lam: float
+
+
+def gradient(
+    shim: Shim,
+    names: Sequence[str],
+    means: Sequence[Any],
+    m2s: Sequence[Any],
+    counts: Sequence[Any],
+    lambdas: Sequence[float],
+    config: CalibrationConfig,
+    out: Any,
+    segments: Sequence[int] | None,
+    block: int,
+    tiny: float,
+    float32: bool,
+    diagnostics: dict[str, Any] | None = None,
+) -> Any:
+    """Write ``calibrate(...).gradient`` of every segment into the flat ``out``; return it.
+
+    ``means``/``m2s``: one flat ``(D,)`` array per source (input dtype);
+    ``counts``: per source a Python float (one count everywhere) or a flat
+    ``(D,)`` array. ``tiny`` is the input dtype's smallest normal number,
+    which the reference uses as the floor of ``alpha``, ``kappa``, ``beta``.
+    Raises :class:`Decline` where the reference raises.
+    """
+    xp = shim.xp
+    S = len(means)
+    D = int(means[0].shape[0])
+    prior = config.prior
+    gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
+    srcs = [_Src(m, m2, n, float(lam)) for m, m2, n, lam in zip(means, m2s, counts, lambdas)]
+    per_dim = any(not isinstance(s.n, float) for s in srcs)
+    plan = plan_blocks(D, segments, block, shim)
+    G = plan.G
+    lengths = plan.lengths.astype(np.float64)
+
+    # ---- pass A: beta0 per (source, segment) and the zero-variance flags
+    beta0 = np.zeros((S, G))
+    zero_var = np.zeros((S, G), dtype=bool)
+    if prior.beta0 is not None:
+        beta0[:] = float(prior.beta0)
+    else:
+        for k, s in enumerate(srcs):
+            if isinstance(s.n, float):
+                if not s.n >= 2:
+                    raise Decline("fewer than 2 samples in every dimension (the reference raises)")
+                tot = shim.zeros((G,))
+                _accumulate(shim, plan, tot, lambda a, b: s.m2[a:b])
+                tot_h = shim.to_host(tot)
+                beta0[k] = float(prior.alpha0) * (tot_h / s.n / lengths)
+                zero_var[k] = ~(tot_h > 0)
+            else:
+                nv, vs, tot = shim.zeros((G,)), shim.zeros((G,)), shim.zeros((G,))
+                n = s.n
+                _accumulate(shim, plan, nv, lambda a, b: _as_work(shim, n[a:b] >= 2))
+                _accumulate(shim, plan, vs, lambda a, b: _masked_var(shim, n[a:b], s.m2[a:b]))
+                _accumulate(shim, plan, tot, lambda a, b: s.m2[a:b])
+                nv_h, vs_h, tot_h = shim.to_host(nv), shim.to_host(vs), shim.to_host(tot)
+                if not bool(np.all(nv_h > 0)):
+                    raise Decline("fewer than 2 samples in every dimension (the reference raises)")
+                beta0[k] = float(prior.alpha0) * (vs_h / nv_h)
+                zero_var[k] = ~(tot_h > 0)
+    seg_equal = np.any(zero_var, axis=0) if prior.beta0 is None else np.zeros(G, dtype=bool)
+    if diagnostics is not None:
+        diagnostics["zero_variance_sources"] = [
+            names[k] for k in range(S) if prior.beta0 is None and bool(zero_var[k].any())
+        ]
+
+    # Scalar part of the log score, log(alpha) + log(kappa), for one count.
+    consts = []
+    for s in srcs:
+        if isinstance(s.n, float):
+            consts.append(
+                math.log(max(prior.alpha0 + 0.5 * s.n, tiny))
+                + math.log(max(prior.kappa0 + s.n, tiny))
+            )
+        else:
+            consts.append(0.0)
+    C = np.asarray(consts)
+    snr = config.evidence_from == "snr"
+
+    # ---- pass B: ref per segment
+    ref = np.zeros(G)
+    if gamma != 0.0 and not bool(np.all(seg_equal)):
+        sums, cnts = shim.zeros((S, G)), shim.zeros((S, G))
+        beta0_d = shim.asarray(beta0)
+        for i, (a, b, g0, g1) in enumerate(plan.blocks):
+            off, cnt = plan.offsets[i], plan.counts[i]
+            for k, s in enumerate(srcs):
+                mu = _mu(shim, s, a, b, prior)
+                beta = _beta(shim, s, a, b, prior, _seg_vals(shim, beta0_d[k], g0, g1, cnt), mu)
+                y = _log_part(shim, s, a, b, prior, beta, mu, snr, tiny)
+                bad = y < _LFLOOR  # -inf where mu == 0 (snr); never a finite score
+                y = xp.clip(y, _LFLOOR, None)
+                nbad = _as_work(shim, bad)
+                _add_seg(shim, sums[k], y - _LFLOOR * nbad, off, g0, g1)
+                _add_seg(shim, cnts[k], 1.0 - nbad, off, g0, g1)
+        sums_h, cnts_h = shim.to_host(sums), shim.to_host(cnts)
+        total = np.sum(sums_h + C[:, None] * cnts_h, axis=0)
+        ref = total / np.maximum(np.sum(cnts_h, axis=0), 1.0)
+
+    # ---- pass C: evidence, fused belief, weights, B * g' (or g') into out
+    p = 2.0 * gamma
+    lk = gamma * (C[:, None] - ref[None, :])  # (S, G): log K
+    power = (
+        not per_dim
+        and float32
+        and p in _POWERS
+        and p * 65.0 + float(np.max(np.abs(lk))) / math.log(10.0) < _LOG10_RANGE
+    )
+    K = np.exp(lk) if power else None
+    lo, hi = math.exp(-L), math.exp(L)
+    belief = config.scale == "belief"
+    keep_b = belief and config.s_max is not None
+    bscratch = xp.empty_like(out) if keep_b else None
+    bsum = shim.zeros((G,))
+    eq_d = shim.asarray(seg_equal.astype(np.float64))
+    beta0_d = shim.asarray(beta0)
+    K_d = shim.asarray(K) if K is not None else None
+    lk_d = shim.asarray(lk)
+    q_may_overflow = S * math.log1p(hi / W) >= math.log(np.finfo(np.float64).max)
+    any_equal = bool(np.any(seg_equal))
+    for i, (a, b, g0, g1) in enumerate(plan.blocks):
+        off, cnt = plan.offsets[i], plan.counts[i]
+        es, mus = [], []
+        for k, s in enumerate(srcs):
+            mu = _mu(shim, s, a, b, prior)
+            mus.append(mu)
+            if gamma == 0.0:
+                es.append(None)
+                continue
+            beta = _beta(shim, s, a, b, prior, _seg_vals(shim, beta0_d[k], g0, g1, cnt), mu)
+            if power:
+                assert K_d is not None
+                beta = xp.clip(beta, tiny, None)
+                r = xp.sqrt(beta)
+                r = (xp.abs(mu) / r) if snr else (1.0 / r)
+                if p == 1.0:
+                    e = r
+                elif p == 0.5:
+                    e = xp.sqrt(r)
+                elif p == 2.0:
+                    e = r * r
+                else:
+                    e = r * r
+                    e = e * e
+                e = e * _seg_vals(shim, K_d[k], g0, g1, cnt)
+            else:
+                y = _log_part(shim, s, a, b, prior, beta, mu, snr, tiny)
+                e = xp.exp(xp.clip(gamma * y + _seg_vals(shim, lk_d[k], g0, g1, cnt), -L, L))
+            e = xp.clip(e, lo, hi)
+            if any_equal:
+                eqv = _seg_vals(shim, eq_d, g0, g1, cnt)
+                e = e * (1.0 - eqv) + eqv
+            es.append(e)
+        if gamma == 0.0:
+            one = xp.ones_like(mus[0])
+            es = [one] * S
+        # Q = prod_k (1 + x_k) - 1, x = e/W: positive terms only (no cancellation).
+        xs = es if W == 1.0 else [e * (1.0 / W) for e in es]
+        Q = xs[0]
+        for x in xs[1:]:
+            Q = Q + x + Q * x
+        if q_may_overflow:
+            Q = xp.clip(Q, None, float(np.finfo(np.float64).max))
+        Bv = Q / (1.0 + Q)
+        gp = _weighted_sum(shim, config.weights, es, mus, srcs, Bv, W)
+        dst = out[a:b]
+        if belief:
+            _add_seg(shim, bsum, Bv, off, g0, g1)
+            if keep_b:
+                assert bscratch is not None
+                shim.store(bscratch[a:b], Bv)
+                shim.store(dst, gp)
+            else:
+                shim.store(dst, Bv * gp)
+        else:
+            shim.store(dst, float(S) * gp)
+
+    # ---- pass D: belief scale
+    if belief:
+        mean_b = shim.to_host(bsum) / lengths
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = float(S) / mean_b
+        if keep_b:
+            assert bscratch is not None
+            smax = float(config.s_max)  # type: ignore[arg-type]
+            inv_mean = shim.asarray(1.0 / mean_b)
+            for i, (a, b, g0, g1) in enumerate(plan.blocks):
+                sv = xp.clip(
+                    shim.work(bscratch[a:b]) * _seg_vals(shim, inv_mean, g0, g1, plan.counts[i]),
+                    None,
+                    smax,
+                )
+                shim.store(out[a:b], shim.work(out[a:b]) * (float(S) * sv))
+        elif G == 1:
+            out *= float(inv[0])
+        else:
+            inv_d = shim.asarray(inv)
+            for i, (a, b, g0, g1) in enumerate(plan.blocks):
+                if plan.counts[i] is None:
+                    out[a:b] *= float(inv[g0])
+                else:
+                    f = shim.expand(inv_d[g0 : g1 + 1], plan.counts[i])
+                    shim.store(out[a:b], shim.work(out[a:b]) * f)
+    return out
+
+
+def _as_work(shim: Shim, x: Any) -> Any:
+    xp = shim.xp
+    if xp is np:
+        return x.astype(np.float64)
+    return x.to(xp.float64) if hasattr(x, "to") else xp.asarray(x, dtype=xp.float64)
+
+
+def _masked_var(shim: Shim, n: Any, m2: Any) -> Any:
+    """``M2/n`` where ``n >= 2``, else 0 (float64)."""
+    xp = shim.xp
+    nw, m2w = shim.work(n), shim.work(m2)
+    valid = nw >= 2
+    return xp.where(valid, m2w / xp.clip(nw, 2.0, None), 0.0 * m2w)
+
+
+def _accumulate(shim: Shim, plan: Plan, acc: Any, get: Any) -> None:
+    for i, (a, b, g0, g1) in enumerate(plan.blocks):
+        _add_seg(shim, acc, get(a, b), plan.offsets[i], g0, g1)
+
+
+def _add_seg(shim: Shim, acc: Any, x: Any, off: Any, g0: int, g1: int) -> None:
+    """``acc[g] += sum of x over segment g``, for the segments g0..g1 of one block."""
+    xp = shim.xp
+    if off is None:
+        if xp is np:
+            acc[g0] += float(np.sum(x, dtype=np.float64))
+        else:
+            acc[g0] += xp.sum(x, dtype=xp.float64)
+    else:
+        acc[g0 : g1 + 1] += shim.segsum(x, off)
+
+
+def _seg_vals(shim: Shim, vals: Any, g0: int, g1: int, cnt: Any) -> Any:
+    """Per-segment values over one block: a scalar when the block lies in one segment."""
+    if cnt is None:
+        return float(vals[g0]) if shim.xp is np else vals[g0]
+    return shim.expand(vals[g0 : g1 + 1], cnt)
+
+
+def _mu(shim: Shim, s: _Src, a: int, b: int, prior: Any) -> Any:
+    """Posterior mean ``mu_n = (kappa0 mu0 + n m) / (kappa0 + n)`` of a block (float64)."""
+    m = shim.work(s.m[a:b])
+    if prior.kappa0 == 0:
+        return m
+    k0, mu0 = float(prior.kappa0), float(prior.mu0)
+    n = s.n if isinstance(s.n, float) else shim.work(s.n[a:b])
+    return (k0 * mu0 + n * m) / (k0 + n)
+
+
+def _beta(shim: Shim, s: _Src, a: int, b: int, prior: Any, beta0: Any, mu: Any) -> Any:
+    """``beta_n = beta0 + M2/2 + kappa0 n (m - mu0)^2 / (2 kappa_n)`` of a block (float64)."""
+    beta = shim.work(s.m2[a:b]) * 0.5 + beta0
+    if prior.kappa0 != 0:
+        k0, mu0 = float(prior.kappa0), float(prior.mu0)
+        n = s.n if isinstance(s.n, float) else shim.work(s.n[a:b])
+        d = shim.work(s.m[a:b]) - mu0
+        beta = beta + (k0 * n / (2.0 * (k0 + n))) * (d * d)
+    return beta
+
+
+def _log_part(
+    shim: Shim, s: _Src, a: int, b: int, prior: Any, beta: Any, mu: Any, snr: bool, tiny: float
+) -> Any:
+    """``l - C_k``: ``-log(beta) [+ 2 log|mu|] [+ count logs]``, ``-inf`` where ``mu = 0``."""
+    xp = shim.xp
+    y = -xp.log(xp.clip(beta, tiny, None))
+    if snr:
+        y = y + 2.0 * xp.log(xp.abs(mu))
+    if not isinstance(s.n, float):
+        n = shim.work(s.n[a:b])
+        y = y + xp.log(xp.clip(prior.alpha0 + 0.5 * n, tiny, None))
+        y = y + xp.log(xp.clip(prior.kappa0 + n, tiny, None))
+    return y
+
+
+def _weighted_sum(
+    shim: Shim, kind: str, es: list[Any], mus: list[Any], srcs: list[_Src], Bv: Any, W: float
+) -> Any:
+    """``g' = sum_k w_k lambda_k mu_k`` for the weight rule ``kind`` (float64)."""
+    S = len(es)
+    if kind == "uniform" or S == 1:
+        g = mus[0] * srcs[0].lam
+        for k in range(1, S):
+            g = g + mus[k] * srcs[k].lam
+        return g * (1.0 / S) if kind == "uniform" else g
+    if kind == "evidence":
+        num = es[0] * (srcs[0].lam * mus[0])
+        den = es[0]
+        for k in range(1, S):
+            num = num + es[k] * (srcs[k].lam * mus[k])
+            den = den + es[k]
+        return num / den
+    # dempster: w_k = b_k E[1/(1 + M_-k)] / B, Gauss-Legendre exact (docs/method.md, Stage 5)
+    bs = [e / (e + W) for e in es]
+    us = [W / (e + W) for e in es]
+    nodes, wts = gauss_legendre01((S + 1) // 2)
+    shares: list[Any] = [None] * S
+    for t, wt in zip(nodes, wts):
+        F = [u + bk * t for u, bk in zip(us, bs)]
+        P = F[0]
+        for f in F[1:]:
+            P = P * f
+        for k in range(S):
+            term = wt * (P / F[k])
+            shares[k] = term if shares[k] is None else shares[k] + term
+    g: Any = None
+    for k in range(S):
+        t = bs[k] * shares[k] * (srcs[k].lam * mus[k])
+        g = t if g is None else g + t
+    return g / Bv
