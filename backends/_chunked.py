@@ -187,12 +187,14 @@ def _prepare(ops: Ops, stats: Sequence[Any], lambdas: Sequence[float], shape: tu
     return out
 
 
-def decline_reason(space: Any, stats: Sequence[Any], config: CalibrationConfig) -> str | None:
+def decline_reason(
+    space: Any, stats: Sequence[Any], config: CalibrationConfig | None
+) -> str | None:
     """Why no fused path can take this call (the reference runs instead), or None.
 
     Shared by every backend: a dtype other than float32/float64, statistics
     that require grad (the fused paths write into buffers, outside autograd),
-    an empty parameter, or evidence the dtype cannot represent.
+    an empty parameter, or (with a ``config``) evidence the dtype cannot represent.
     """
     dtype_name = str(space.dtype).rsplit(".", 1)[-1]
     if dtype_name not in ("float32", "float64"):
@@ -202,6 +204,8 @@ def decline_reason(space: Any, stats: Sequence[Any], config: CalibrationConfig) 
             return "statistics require grad (the fused path writes into buffers, outside autograd)"
     if math.prod(stats[0].shape) == 0:
         return "empty parameter (no dimensions)"
+    if config is None:
+        return None
     return evidence_range_problem(config, space.tiny, space.max)
 
 

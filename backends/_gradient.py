@@ -293,7 +293,13 @@ def gradient(
     K = np.exp(lk) if power else None
     lo, hi = math.exp(-L), math.exp(L)
     belief = config.scale == "belief"
-    keep_b = belief and config.s_max is not None
+    # out holds (c B) g' until pass D; c centres B's range [B_lo, B_hi] on 1 so
+    # the product neither under- nor overflows where B g' would (tiny B with a
+    # huge prior weight). Where the range is too wide, B goes to a scratch.
+    b_lo, b_hi = _belief_bound(lo, W, S), _belief_bound(hi, W, S)
+    wide = not (b_lo > 0.0 and b_hi / b_lo < 1e8)
+    c_b = 1.0 if wide else 1.0 / (math.sqrt(b_lo) * math.sqrt(b_hi))
+    keep_b = belief and (config.s_max is not None or wide)
     bscratch = xp.empty_like(out) if keep_b else None
     bsum = shim.zeros((G,))
     eq_d = shim.asarray(seg_equal.astype(np.float64))
@@ -355,19 +361,20 @@ def gradient(
                 shim.store(bscratch[a:b], Bv)
                 shim.store(dst, gp)
             else:
-                shim.store(dst, Bv * gp)
+                shim.store(dst, (c_b * Bv) * gp)
         else:
             shim.store(dst, float(S) * gp)
 
     # ---- pass D: belief scale
     if belief:
         mean_b = shim.to_host(bsum) / lengths
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv = float(S) / mean_b
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            inv = float(S) / (c_b * mean_b)
         if keep_b:
             assert bscratch is not None
-            smax = float(config.s_max)  # type: ignore[arg-type]
-            inv_mean = shim.asarray(1.0 / mean_b)
+            smax = math.inf if config.s_max is None else float(config.s_max)
+            with np.errstate(divide="ignore"):
+                inv_mean = shim.asarray(1.0 / mean_b)
             for i, (a, b, g0, g1) in enumerate(plan.blocks):
                 sv = xp.clip(
                     shim.work(bscratch[a:b]) * _seg_vals(shim, inv_mean, g0, g1, plan.counts[i]),
@@ -386,6 +393,15 @@ def gradient(
                     f = shim.expand(inv_d[g0 : g1 + 1], plan.counts[i])
                     shim.store(out[a:b], shim.work(out[a:b]) * f)
     return out
+
+
+def _belief_bound(e: float, W: float, S: int) -> float:
+    """Fused belief ``B = 1 - (1 + e/W)^-S`` when every source has evidence ``e``."""
+    x = e / W
+    if x == math.inf:
+        return 1.0
+    q = math.expm1(S * math.log1p(x)) if S * math.log1p(x) < 700 else math.inf
+    return 1.0 if q == math.inf else q / (1.0 + q)
 
 
 def _as_work(shim: Shim, x: Any) -> Any:

@@ -184,7 +184,9 @@ def check_gradient_call(
     space: Any, stats: Sequence[Any], config: CalibrationConfig, segments: Sequence[int] | None, out: Any
 ) -> tuple[tuple[int, ...], int]:
     """Shared checks of every ``calibrate_gradient``: shape, ``segments``, ``out``; (shape, D)."""
-    problem = decline_reason(space, stats, config)
+    # The gradient engine works in float64, so evidence beyond the input
+    # dtype's range (clip, prior_weight) is no reason to decline here.
+    problem = decline_reason(space, stats, None)
     if problem:
         raise Decline(problem)
     shape = tuple(int(v) for v in stats[0].shape)
