@@ -24,7 +24,7 @@ tested equal to the reference in ``tests/backends``.
 from __future__ import annotations
 
 import importlib
-import sys
+import importlib.util
 from typing import Any
 
 __all__ = ["MODULES", "load"]
@@ -77,5 +77,5 @@ def _legacy_register() -> None:
             dispatch.register(names[mod], accepts, runner)
 
 
-if "bogc_core.dispatch" in sys.modules:
+if importlib.util.find_spec("bogc_core.dispatch") is not None:
     _legacy_register()
