@@ -48,7 +48,7 @@ def load(module: str) -> Any:
 def _legacy_register() -> None:
     import array_api_compat
 
-    from bogc_core import dispatch  # type: ignore[attr-defined]
+    from bogc_core import dispatch
     from bogc_core._types import Decline
 
     checks = {

@@ -47,7 +47,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bogc_core._types import Calibration, CalibrationConfig
-from bogc_core.weights import gauss_legendre01
+
+from ._gradient import gauss_legendre01
 
 __all__ = ["Ops", "run_chunked", "evidence_range_problem", "decline_reason", "hugepage_buffer"]
 
@@ -67,33 +68,43 @@ class Ops:
         """An array returned to the caller (may use a faster allocation than ``empty``)."""
         return self.empty(shape)
 
-    def flat(self, x: Any) -> Any: ...
-    def flat_count(self, count: Any, shape: tuple[int, ...]) -> Any: ...
-    def numel(self, x: Any) -> int: ...
-    def item(self, x: Any) -> float: ...
-    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any: ...
+    def flat(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def flat_count(self, count: Any, shape: tuple[int, ...]) -> Any:
+        raise NotImplementedError
+
+    def numel(self, x: Any) -> int:
+        raise NotImplementedError
+
+    def item(self, x: Any) -> float:
+        raise NotImplementedError
+
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
+        raise NotImplementedError
+
 
     def zero_acc(self) -> Any:
         return 0.0
 
     def acc_sum(self, acc: Any, x: Any) -> Any:
         """``acc + sum(x)``; the CPU backends return a Python float."""
-        ...
+        raise NotImplementedError
 
     def to_float(self, acc: Any) -> float:
         return float(acc)
 
     def min_float(self, x: Any) -> float:
         """``min(x)`` as a Python float."""
-        ...
+        raise NotImplementedError
 
     def sum_float(self, x: Any) -> float:
         """``sum(x)`` as a Python float."""
-        ...
+        raise NotImplementedError
 
     def finite_sum(self, x: Any) -> tuple[float, float]:
         """Sum and number of the finite entries of ``x``."""
-        ...
+        raise NotImplementedError
 
     # -- elementwise, into ``out``
     def copy(self, x: Any, out: Any) -> Any: ...

@@ -59,6 +59,7 @@ _LFLOOR = -1.0e4
 # product inside float64's normal range with a margin.
 _LOG10_RANGE = 290.0
 _POWERS = {0.5: "sqrt", 1.0: "one", 2.0: "square", 4.0: "square2"}
+_np_clip: Any = getattr(np, "_core", np).umath.clip
 
 
 def gauss_legendre01(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -102,6 +103,21 @@ class Shim:
         """``dst[...] = src`` with a cast to ``dst``'s dtype."""
         raise NotImplementedError
 
+    def cast(self, x: Any, like: Any) -> Any:
+        """``x`` in the dtype of the array ``like``."""
+        return x.astype(like.dtype)
+
+    def clip(self, x: Any, lo: float | None, hi: float | None) -> Any:
+        """``x`` clipped to ``[lo, hi]`` (``None``: no bound)."""
+        return self.xp.clip(x, lo, hi)
+
+    def total(self, x: Any) -> Any:
+        """Sum of ``x`` in at least float64 accuracy (a 0-d array or a float)."""
+        return self.xp.sum(x, dtype=self.xp.float64)
+
+    def count_true(self, mask: Any) -> Any:
+        return self.xp.sum(mask, dtype=self.xp.float64)
+
     def to_host(self, x: Any) -> np.ndarray:
         raise NotImplementedError
 
@@ -114,6 +130,23 @@ class NumpyShim(Shim):
 
     def segsum(self, x: Any, offsets: Any) -> Any:
         return np.add.reduceat(x, offsets, dtype=np.float64)
+
+    def clip(self, x: Any, lo: float | None, hi: float | None) -> Any:
+        # The ufuncs themselves: np.clip's Python wrapper costs more than the
+        # operation on a block.
+        if lo is None:
+            return np.minimum(x, np.inf if hi is None else hi)
+        if hi is None:
+            return np.maximum(x, lo)
+        return _np_clip(x, lo, hi)
+
+    def total(self, x: Any) -> Any:
+        # Pairwise summation in the block's own dtype is accurate to a few
+        # ulps of the sum; a float64 cast would cost more than the sum.
+        return float(np.add.reduce(x, axis=None))
+
+    def count_true(self, mask: Any) -> Any:
+        return float(np.count_nonzero(mask))
 
     def expand(self, vals: Any, counts: Any) -> Any:
         return np.repeat(vals, counts)
@@ -226,17 +259,18 @@ def gradient(
             if isinstance(s.n, float):
                 if not s.n >= 2:
                     raise Decline("fewer than 2 samples in every dimension (the reference raises)")
-                tot = shim.zeros((G,))
-                _accumulate(shim, plan, tot, lambda a, b: s.m2[a:b])
-                tot_h = shim.to_host(tot)
+                tot_h = _segment_totals(shim, plan, s.m2)
                 beta0[k] = float(prior.alpha0) * (tot_h / s.n / lengths)
                 zero_var[k] = ~(tot_h > 0)
             else:
                 nv, vs, tot = shim.zeros((G,)), shim.zeros((G,)), shim.zeros((G,))
                 n = s.n
-                _accumulate(shim, plan, nv, lambda a, b: _as_work(shim, n[a:b] >= 2))
-                _accumulate(shim, plan, vs, lambda a, b: _masked_var(shim, n[a:b], s.m2[a:b]))
-                _accumulate(shim, plan, tot, lambda a, b: s.m2[a:b])
+                m2 = s.m2
+                _accumulate(shim, plan, nv, lambda a, b, n=n: _as_work(shim, n[a:b] >= 2))
+                _accumulate(
+                    shim, plan, vs, lambda a, b, n=n, m2=m2: _masked_var(shim, n[a:b], m2[a:b])
+                )
+                _accumulate(shim, plan, tot, lambda a, b, m2=m2: m2[a:b])
                 nv_h, vs_h, tot_h = shim.to_host(nv), shim.to_host(vs), shim.to_host(tot)
                 if not bool(np.all(nv_h > 0)):
                     raise Decline("fewer than 2 samples in every dimension (the reference raises)")
@@ -261,23 +295,42 @@ def gradient(
     C = np.asarray(consts)
     snr = config.evidence_from == "snr"
 
-    # ---- pass B: ref per segment
+    # ---- pass B: ref per segment. With kappa0 = 0 (mu = m) the scores are
+    # taken in the input dtype, as the reference takes them; sums in float64.
     ref = np.zeros(G)
+    native_b = prior.kappa0 == 0
     if gamma != 0.0 and not bool(np.all(seg_equal)):
         sums, cnts = shim.zeros((S, G)), shim.zeros((S, G))
         beta0_d = shim.asarray(beta0)
+        beta0_n = shim.cast(beta0_d, means[0]) if native_b else beta0_d
         for i, (a, b, g0, g1) in enumerate(plan.blocks):
             off, cnt = plan.offsets[i], plan.counts[i]
             for k, s in enumerate(srcs):
-                mu = _mu(shim, s, a, b, prior)
-                beta = _beta(shim, s, a, b, prior, _seg_vals(shim, beta0_d[k], g0, g1, cnt), mu)
+                if native_b:
+                    mu = s.m[a:b]
+                    beta = s.m2[a:b] * 0.5 + _seg_vals(shim, beta0_n[k], g0, g1, cnt)
+                else:
+                    mu = _mu(shim, s, a, b, prior)
+                    beta = _beta(shim, s, a, b, prior, _seg_vals(shim, beta0_d[k], g0, g1, cnt), mu)
                 y = _log_part(shim, s, a, b, prior, beta, mu, snr, tiny)
-                bad = y < _LFLOOR  # -inf where mu == 0 (snr); never a finite score
-                y = xp.clip(y, _LFLOOR, None)
-                nbad = _as_work(shim, bad)
-                _add_seg(shim, sums[k], y - _LFLOOR * nbad, off, g0, g1)
-                _add_seg(shim, cnts[k], 1.0 - nbad, off, g0, g1)
+                if snr:
+                    # -inf where mu == 0: lifted to the floor, then taken back out.
+                    zero = mu == 0
+                    y = shim.clip(y, _LFLOOR, None)
+                    _add_seg(shim, sums[k], y, off, g0, g1)
+                    if off is None:
+                        nz = shim.count_true(zero)
+                        sums[k][g0] -= _LFLOOR * nz
+                        cnts[k][g0] -= nz
+                    else:
+                        nzs = shim.segsum(_as_work(shim, zero), off)
+                        sums[k][g0 : g1 + 1] -= _LFLOOR * nzs
+                        cnts[k][g0 : g1 + 1] -= nzs
+                else:
+                    _add_seg(shim, sums[k], y, off, g0, g1)
         sums_h, cnts_h = shim.to_host(sums), shim.to_host(cnts)
+        # cnts holds minus the number of zero means; add the segment lengths.
+        cnts_h = cnts_h + lengths[None, :]
         total = np.sum(sums_h + C[:, None] * cnts_h, axis=0)
         ref = total / np.maximum(np.sum(cnts_h, axis=0), 1.0)
 
@@ -292,6 +345,20 @@ def gradient(
     )
     K = np.exp(lk) if power else None
     lo, hi = math.exp(-L), math.exp(L)
+    # Native float32: the power form in the input dtype, as the reference's own
+    # float32 arithmetic. t = |mu| / (sqrt(beta) K^(-1/p)) then e = clip(t)^p;
+    # an over- or underflow of t lands on the clip bound it would reach anyway,
+    # given that every scalar below is a normal float32 number.
+    f32 = np.finfo(np.float32)
+    fast32 = (
+        power
+        and prior.kappa0 == 0
+        and float(np.max(np.abs(lk))) / p < 15.0 * math.log(10.0)
+        and L / p < math.log(float(f32.max)) - 1.0
+        and float(f32.smallest_normal) < lo / W
+        and hi / W < float(f32.max)
+        and float(f32.smallest_normal) < W < float(f32.max)
+    )
     belief = config.scale == "belief"
     # out holds (c B) g' until pass D; c centres B's range [B_lo, B_hi] on 1 so
     # the product neither under- nor overflows where B g' would (tiny B with a
@@ -306,12 +373,41 @@ def gradient(
     beta0_d = shim.asarray(beta0)
     K_d = shim.asarray(K) if K is not None else None
     lk_d = shim.asarray(lk)
-    q_may_overflow = S * math.log1p(hi / W) >= math.log(np.finfo(np.float64).max)
+    big = float(f32.max) if fast32 else float(np.finfo(np.float64).max)
+    q_may_overflow = S * math.log1p(hi / W) >= math.log(big)
     any_equal = bool(np.any(seg_equal))
+    if fast32:
+        eq_d = shim.cast(eq_d, means[0])
+        beta0_d = shim.cast(beta0_d, means[0])
+        invk_d = shim.cast(shim.asarray(np.exp(-lk / p)), means[0])
+        lo_t, hi_t = lo ** (1.0 / p), hi ** (1.0 / p)
+        floor_beta = not bool(np.all(beta0 >= tiny))
     for i, (a, b, g0, g1) in enumerate(plan.blocks):
         off, cnt = plan.offsets[i], plan.counts[i]
         es, mus = [], []
         for k, s in enumerate(srcs):
+            if fast32:
+                m = s.m[a:b]
+                mus.append(m)
+                beta = s.m2[a:b] * 0.5 + _seg_vals(shim, beta0_d[k], g0, g1, cnt)
+                if floor_beta:
+                    beta = shim.clip(beta, tiny, None)
+                t = xp.sqrt(beta) * _seg_vals(shim, invk_d[k], g0, g1, cnt)
+                t = shim.clip((xp.abs(m) / t) if snr else (1.0 / t), lo_t, hi_t)
+                if p == 1.0:
+                    e = t
+                elif p == 0.5:
+                    e = xp.sqrt(t)
+                elif p == 2.0:
+                    e = t * t
+                else:
+                    e = t * t
+                    e = e * e
+                if any_equal:
+                    eqv = _seg_vals(shim, eq_d, g0, g1, cnt)
+                    e = e * (1.0 - eqv) + eqv
+                es.append(e)
+                continue
             mu = _mu(shim, s, a, b, prior)
             mus.append(mu)
             if gamma == 0.0:
@@ -320,7 +416,7 @@ def gradient(
             beta = _beta(shim, s, a, b, prior, _seg_vals(shim, beta0_d[k], g0, g1, cnt), mu)
             if power:
                 assert K_d is not None
-                beta = xp.clip(beta, tiny, None)
+                beta = shim.clip(beta, tiny, None)
                 r = xp.sqrt(beta)
                 r = (xp.abs(mu) / r) if snr else (1.0 / r)
                 if p == 1.0:
@@ -335,8 +431,8 @@ def gradient(
                 e = e * _seg_vals(shim, K_d[k], g0, g1, cnt)
             else:
                 y = _log_part(shim, s, a, b, prior, beta, mu, snr, tiny)
-                e = xp.exp(xp.clip(gamma * y + _seg_vals(shim, lk_d[k], g0, g1, cnt), -L, L))
-            e = xp.clip(e, lo, hi)
+                e = xp.exp(shim.clip(gamma * y + _seg_vals(shim, lk_d[k], g0, g1, cnt), -L, L))
+            e = shim.clip(e, lo, hi)
             if any_equal:
                 eqv = _seg_vals(shim, eq_d, g0, g1, cnt)
                 e = e * (1.0 - eqv) + eqv
@@ -350,7 +446,7 @@ def gradient(
         for x in xs[1:]:
             Q = Q + x + Q * x
         if q_may_overflow:
-            Q = xp.clip(Q, None, float(np.finfo(np.float64).max))
+            Q = shim.clip(Q, None, big)
         Bv = Q / (1.0 + Q)
         gp = _weighted_sum(shim, config.weights, es, mus, srcs, Bv, W)
         dst = out[a:b]
@@ -376,7 +472,7 @@ def gradient(
             with np.errstate(divide="ignore"):
                 inv_mean = shim.asarray(1.0 / mean_b)
             for i, (a, b, g0, g1) in enumerate(plan.blocks):
-                sv = xp.clip(
+                sv = shim.clip(
                     shim.work(bscratch[a:b]) * _seg_vals(shim, inv_mean, g0, g1, plan.counts[i]),
                     None,
                     smax,
@@ -416,7 +512,15 @@ def _masked_var(shim: Shim, n: Any, m2: Any) -> Any:
     xp = shim.xp
     nw, m2w = shim.work(n), shim.work(m2)
     valid = nw >= 2
-    return xp.where(valid, m2w / xp.clip(nw, 2.0, None), 0.0 * m2w)
+    return xp.where(valid, m2w / shim.clip(nw, 2.0, None), 0.0 * m2w)
+
+
+def _segment_totals(shim: Shim, plan: Plan, x: Any) -> np.ndarray:
+    """Per-segment sums of the whole ``x`` (host float64), one library call."""
+    if plan.G == 1:
+        return np.asarray([float(shim.total(x))])
+    starts = np.cumsum(plan.lengths) - plan.lengths
+    return np.asarray(shim.to_host(shim.segsum(x, shim.index(starts))), dtype=np.float64)
 
 
 def _accumulate(shim: Shim, plan: Plan, acc: Any, get: Any) -> None:
@@ -424,16 +528,14 @@ def _accumulate(shim: Shim, plan: Plan, acc: Any, get: Any) -> None:
         _add_seg(shim, acc, get(a, b), plan.offsets[i], g0, g1)
 
 
-def _add_seg(shim: Shim, acc: Any, x: Any, off: Any, g0: int, g1: int) -> None:
-    """``acc[g] += sum of x over segment g``, for the segments g0..g1 of one block."""
-    xp = shim.xp
+def _add_seg(
+    shim: Shim, acc: Any, x: Any, off: Any, g0: int, g1: int, scale: float = 1.0
+) -> None:
+    """``acc[g] += scale * sum of x over segment g``, for the segments g0..g1 of one block."""
     if off is None:
-        if xp is np:
-            acc[g0] += float(np.sum(x, dtype=np.float64))
-        else:
-            acc[g0] += xp.sum(x, dtype=xp.float64)
+        acc[g0] += scale * shim.total(x)
     else:
-        acc[g0 : g1 + 1] += shim.segsum(x, off)
+        acc[g0 : g1 + 1] += scale * shim.segsum(x, off)
 
 
 def _seg_vals(shim: Shim, vals: Any, g0: int, g1: int, cnt: Any) -> Any:
@@ -469,13 +571,13 @@ def _log_part(
 ) -> Any:
     """``l - C_k``: ``-log(beta) [+ 2 log|mu|] [+ count logs]``, ``-inf`` where ``mu = 0``."""
     xp = shim.xp
-    y = -xp.log(xp.clip(beta, tiny, None))
+    y = -xp.log(shim.clip(beta, tiny, None))
     if snr:
         y = y + 2.0 * xp.log(xp.abs(mu))
     if not isinstance(s.n, float):
         n = shim.work(s.n[a:b])
-        y = y + xp.log(xp.clip(prior.alpha0 + 0.5 * n, tiny, None))
-        y = y + xp.log(xp.clip(prior.kappa0 + n, tiny, None))
+        y = y + xp.log(shim.clip(prior.alpha0 + 0.5 * n, tiny, None))
+        y = y + xp.log(shim.clip(prior.kappa0 + n, tiny, None))
     return y
 
 
@@ -485,10 +587,10 @@ def _weighted_sum(
     """``g' = sum_k w_k lambda_k mu_k`` for the weight rule ``kind`` (float64)."""
     S = len(es)
     if kind == "uniform" or S == 1:
-        g = mus[0] * srcs[0].lam
+        acc = mus[0] * srcs[0].lam
         for k in range(1, S):
-            g = g + mus[k] * srcs[k].lam
-        return g * (1.0 / S) if kind == "uniform" else g
+            acc = acc + mus[k] * srcs[k].lam
+        return acc * (1.0 / S) if kind == "uniform" else acc
     if kind == "evidence":
         num = es[0] * (srcs[0].lam * mus[0])
         den = es[0]

@@ -37,9 +37,8 @@ from typing import Any
 
 import array_api_compat
 import cupy as cp
-import numpy as np
-
 import cupyx
+import numpy as np
 
 from bogc_core._types import Calibration, CalibrationConfig, Decline
 
@@ -248,9 +247,9 @@ def run(
         for s, n, b0 in zip(stats, counts, beta0s, strict=False):
             # Scalars as 0-d device arrays: reductions broadcast their inputs.
             scal = [cp.asarray(v) for v in (n, T(b0)) + common + (snr,)]
-            args = (scal[0], s.mean, s.m2) + tuple(scal[1:])
-            total += float(_score_sum(*args))
-            count += float(_score_count(*args))
+            sargs = (scal[0], s.mean, s.m2) + tuple(scal[1:])
+            total += float(_score_sum(*sargs))
+            count += float(_score_count(*sargs))
         ref = total / max(count, 1.0)
 
     E = cp.empty((S,) + shape, dtype=dtype)

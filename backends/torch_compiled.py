@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat
@@ -157,7 +157,7 @@ def _fresh(fn: Any, tag: str) -> Any:
 
 # Keep every intermediate inline (one loop, CSE'd) instead of materialising
 # D-sized temporaries, which would cost fresh-page faults on every call.
-_INDUCTOR_OPTIONS = {"realize_reads_threshold": 1000, "realize_opcount_threshold": 100000}
+_INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"realize_reads_threshold": 1000, "realize_opcount_threshold": 100000}
 
 _CACHE: dict[tuple, dict[str, Any]] = {}
 _BROKEN: dict[tuple, str] = {}

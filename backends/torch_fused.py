@@ -231,6 +231,9 @@ class TorchShim(Shim):
     def store(self, dst: Any, src: Any) -> None:
         dst.copy_(src)
 
+    def cast(self, x: Any, like: Any) -> Any:
+        return x.to(like.dtype)
+
     def to_host(self, x: Any) -> np.ndarray:
         return x.detach().cpu().numpy()
 

@@ -23,7 +23,7 @@ from bogc_core import CalibrationConfig, GradientStats, NormalGammaPrior, calibr
 from bogc_core._namespace import resolve
 from bogc_core._types import Decline
 
-from .conftest import RTOL, _cupy, _cuda_torch, _torch_cpu
+from .conftest import RTOL, _cuda_torch, _cupy, _torch_cpu
 
 
 @dataclass
