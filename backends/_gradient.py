@@ -132,13 +132,9 @@ class NumpyShim(Shim):
         return np.add.reduceat(x, offsets, dtype=np.float64)
 
     def clip(self, x: Any, lo: float | None, hi: float | None) -> Any:
-        # The ufuncs themselves: np.clip's Python wrapper costs more than the
-        # operation on a block.
-        if lo is None:
-            return np.minimum(x, np.inf if hi is None else hi)
-        if hi is None:
-            return np.maximum(x, lo)
-        return _np_clip(x, lo, hi)
+        # The clip ufunc itself: np.clip's Python wrapper, and even
+        # np.maximum with a scalar, cost more than the operation on a block.
+        return _np_clip(x, -np.inf if lo is None else lo, np.inf if hi is None else hi)
 
     def total(self, x: Any) -> Any:
         # Pairwise summation in the block's own dtype is accurate to a few
@@ -312,21 +308,12 @@ def gradient(
                 else:
                     mu = _mu(shim, s, a, b, prior)
                     beta = _beta(shim, s, a, b, prior, _seg_vals(shim, beta0_d[k], g0, g1, cnt), mu)
-                y = _log_part(shim, s, a, b, prior, beta, mu, snr, tiny)
-                if snr:
-                    # -inf where mu == 0: lifted to the floor, then taken back out.
-                    zero = mu == 0
-                    y = shim.clip(y, _LFLOOR, None)
-                    _add_seg(shim, sums[k], y, off, g0, g1)
-                    if off is None:
-                        nz = shim.count_true(zero)
-                        sums[k][g0] -= _LFLOOR * nz
-                        cnts[k][g0] -= nz
-                    else:
-                        nzs = shim.segsum(_as_work(shim, zero), off)
-                        sums[k][g0 : g1 + 1] -= _LFLOOR * nzs
-                        cnts[k][g0 : g1 + 1] -= nzs
+                if snr and isinstance(s.n, float):
+                    _score_sums(shim, s, a, b, prior, beta, mu, tiny, sums[k], cnts[k], off, g0, g1)
+                elif snr:
+                    _score_sums_two_logs(shim, s, a, b, prior, beta, mu, tiny, sums[k], cnts[k], off, g0, g1)
                 else:
+                    y = _log_part(shim, s, a, b, prior, beta, mu, snr, tiny)
                     _add_seg(shim, sums[k], y, off, g0, g1)
         sums_h, cnts_h = shim.to_host(sums), shim.to_host(cnts)
         # cnts holds minus the number of zero means; add the segment lengths.
@@ -513,6 +500,72 @@ def _masked_var(shim: Shim, n: Any, m2: Any) -> Any:
     nw, m2w = shim.work(n), shim.work(m2)
     valid = nw >= 2
     return xp.where(valid, m2w / shim.clip(nw, 2.0, None), 0.0 * m2w)
+
+
+def _score_sums(
+    shim: Shim, s: _Src, a: int, b: int, prior: Any, beta: Any, mu: Any, tiny: float,
+    sums: Any, cnts: Any, off: Any, g0: int, g1: int,
+) -> None:
+    """Add one block's sum of finite ``l - C_k`` (``snr``, one count) to ``sums``;
+    subtract its number of zero means from ``cnts``.
+
+    ``l - C = 2 log r`` with ``r = |mu| / sqrt(beta)``: one log per score, and
+    in a block of one segment whose ratios lie within ``2^-31 .. 2^31`` one log
+    per four scores (the log of a product of four, which cannot leave the
+    range). A zero mean has ``r = 0`` and is replaced by 1, so it adds nothing
+    (its score ``-inf`` takes no part in ``ref``) without a branch. Only ratios
+    that are not normal numbers (extreme magnitudes) take the reference's two
+    separate logs.
+    """
+    xp = shim.xp
+    zero = mu == 0
+    r = xp.abs(mu) / xp.sqrt(shim.clip(beta, tiny, None))
+    r1 = r + _as_dtype(shim, zero, r)
+    lo_r, hi_r = float(xp.min(r1)), float(xp.max(r1))
+    if not (lo_r >= tiny and hi_r < math.inf):
+        _score_sums_two_logs(shim, s, a, b, prior, beta, mu, tiny, sums, cnts, off, g0, g1)
+        return
+    if off is None:
+        n = r1.shape[0]
+        q = n // 4
+        if q and lo_r >= 2.0**-31 and hi_r <= 2.0**31:
+            prod = r1[:q] * r1[q : 2 * q]
+            prod = prod * (r1[2 * q : 3 * q] * r1[3 * q : 4 * q])
+            tot = shim.total(xp.log(prod)) + shim.total(xp.log(r1[4 * q :]))
+        else:
+            tot = shim.total(xp.log(r1))
+        nz = shim.count_true(zero)
+        sums[g0] += 2.0 * tot
+        cnts[g0] -= nz
+    else:
+        sums[g0 : g1 + 1] += 2.0 * shim.segsum(xp.log(r1), off)
+        cnts[g0 : g1 + 1] -= shim.segsum(_as_work(shim, zero), off)
+
+
+def _score_sums_two_logs(
+    shim: Shim, s: _Src, a: int, b: int, prior: Any, beta: Any, mu: Any, tiny: float,
+    sums: Any, cnts: Any, off: Any, g0: int, g1: int,
+) -> None:
+    """As :func:`_score_sums`, with the reference's separate logs (any magnitudes,
+    per-dimension counts): ``-inf`` scores are lifted to a floor and taken back out."""
+    zero = mu == 0
+    y = _log_part(shim, s, a, b, prior, beta, mu, True, tiny)
+    y = shim.clip(y, _LFLOOR, None)
+    _add_seg(shim, sums, y, off, g0, g1)
+    if off is None:
+        nz = shim.count_true(zero)
+        sums[g0] -= _LFLOOR * nz
+        cnts[g0] -= nz
+    else:
+        nzs = shim.segsum(_as_work(shim, zero), off)
+        sums[g0 : g1 + 1] -= _LFLOOR * nzs
+        cnts[g0 : g1 + 1] -= nzs
+
+
+def _as_dtype(shim: Shim, mask: Any, like: Any) -> Any:
+    if shim.xp is np:
+        return mask.astype(like.dtype)
+    return mask.to(like.dtype)
 
 
 def _segment_totals(shim: Shim, plan: Plan, x: Any) -> np.ndarray:

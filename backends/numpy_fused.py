@@ -42,7 +42,7 @@ BLOCK = 1 << 14
 #: Deprecated name of :data:`BLOCK` (a "chunk" is a micro-batch elsewhere).
 CHUNK = BLOCK
 # The gradient engine keeps ~10 float64 temporaries of a block live.
-GRADIENT_BLOCK = 1 << 13
+GRADIENT_BLOCK = 1 << 15
 
 
 class NumpyOps(Ops):
