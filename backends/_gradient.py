@@ -634,21 +634,26 @@ def _log_part(
     return y
 
 
+def _scaled(mu: Any, lam: float) -> Any:
+    """``lam * mu``, without a pass over the block for the default ``lam = 1``."""
+    return mu if lam == 1.0 else lam * mu
+
+
 def _weighted_sum(
     shim: Shim, kind: str, es: list[Any], mus: list[Any], srcs: list[_Src], Bv: Any, W: float
 ) -> Any:
     """``g' = sum_k w_k lambda_k mu_k`` for the weight rule ``kind`` (float64)."""
     S = len(es)
     if kind == "uniform" or S == 1:
-        acc = mus[0] * srcs[0].lam
+        acc = _scaled(mus[0], srcs[0].lam)
         for k in range(1, S):
-            acc = acc + mus[k] * srcs[k].lam
+            acc = acc + _scaled(mus[k], srcs[k].lam)
         return acc * (1.0 / S) if kind == "uniform" else acc
     if kind == "evidence":
-        num = es[0] * (srcs[0].lam * mus[0])
+        num = es[0] * _scaled(mus[0], srcs[0].lam)
         den = es[0]
         for k in range(1, S):
-            num = num + es[k] * (srcs[k].lam * mus[k])
+            num = num + es[k] * _scaled(mus[k], srcs[k].lam)
             den = den + es[k]
         return num / den
     # dempster: w_k = b_k E[1/(1 + M_-k)] / B, Gauss-Legendre exact (docs/method.md, Stage 5)
