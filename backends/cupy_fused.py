@@ -42,7 +42,7 @@ import numpy as np
 
 from bogc_core._types import Calibration, CalibrationConfig, Decline
 
-from ._chunked import decline_reason
+from ._blocked import decline_reason
 from ._gradient import Shim, gauss_legendre01, gradient
 from .numpy_fused import check_gradient_call
 
@@ -56,7 +56,7 @@ __device__ __forceinline__ double bogc_neginf(double) {
     return __longlong_as_double(0xfff0000000000000ULL);
 }
 
-// Posterior mean mu and log score l of one (source, dimension): METHOD.md
+// Posterior mean mu and log score l of one (source, dimension): docs/method.md
 // Stages 1-2 exactly as bogc_core.posterior / bogc_core.evidence compute them.
 template <typename T>
 __device__ __forceinline__ void bogc_score(

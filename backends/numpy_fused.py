@@ -1,4 +1,4 @@
-"""NumPy fast path: the blocked pipelines of :mod:`._chunked` (full result) and
+"""NumPy fast path: the blocked pipelines of :mod:`._blocked` (full result) and
 :mod:`._gradient` (gradient only).
 
 ``calibrate`` writes every intermediate into a preallocated output or a
@@ -21,7 +21,7 @@ import numpy as np
 from bogc_core._types import Calibration, CalibrationConfig, Decline
 from bogc_core.errors import DTypeError, ShapeError
 
-from ._chunked import Ops, decline_reason, hugepage_buffer, run_chunked
+from ._blocked import Ops, decline_reason, hugepage_buffer, run_blocked
 from ._gradient import NumpyShim, gradient
 
 __all__ = [
@@ -165,7 +165,7 @@ def calibrate(
     dtype = np.dtype(space.dtype)
     # 1/Q for Q = 0 and 1/(1 + inf) are intended (they give B = 0 and U = 0).
     with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
-        res = run_chunked(NumpyOps(dtype), NAME, space, names, stats, lambdas, config, BLOCK)
+        res = run_blocked(NumpyOps(dtype), NAME, space, names, stats, lambdas, config, BLOCK)
     if isinstance(res, str):
         raise Decline(res)
     return res

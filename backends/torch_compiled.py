@@ -19,7 +19,7 @@ and passed row by row, so Inductor stores straight into them and no
 Every value option is passed as a tensor, so one compilation (dynamic in
 ``D``) serves all sizes and values; the compiled stages are cached per
 (static options, ``S``, dtype). The fused belief uses the transcendental-free
-form of :mod:`._chunked` (``Q = prod(1 + e/W) - 1``, ``U = 1/(1+Q)``,
+form of :mod:`._blocked` (``Q = prod(1 + e/W) - 1``, ``U = 1/(1+Q)``,
 ``B = Q U``). ``weights="dempster"`` declines (the reference runs), as does
 any failure of ``torch.compile``: the user's call never fails because of it.
 ``backend="auto"`` never picks this path (``torch-fused`` comes first).
@@ -42,7 +42,7 @@ import torch
 
 from bogc_core._types import Calibration, CalibrationConfig, Decline
 
-from ._chunked import decline_reason, hugepage_buffer
+from ._blocked import decline_reason, hugepage_buffer
 from .numpy_fused import check_gradient_call
 
 __all__ = ["NAME", "accepts", "calibrate", "calibrate_gradient", "compiled_stages", "run"]

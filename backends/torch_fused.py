@@ -1,4 +1,4 @@
-"""PyTorch fast path (CPU and CUDA): the blocked pipelines of :mod:`._chunked`
+"""PyTorch fast path (CPU and CUDA): the blocked pipelines of :mod:`._blocked`
 (full result) and :mod:`._gradient` (gradient only).
 
 ``calibrate``: every step is one ``torch.*(..., out=)`` call into a
@@ -28,7 +28,7 @@ import torch
 from bogc_core._types import Calibration, CalibrationConfig, Decline
 from bogc_core.errors import ConfigError
 
-from ._chunked import Ops, hugepage_buffer, run_chunked
+from ._blocked import Ops, hugepage_buffer, run_blocked
 from ._gradient import NumpyShim, Shim, gradient
 from .numpy_fused import GRADIENT_BLOCK, check_gradient_call
 
@@ -130,15 +130,15 @@ class TorchOps(Ops):
     def acc_sum(self, acc, x):
         if self.on_cpu:
             return acc + x.sum().item()
-        # No host synchronisation per chunk on an accelerator.
+        # No host synchronisation per block on an accelerator.
         return acc + x.sum(dtype=torch.float64)
 
     def min_float(self, x):
         return x.min().item()
 
     def sum_float(self, x):
-        # A chunk sum in the dtype (cascade summation) is accurate; the caller
-        # accumulates chunks in Python floats.
+        # A block sum in the dtype (cascade summation) is accurate; the caller
+        # accumulates blocks in Python floats.
         return x.sum().item()
 
     def finite_sum(self, x):
@@ -253,7 +253,7 @@ def calibrate(
     """The full :class:`Calibration` of one group (float32/float64 tensors, any device)."""
     device = torch.device(space.device)
     with torch.no_grad():
-        res = run_chunked(
+        res = run_blocked(
             TorchOps(space.dtype, device), NAME, space, names, stats, lambdas, config, block_for(device)
         )
     if isinstance(res, str):

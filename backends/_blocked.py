@@ -1,20 +1,20 @@
 """The fused calibration pipeline, written once over a tiny set of ``out=`` operations.
 
-The NumPy and PyTorch backends run this same algorithm with their own
+The NumPy and PyTorch fast paths run this same algorithm with their own
 :class:`Ops` (in-place ufuncs / ``torch.*(..., out=)``). It computes exactly
 the quantities of :func:`bogc_core.calibrate.reference_calibrate` for one
 group of ``D`` dimensions and ``S`` sources, but walks the flattened
-statistics in cache-sized chunks so that every intermediate lives in a small
+statistics in cache-sized blocks so that every intermediate lives in a small
 preallocated workspace instead of a fresh ``(S, D)`` temporary.
 
-Passes (each a sequential walk over the group; the data of one chunk stays in
+Passes (each a sequential walk over the group; the data of one block stays in
 cache between the operations applied to it):
 
 A. (empirical-Bayes prior only) ``sum_d M2_kd`` per source (one read of every
    ``M2``): gives ``vbar_k`` and the zero-variance test ``any(M2_k > 0)``.
 B. Log scores: reads ``m``, ``M2`` (and per-dimension counts), writes the
    varying part ``y_kd`` of ``l_kd = C_k + mult * y_kd`` (see
-   :func:`_log_score_chunk`) into the evidence output buffer and sums its
+   :func:`_log_score_block`) into the evidence output buffer and sums its
    finite entries, which gives ``ref``.
 C. Per dimension: ``e = exp(clip(gamma * (l - ref)))`` in place (one affine
    map of ``y``), fused belief and
@@ -50,13 +50,13 @@ from bogc_core._types import Calibration, CalibrationConfig
 
 from ._gradient import gauss_legendre01
 
-__all__ = ["Ops", "run_chunked", "evidence_range_problem", "decline_reason", "hugepage_buffer"]
+__all__ = ["Ops", "run_blocked", "evidence_range_problem", "decline_reason", "hugepage_buffer"]
 
 
 class Ops:
     """Elementwise primitives with an explicit output (which may alias an input).
 
-    ``a``/``b`` operands are arrays of the chunk's length or Python floats.
+    ``a``/``b`` operands are arrays of the block's length or Python floats.
     Subclasses implement them with one library call each.
     """
 
@@ -220,7 +220,7 @@ def decline_reason(
     return evidence_range_problem(config, space.tiny, space.max)
 
 
-def run_chunked(
+def run_blocked(
     ops: Ops,
     path: str,
     space: Any,
@@ -228,7 +228,7 @@ def run_chunked(
     stats: Sequence[Any],
     lambdas: Sequence[float],
     config: CalibrationConfig,
-    chunk: int,
+    block: int,
 ) -> Calibration | str:
     """The fused pipeline on validated inputs; a ``str`` is a reason to decline."""
     problem = decline_reason(space, stats, config)
@@ -242,10 +242,10 @@ def run_chunked(
     gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
     srcs = _prepare(ops, stats, lambdas, shape)
     per_dim = any(not isinstance(s.n, float) for s in srcs)
-    C = max(1, min(chunk, D))
+    C = max(1, min(block, D))
     n_ws = 3 + (2 if per_dim else 0)
     ws = ops.empty((n_ws, C))
-    chunks = [(a, min(D, a + C)) for a in range(0, D, C)]
+    blocks = [(a, min(D, a + C)) for a in range(0, D, C)]
 
     # ---- pass A: empirical-Bayes beta0 and the zero-variance test
     zero_var: list[str] = []
@@ -261,7 +261,7 @@ def run_chunked(
             any_var = total > 0
         else:
             acc_v, acc_n, acc_m2 = ops.zero_acc(), ops.zero_acc(), ops.zero_acc()
-            for a, b in chunks:
+            for a, b in blocks:
                 n = src.n[a:b]
                 mask, var = ws[0, : b - a], ws[1, : b - a]
                 ops.ge(n, 2.0, out=mask)
@@ -291,7 +291,7 @@ def run_chunked(
     # ---- pass B: the varying part y of every log score (into E), and ref
     if zero_var or gamma == 0.0:
         # Deterministic gradients: every dimension gets equal evidence
-        # (METHOD.md); gamma = 0 maps every score to e = exp(0) = 1.
+        # (docs/method.md, Stage 1); gamma = 0 maps every score to e = exp(0) = 1.
         ops.fill(E, 1.0)
         affine = []
     else:
@@ -300,9 +300,9 @@ def run_chunked(
         consts = [_log_score_constant(src, prior, tiny) for src in srcs]
         total, count = 0.0, 0.0
         for k, src in enumerate(srcs):
-            for a, b in chunks:
+            for a, b in blocks:
                 y = E[k, a:b]
-                t, c = _log_score_chunk(ops, src, a, b, ws, y, prior, snr, tiny)
+                t, c = _log_score_block(ops, src, a, b, ws, y, prior, snr, tiny)
                 total += consts[k] * c + mult * t
                 count += c
         # ref = mean of the finite scores (l = -inf, a zero mean under "snr",
@@ -320,7 +320,7 @@ def run_chunked(
     acc_b = ops.zero_acc()
     # Q = prod_k (1 + e_k/W) - 1 stays finite unless (1 + e^L/W)^S exceeds the dtype.
     q_may_overflow = S * math.log1p(math.exp(L) / W) >= math.log(big)
-    for a, b in chunks:
+    for a, b in blocks:
         m = b - a
         t0 = ws[0, :m]
         e = [E[k, a:b] for k in range(S)]
@@ -335,7 +335,7 @@ def run_chunked(
             xs = e
         else:
             # x_k = e_k / W; W != 1 needs buffers for them (in the weights' rows,
-            # which are written only later in this chunk).
+            # which are written only later in this block).
             xs = [ops.div(ek, W, out=Wt[k, a:b]) for k, ek in enumerate(e)]
         if S == 1:
             ops.copy(xs[0], Q)
@@ -370,7 +370,7 @@ def run_chunked(
             for wk in w:
                 ops.fill(wk, 1.0 / S)
         elif config.weights == "dempster":
-            _dempster_chunk(ops, e, w, B, W, dws, m)
+            _dempster_block(ops, e, w, B, W, dws, m)
         g = G[a:b]
         for k, src in enumerate(srcs):
             mu = _mu(ops, src, a, b, ws, prior)
@@ -384,7 +384,7 @@ def run_chunked(
     # ---- pass D: belief scale and the calibrated gradient
     if config.scale == "belief":
         mean_b = ops.to_float(acc_b) / D
-        for a, b in chunks:
+        for a, b in blocks:
             s, g = Bs[a:b], G[a:b]
             ops.div(s, mean_b, out=s)
             if config.s_max is not None:
@@ -409,7 +409,7 @@ def run_chunked(
 
 
 def _mu(ops: Ops, src: _Source, a: int, b: int, ws: Any, prior: Any) -> Any:
-    """Posterior mean ``mu_n`` of a chunk (a view of ``m`` when ``kappa0 == 0``)."""
+    """Posterior mean ``mu_n`` of a block (a view of ``m`` when ``kappa0 == 0``)."""
     m = src.mean[a:b]
     if prior.kappa0 == 0:
         return m
@@ -430,7 +430,7 @@ def _mu(ops: Ops, src: _Source, a: int, b: int, ws: Any, prior: Any) -> Any:
 
 
 def _log_score_constant(src: _Source, prior: Any, tiny: float) -> float:
-    """``C_k`` with ``l = C_k + mult * y`` (see :func:`_log_score_chunk`)."""
+    """``C_k`` with ``l = C_k + mult * y`` (see :func:`_log_score_block`)."""
     c = math.log(2.0)
     if isinstance(src.n, float):
         c += math.log(max(prior.alpha0 + 0.5 * src.n, tiny))
@@ -438,7 +438,7 @@ def _log_score_constant(src: _Source, prior: Any, tiny: float) -> float:
     return c
 
 
-def _log_score_chunk(
+def _log_score_block(
     ops: Ops,
     src: _Source,
     a: int,
@@ -449,9 +449,9 @@ def _log_score_chunk(
     snr: bool,
     tiny: float,
 ) -> tuple[float, float]:
-    """Write the varying part ``y`` of one chunk's log scores; return (sum, count) of the finite ones.
+    """Write the varying part ``y`` of one block's log scores; return (sum, count) of the finite ones.
 
-    METHOD.md Stages 1-2 as in :mod:`bogc_core.evidence`: ``l = log(alpha) +
+    docs/method.md Stages 1-2 as in the core: ``l = log(alpha) +
     log(kappa) - log(beta) [+ 2 log|mu|]`` with ``alpha, kappa, beta`` floored
     at ``tiny`` and ``l = -inf`` where ``mu = 0`` (``snr``). With
     ``b = 2*beta = M2 + 2*beta0 [+ kappa0*n*(m - mu0)^2/kappa]`` the fast form
@@ -459,22 +459,22 @@ def _log_score_chunk(
     ``l = C_k + 2y``) or ``y = log(b)`` (``precision``, ``l = C_k - y``),
     ``C_k = log 2 + log(alpha) + log(kappa)`` (count-dependent logs go into
     ``y`` when the count varies per dimension). Where the quotient is not a
-    normal number (a zero mean, or an extreme ratio) the chunk is redone with
+    normal number (a zero mean, or an extreme ratio) the block is redone with
     separate logs of each factor, exactly as the reference takes them.
     """
     m = b - a
-    if _fast_chunk(ops, src, a, b, ws, y, prior, snr, tiny):
+    if _fast_block(ops, src, a, b, ws, y, prior, snr, tiny):
         total = ops.sum_float(y)
         if math.isfinite(total):
             return total, float(m)
-    _safe_chunk(ops, src, a, b, ws, y, prior, snr, tiny)
+    _safe_block(ops, src, a, b, ws, y, prior, snr, tiny)
     return ops.finite_sum(y)
 
 
 def _beta_times(
     ops: Ops, src: _Source, a: int, b: int, ws: Any, prior: Any, f: float, tiny: float
 ) -> Any:
-    """``f * beta`` of a chunk into ``ws[0]``; ``beta`` of METHOD.md Stage 1."""
+    """``f * beta`` of a block into ``ws[0]``; ``beta`` of docs/method.md Stage 1."""
     m = b - a
     bb = ws[0, :m]
     if f == 1.0:
@@ -500,7 +500,7 @@ def _beta_times(
     return bb
 
 
-def _fast_chunk(ops, src, a, b, ws, y, prior, snr, tiny) -> bool:
+def _fast_block(ops, src, a, b, ws, y, prior, snr, tiny) -> bool:
     mu = _mu(ops, src, a, b, ws, prior)
     bb = _beta_times(ops, src, a, b, ws, prior, 2.0, tiny)
     if snr:
@@ -516,7 +516,7 @@ def _fast_chunk(ops, src, a, b, ws, y, prior, snr, tiny) -> bool:
     return True
 
 
-def _safe_chunk(ops, src, a, b, ws, y, prior, snr, tiny) -> None:
+def _safe_block(ops, src, a, b, ws, y, prior, snr, tiny) -> None:
     """``y`` as the reference computes it: separate logs, ``-inf`` where ``mu = 0``."""
     m = b - a
     mu = _mu(ops, src, a, b, ws, prior)
@@ -551,8 +551,8 @@ def _add_count_logs(ops, src, a, b, ws, y, prior, sgn, f, tiny) -> None:
     ops.axpy(y, t, sgn * f, tmp=t)
 
 
-def _dempster_chunk(ops: Ops, e: list, w: list, B: Any, W: float, dws: Any, m: int) -> None:
-    """Dempster shares of one chunk (``bogc_core.weights``: Gauss-Legendre, exact)."""
+def _dempster_block(ops: Ops, e: list, w: list, B: Any, W: float, dws: Any, m: int) -> None:
+    """Dempster shares of one block (``bogc_core.weights``: Gauss-Legendre, exact)."""
     S = len(e)
     if S == 1:
         ops.fill(w[0], 1.0)
