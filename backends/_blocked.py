@@ -106,6 +106,14 @@ class Ops:
         """Sum and number of the finite entries of ``x``."""
         raise NotImplementedError
 
+    def count_zero(self, x: Any) -> int:
+        """Number of zero entries of ``x``."""
+        raise NotImplementedError
+
+    def count_not_normal(self, x: Any, tiny: float) -> int:
+        """Number of entries of ``x >= 0`` below ``tiny`` or infinite."""
+        raise NotImplementedError
+
     # -- elementwise, into ``out``
     def copy(self, x: Any, out: Any) -> Any: ...
     def fill(self, out: Any, value: float) -> Any: ...
@@ -459,14 +467,17 @@ def _log_score_block(
     ``l = C_k + 2y``) or ``y = log(b)`` (``precision``, ``l = C_k - y``),
     ``C_k = log 2 + log(alpha) + log(kappa)`` (count-dependent logs go into
     ``y`` when the count varies per dimension). Where the quotient is not a
-    normal number (a zero mean, or an extreme ratio) the block is redone with
-    separate logs of each factor, exactly as the reference takes them.
+    normal number (an extreme ratio, but not a zero mean, whose ``log 0 = -inf``
+    is its score) the block is redone with separate logs of each factor,
+    exactly as the reference takes them.
     """
     m = b - a
     if _fast_block(ops, src, a, b, ws, y, prior, snr, tiny):
         total = ops.sum_float(y)
         if math.isfinite(total):
             return total, float(m)
+        # -inf scores of zero means: summed without them, nothing recomputed.
+        return ops.finite_sum(y)
     _safe_block(ops, src, a, b, ws, y, prior, snr, tiny)
     return ops.finite_sum(y)
 
@@ -506,8 +517,12 @@ def _fast_block(ops, src, a, b, ws, y, prior, snr, tiny) -> bool:
     if snr:
         ops.sqrt(bb, out=bb)
         ops.abs(mu, out=y)
+        zeros = ops.count_zero(y)
         ops.div(y, bb, out=y)
-        if not ops.min_float(y) >= tiny:
+        # A zero mean gives 0 and then log 0 = -inf, which is its score; only a
+        # nonzero ratio that is not a normal number (extreme magnitudes) needs
+        # the separate logs of the safe form.
+        if ops.count_not_normal(y, tiny) != zeros:
             return False
         ops.log(y, out=y)
     else:

@@ -87,6 +87,12 @@ class NumpyOps(Ops):
         ok = np.isfinite(x)
         return float(np.sum(x, where=ok)), float(np.count_nonzero(ok))
 
+    def count_zero(self, x):
+        return int(x.size - np.count_nonzero(x))
+
+    def count_not_normal(self, x, tiny):
+        return int(np.count_nonzero(x < tiny) + np.count_nonzero(x == np.inf))
+
     def copy(self, x, out):
         np.copyto(out, x)
         return out

@@ -148,6 +148,12 @@ class TorchOps(Ops):
     def to_float(self, acc):
         return float(acc)
 
+    def count_zero(self, x):
+        return int(x.numel() - torch.count_nonzero(x).item())
+
+    def count_not_normal(self, x, tiny):
+        return int(((x < tiny) | (x == math.inf)).sum().item())
+
     def copy(self, x, out):
         return out.copy_(x)
 

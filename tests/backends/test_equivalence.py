@@ -271,3 +271,20 @@ def test_scope_global_through_fused_path(fused, dtype):
                 rtol=RTOL[dtype],
                 atol=10 * RTOL[dtype] * float(np.max(np.abs(fused.to_numpy(getattr(r, f))))),
             )
+
+
+def test_zero_means_recompute_nothing(fused, dtype, monkeypatch):
+    """The full result's log-score pass keeps the one-log form for zero means."""
+    if fused.lib == "cupy":
+        pytest.skip("the CuPy kernels have no block recomputation to avoid")
+    from bogc_core.backends import _blocked
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("block recomputed for zero means")
+
+    monkeypatch.setattr(_blocked, "_safe_block", refuse)
+    rng = np.random.default_rng(8)
+    raw = random_raw(rng, 3, (300,))
+    for _, m, _ in raw:
+        m[rng.random(300) < 0.4] = 0.0
+    check_equal(fused, dtype, raw, CONFIGS[0])

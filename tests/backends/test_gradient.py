@@ -311,3 +311,16 @@ def test_adversarial_magnitudes(path, dtype, mags, gamma, W, clip, dead, seed):
     rtol = RTOL[dtype] * 10
     err = np.abs(got - want)[ok]
     assert np.all(err <= rtol * (scale[ok] + np.abs(want[ok])) + np.finfo(dtype).tiny)
+
+
+def test_zero_means_take_no_slow_path(path, dtype, monkeypatch):
+    """Dead units (exactly-zero means) are handled in the one-log form: the
+    reference's two-log form is never entered for them."""
+    from bogc_core.backends import _gradient
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("two-log form entered for zero means")
+
+    monkeypatch.setattr(_gradient, "_score_sums_two_logs", refuse)
+    rng = np.random.default_rng(7)
+    check(path, dtype, random_raw(rng, 3, 64, zero_frac=0.4), CalibrationConfig(), segments=[20, 44])
