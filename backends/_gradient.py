@@ -16,15 +16,23 @@ A. (empirical-Bayes prior only) per source and segment, ``sum M2`` (or, with
    dimensions): ``beta0_kg = alpha0 * vbar_kg`` and the zero-variance test.
 B. Per source and segment, the sum and number of the finite log scores
    ``l = C_k + y``: ``ref_g``.
+   With one count per source this is ``2 log(|mu| / sqrt(beta))``, one log
+   per score, and, in a block of one segment whose ratios lie within
+   ``2^-31 .. 2^31``, one log per four scores (the log of their product).
 C. Per dimension: evidence, fused belief ``B = Q/(1+Q)`` with
-   ``Q = prod_k(1 + e_k/W) - 1``, weights, and ``B * sum_k w_k lambda_k mu_k``
-   written to ``out``; per segment, ``sum B``.
-D. In place on ``out``: ``*= S / mean_g(B)`` (with ``s_max``, ``B`` is kept
-   in a scratch vector and ``s = min(B/mean, s_max)`` is applied instead).
+   ``Q = prod_k(1 + e_k/W) - 1``, weights, and ``c B sum_k w_k lambda_k mu_k``
+   written to ``out`` (``c`` centres the range of ``B`` on 1); per segment,
+   ``sum B``.
+D. In place on ``out``: ``*= S / (c mean_g(B))`` (with ``s_max``, ``B`` is
+   kept in a scratch vector and ``s = min(B/mean, s_max)`` is applied instead).
 
-Working precision is float64 inside a block whatever the input dtype, so
-no intermediate over- or underflows where the reference (which takes each
-logarithm separately) stays finite.
+Precision: pass B (with ``kappa0 = 0``) and the float32 power form of pass C
+work in the input dtype, as the reference's own arithmetic, arranged so that
+an over- or underflow lands where the reference's value lies anyway (a ratio
+that is not a normal number takes the reference's separate logs); everything
+else works in float64, so no intermediate over- or underflows where the
+reference (which takes each logarithm separately) stays finite. Sums are
+accumulated in float64.
 
 Evidence without transcendentals. With a scalar count and ``2 gamma`` in
 ``{1/2, 1, 2, 4}``, ``e = exp(gamma (l - ref))`` is ``r^(2 gamma) K`` with
