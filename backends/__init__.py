@@ -44,7 +44,9 @@ def load(module: str) -> Any:
 
 # ---- Legacy: registration with the old bogc_core.dispatch, which imports this
 # package and expects it to fill its registry. Lazy proxies, so that no array
-# library is imported here. Delete this block together with bogc_core.dispatch.
+# library is imported here. A core with the by-type dispatcher
+# (bogc_core._dispatch) imports the modules itself: then nothing registers.
+# Delete this block once no supported core lacks bogc_core._dispatch.
 def _legacy_register() -> None:
     import array_api_compat
 
@@ -77,5 +79,8 @@ def _legacy_register() -> None:
             dispatch.register(names[mod], accepts, runner)
 
 
-if importlib.util.find_spec("bogc_core.dispatch") is not None:
+if (
+    importlib.util.find_spec("bogc_core._dispatch") is None
+    and importlib.util.find_spec("bogc_core.dispatch") is not None
+):
     _legacy_register()

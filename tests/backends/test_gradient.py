@@ -1,6 +1,6 @@
 """Every fast path's ``calibrate_gradient`` equals the reference, segment by segment.
 
-The reference is ``calibrate(..., backend="reference")`` run on each segment
+The reference is ``calibrate`` forced onto the reference, run on each segment
 on its own, concatenated: ``segments`` must make each segment its own group
 (own prior, evidence reference and belief-scale mean). The error bound of the
 signed gradient is relative to the sum of its terms' magnitudes, recomputed
@@ -110,13 +110,20 @@ def _seg_stats(stats, a, b):
     ]
 
 
+def reference_config(config: CalibrationConfig) -> CalibrationConfig:
+    """``config`` forced onto the reference (option ``fast_path``, formerly ``backend``)."""
+    names = {f.name for f in dataclasses.fields(config)}
+    key = "fast_path" if "fast_path" in names else "backend"
+    return dataclasses.replace(config, **{key: "reference"})
+
+
 def reference(path, stats, lambdas, config, segments):
     """Concatenated per-segment reference gradient and its per-dimension error scale."""
     D = stats[0].shape[0]
     lengths = [D] if segments is None else list(segments)
     grads, scales = [], []
     a = 0
-    ref_cfg = dataclasses.replace(config, backend="reference")
+    ref_cfg = reference_config(config)
     for n in lengths:
         seg = _seg_stats(stats, a, a + n)
         cal = calibrate(seg, ref_cfg, lambdas)
@@ -251,7 +258,7 @@ def test_multidimensional_without_segments(path, dtype):
     rng = np.random.default_rng(5)
     raw = [(n, m.reshape(4, 6), v.reshape(4, 6)) for n, m, v in random_raw(rng, 3, 24)]
     stats = make(path, dtype, raw)
-    cal = calibrate(stats, CalibrationConfig(backend="reference"))
+    cal = calibrate(stats, reference_config(CalibrationConfig()))
     got = path.run(stats, None, CalibrationConfig())
     assert tuple(got.shape) == (4, 6)
     np.testing.assert_allclose(path.to_numpy(got), path.to_numpy(cal.gradient), rtol=RTOL[dtype] * 10, atol=1e-5)
