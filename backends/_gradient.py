@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,6 +234,7 @@ def gradient(
     tiny: float,
     float32: bool,
     diagnostics: dict[str, Any] | None = None,
+    threads: int = 1,
 ) -> Any:
     """Write ``calibrate(...).gradient`` of every segment into the flat ``out``; return it.
 
@@ -240,7 +242,10 @@ def gradient(
     ``counts``: per source a Python float (one count everywhere) or a flat
     ``(D,)`` array. ``tiny`` is the input dtype's smallest normal number,
     which the reference uses as the floor of ``alpha``, ``kappa``, ``beta``.
-    Raises :class:`Decline` where the reference raises.
+    Raises :class:`Decline` where the reference raises. ``threads > 1`` runs
+    passes B and C on that many threads, each over a contiguous run of blocks
+    with its own partial sums (NumPy and PyTorch release the GIL inside each
+    array operation).
     """
     xp = shim.xp
     S = len(means)
@@ -304,10 +309,12 @@ def gradient(
     ref = np.zeros(G)
     native_b = prior.kappa0 == 0
     if gamma != 0.0 and not bool(np.all(seg_equal)):
-        sums, cnts = shim.zeros((S, G)), shim.zeros((S, G))
         beta0_d = shim.asarray(beta0)
         beta0_n = shim.cast(beta0_d, means[0]) if native_b else beta0_d
-        for i, (a, b, g0, g1) in enumerate(plan.blocks):
+
+        def pass_b(i: int, acc: tuple[Any, Any]) -> None:
+            sums, cnts = acc
+            a, b, g0, g1 = plan.blocks[i]
             off, cnt = plan.offsets[i], plan.counts[i]
             for k, s in enumerate(srcs):
                 if native_b:
@@ -323,6 +330,12 @@ def gradient(
                 else:
                     y = _log_part(shim, s, a, b, prior, beta, mu, snr, tiny)
                     _add_seg(shim, sums[k], y, off, g0, g1)
+
+        accs = _run_blocks(
+            len(plan.blocks), threads, lambda: (shim.zeros((S, G)), shim.zeros((S, G))), pass_b
+        )
+        sums = sum(acc[0] for acc in accs[1:]) + accs[0][0] if len(accs) > 1 else accs[0][0]
+        cnts = sum(acc[1] for acc in accs[1:]) + accs[0][1] if len(accs) > 1 else accs[0][1]
         sums_h, cnts_h = shim.to_host(sums), shim.to_host(cnts)
         # cnts holds minus the number of zero means; add the segment lengths.
         cnts_h = cnts_h + lengths[None, :]
@@ -363,7 +376,6 @@ def gradient(
     c_b = 1.0 if wide else 1.0 / (math.sqrt(b_lo) * math.sqrt(b_hi))
     keep_b = belief and (config.s_max is not None or wide)
     bscratch = xp.empty_like(out) if keep_b else None
-    bsum = shim.zeros((G,))
     eq_d = shim.asarray(seg_equal.astype(np.float64))
     beta0_d = shim.asarray(beta0)
     K_d = shim.asarray(K) if K is not None else None
@@ -377,7 +389,8 @@ def gradient(
         invk_d = shim.cast(shim.asarray(np.exp(-lk / p)), means[0])
         lo_t, hi_t = lo ** (1.0 / p), hi ** (1.0 / p)
         floor_beta = not bool(np.all(beta0 >= tiny))
-    for i, (a, b, g0, g1) in enumerate(plan.blocks):
+    def pass_c(i: int, bsum: Any) -> None:
+        a, b, g0, g1 = plan.blocks[i]
         off, cnt = plan.offsets[i], plan.counts[i]
         es, mus = [], []
         for k, s in enumerate(srcs):
@@ -456,6 +469,9 @@ def gradient(
         else:
             shim.store(dst, float(S) * gp)
 
+    bsums = _run_blocks(len(plan.blocks), threads, lambda: shim.zeros((G,)), pass_c)
+    bsum = bsums[0] if len(bsums) == 1 else sum(bsums[1:]) + bsums[0]
+
     # ---- pass D: belief scale
     if belief:
         mean_b = shim.to_host(bsum) / lengths
@@ -484,6 +500,31 @@ def gradient(
                     f = shim.expand(inv_d[g0 : g1 + 1], plan.counts[i])
                     shim.store(out[a:b], shim.work(out[a:b]) * f)
     return out
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}
+
+
+def _run_blocks(n: int, threads: int, make_acc: Any, body: Any) -> list[Any]:
+    """``body(i, acc)`` for every block ``i``; returns the accumulators (one per thread)."""
+    if threads <= 1 or n < 2 * threads:
+        acc = make_acc()
+        for i in range(n):
+            body(i, acc)
+        return [acc]
+    pool = _POOL.get(threads)
+    if pool is None:
+        pool = _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="bogc-block")
+    parts = np.array_split(np.arange(n), threads)
+    accs = [make_acc() for _ in parts]
+
+    def run(k: int) -> None:
+        for i in parts[k].tolist():
+            body(i, accs[k])
+
+    for f in [pool.submit(run, k) for k in range(len(parts))]:
+        f.result()
+    return accs
 
 
 def _belief_bound(e: float, W: float, S: int) -> float:

@@ -19,7 +19,7 @@ import array_api_compat
 import numpy as np
 
 from bogc_core._types import Calibration, CalibrationConfig, Decline
-from bogc_core.errors import DTypeError, ShapeError
+from bogc_core.errors import ConfigError, DTypeError, ShapeError
 
 from ._blocked import Ops, decline_reason, hugepage_buffer, run_blocked
 from ._gradient import NumpyShim, gradient
@@ -32,6 +32,7 @@ __all__ = [
     "calibrate_gradient",
     "BLOCK",
     "GRADIENT_BLOCK",
+    "set_threads",
     "run",
     "CHUNK",
 ]
@@ -43,6 +44,14 @@ BLOCK = 1 << 14
 CHUNK = BLOCK
 # The gradient engine keeps ~10 float64 temporaries of a block live.
 GRADIENT_BLOCK = 1 << 15
+_THREADS = [1]
+
+
+def set_threads(n: int) -> None:
+    """Threads for :func:`calibrate_gradient` on NumPy arrays (default 1, NumPy's own habit)."""
+    if not (isinstance(n, int) and n >= 1):
+        raise ConfigError(f"n: must be an int >= 1, got {n!r}")
+    _THREADS[0] = n
 
 
 class NumpyOps(Ops):
@@ -255,6 +264,7 @@ def calibrate_gradient(
             space.tiny,
             dtype == np.float32,
             diagnostics,
+            threads=_THREADS[0],
         )
     if copy_back:
         target[...] = flat.reshape(shape)

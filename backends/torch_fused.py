@@ -314,6 +314,7 @@ def calibrate_gradient(
                     space.tiny,
                     dtype == torch.float32,
                     diagnostics,
+                    threads=torch.get_num_threads(),
                 )
         else:
             block = D if device.type != "cpu" else GRADIENT_BLOCK

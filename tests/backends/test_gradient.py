@@ -331,3 +331,20 @@ def test_zero_means_take_no_slow_path(path, dtype, monkeypatch):
     monkeypatch.setattr(_gradient, "_score_sums_two_logs", refuse)
     rng = np.random.default_rng(7)
     check(path, dtype, random_raw(rng, 3, 64, zero_frac=0.4), CalibrationConfig(), segments=[20, 44])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_split_blocks(dtype, threads, monkeypatch):
+    """Passes B and C on several threads (contiguous runs of blocks, partial
+    sums per thread) give the reference's gradient."""
+    from bogc_core.backends import numpy_fused
+
+    monkeypatch.setattr(numpy_fused, "GRADIENT_BLOCK", 16)
+    numpy_fused.set_threads(threads)
+    try:
+        rng = np.random.default_rng(9)
+        check(Path("numpy_fused", "numpy"), dtype, random_raw(rng, 3, 200), CalibrationConfig(),
+              segments=[50, 3, 97, 50])
+        check(Path("numpy_fused", "numpy"), dtype, random_raw(rng, 2, 150), CONFIGS["s_max"])
+    finally:
+        numpy_fused.set_threads(1)
