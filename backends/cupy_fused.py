@@ -20,9 +20,12 @@ D. One ``ElementwiseKernel`` turns ``B`` into ``s = B/mean(B)`` (clipped at
    ``s_max``) in place and multiplies the gradient by it.
 
 Recomputing ``l`` in C costs arithmetic, which a GPU has to spare, instead of
-an ``(S, D)`` write and read. Not run on hardware in the session that wrote it
-(no GPU was available); ``benchmarks/gpu_check.sh`` runs its tests and
-benchmark on a CUDA machine.
+an ``(S, D)`` write and read.
+
+``calibrate_gradient`` runs the gradient engine of :mod:`._gradient` on CuPy
+arrays, one block per call (whole-array kernels; segment sums by
+``cupyx.scatter_add``). Not yet run on a GPU: ``benchmarks/gpu_check.sh``
+runs its tests and benchmark on a CUDA machine.
 """
 
 from __future__ import annotations
@@ -34,15 +37,16 @@ from typing import Any
 
 import array_api_compat
 import cupy as cp
+import cupyx
 import numpy as np
 
-from bogc_core._types import Calibration, CalibrationConfig
-from bogc_core.dispatch import register
-from bogc_core.weights import gauss_legendre01
+from bogc_core._types import Calibration, CalibrationConfig, Decline
 
-from ._chunked import decline_reason
+from ._blocked import decline_reason
+from ._gradient import Shim, gauss_legendre01, gradient
+from .numpy_fused import check_gradient_call
 
-__all__ = ["NAME", "run", "accepts"]
+__all__ = ["NAME", "accepts", "calibrate", "calibrate_gradient", "CupyShim", "run"]
 
 NAME = "cupy-fused"
 
@@ -52,7 +56,7 @@ __device__ __forceinline__ double bogc_neginf(double) {
     return __longlong_as_double(0xfff0000000000000ULL);
 }
 
-// Posterior mean mu and log score l of one (source, dimension): METHOD.md
+// Posterior mean mu and log score l of one (source, dimension): docs/method.md
 // Stages 1-2 exactly as bogc_core.posterior / bogc_core.evidence compute them.
 template <typename T>
 __device__ __forceinline__ void bogc_score(
@@ -203,7 +207,7 @@ def run(
     lambdas: Sequence[float],
     config: CalibrationConfig,
 ) -> Calibration | str:
-    """Runner for :func:`bogc_core.dispatch.register` (float32/float64 CuPy arrays)."""
+    """Legacy runner: the full result, or the reason to decline (float32/float64 CuPy arrays)."""
     problem = decline_reason(space, stats, config)
     if problem:
         return problem
@@ -243,9 +247,9 @@ def run(
         for s, n, b0 in zip(stats, counts, beta0s, strict=False):
             # Scalars as 0-d device arrays: reductions broadcast their inputs.
             scal = [cp.asarray(v) for v in (n, T(b0)) + common + (snr,)]
-            args = (scal[0], s.mean, s.m2) + tuple(scal[1:])
-            total += float(_score_sum(*args))
-            count += float(_score_count(*args))
+            sargs = (scal[0], s.mean, s.m2) + tuple(scal[1:])
+            total += float(_score_sum(*sargs))
+            count += float(_score_count(*sargs))
         ref = total / max(count, 1.0)
 
     E = cp.empty((S,) + shape, dtype=dtype)
@@ -273,4 +277,94 @@ def run(
     return Calibration(G, Wt, U, Bs, E, names, float(config.prior_weight), flags)
 
 
-register(NAME, accepts, run)
+
+def calibrate(
+    space: Any,
+    names: Sequence[str],
+    stats: Sequence[Any],
+    lambdas: Sequence[float],
+    config: CalibrationConfig,
+) -> Calibration:
+    """The full :class:`Calibration` of one group (float32/float64 CuPy arrays)."""
+    res = run(space, names, stats, lambdas, config)
+    if isinstance(res, str):
+        raise Decline(res)
+    return res
+
+
+class CupyShim(Shim):
+    """The gradient engine's operations on CuPy arrays (one block per call)."""
+
+    xp = cp
+
+    def work(self, x: Any) -> Any:
+        return cp.asarray(x, dtype=cp.float64)
+
+    def segsum(self, x: Any, offsets: Any) -> Any:
+        counts = np.diff(np.append(offsets, x.shape[0]))
+        ids = cp.asarray(np.repeat(np.arange(offsets.size), counts))
+        acc = cp.zeros(offsets.size, dtype=cp.float64)
+        cupyx.scatter_add(acc, ids, cp.asarray(x, dtype=cp.float64))
+        return acc
+
+    def expand(self, vals: Any, counts: Any) -> Any:
+        ids = cp.asarray(np.repeat(np.arange(len(counts)), counts))
+        return vals[ids]
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return cp.zeros(shape, dtype=cp.float64)
+
+    def index(self, x: np.ndarray) -> Any:
+        return x  # host layout: segsum/expand build their device indices from it
+
+    def asarray(self, x: Any) -> Any:
+        return cp.asarray(x, dtype=cp.float64)
+
+    def store(self, dst: Any, src: Any) -> None:
+        dst[...] = src
+
+    def to_host(self, x: Any) -> np.ndarray:
+        return cp.asnumpy(x)
+
+
+def calibrate_gradient(
+    space: Any,
+    names: Sequence[str],
+    stats: Sequence[Any],
+    lambdas: Sequence[float],
+    config: CalibrationConfig,
+    *,
+    out: Any = None,
+    segments: Sequence[int] | None = None,
+    diagnostics: dict[str, Any] | None = None,
+) -> Any:
+    """``calibrate(...).gradient`` alone, per segment (module :mod:`._gradient`)."""
+    shape, D = check_gradient_call(space, stats, config, segments, out)
+    dtype = np.dtype(space.dtype)
+    target = cp.empty(shape, dtype=dtype) if out is None else out
+    contiguous = bool(target.flags.c_contiguous)
+    flat = target.reshape(-1) if contiguous else cp.empty(D, dtype=dtype)
+    counts: list[Any] = []
+    for s in stats:
+        c = s.count
+        counts.append(float(c.reshape(-1)[0]) if c.size == 1 else cp.broadcast_to(c, shape).reshape(-1))
+    gradient(
+        CupyShim(),
+        names,
+        [s.mean.reshape(-1) for s in stats],
+        [s.m2.reshape(-1) for s in stats],
+        counts,
+        lambdas,
+        config,
+        flat,
+        segments,
+        D,
+        space.tiny,
+        dtype == np.float32,
+        diagnostics,
+    )
+    if not contiguous:
+        target[...] = flat.reshape(shape)
+    if diagnostics is not None:
+        diagnostics["path"] = NAME
+    return target

@@ -1,31 +1,57 @@
-"""NumPy fused path: the chunked pipeline of :mod:`._chunked` with in-place ufuncs.
+"""NumPy fast path: the blocked pipelines of :mod:`._blocked` (full result) and
+:mod:`._gradient` (gradient only).
 
-Every operation writes into a preallocated output or a chunk-sized
-workspace (``out=``), so a call allocates only its outputs plus a few
-chunk buffers, and each chunk's intermediates stay in the CPU cache instead
-of the reference's ``(S, D)`` temporaries going through memory. NumPy runs
-one thread and has little per-call overhead, so on one core it is about as
-fast as the PyTorch path (``docs/backends.md``).
+``calibrate`` writes every intermediate into a preallocated output or a
+block-sized workspace (in-place ufuncs, ``out=``), so a call allocates only
+its outputs plus a few block buffers. ``calibrate_gradient`` writes only the
+gradient, with segment reductions by ``np.add.reduceat`` inside each block.
+Both decline (raise :class:`~bogc_core._types.Decline`) float16 and other
+dtypes, empty inputs, and options whose evidence the dtype cannot represent.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
-from bogc_core._types import Calibration, CalibrationConfig
-from bogc_core.dispatch import register
+from bogc_core._types import Calibration, CalibrationConfig, Decline
+from bogc_core.errors import ConfigError, DTypeError, ShapeError
 
-from ._chunked import Ops, hugepage_buffer, run_chunked
+from ._blocked import Ops, decline_reason, hugepage_buffer, run_blocked
+from ._gradient import NumpyShim, gradient
 
-__all__ = ["NAME", "NumpyOps", "run", "accepts", "CHUNK"]
+__all__ = [
+    "NAME",
+    "NumpyOps",
+    "accepts",
+    "calibrate",
+    "calibrate_gradient",
+    "BLOCK",
+    "GRADIENT_BLOCK",
+    "set_threads",
+    "run",
+    "CHUNK",
+]
 
 NAME = "numpy-fused"
 # 16 Ki elements: a few such float64 buffers fit in a 1-2 MiB L2 cache.
-CHUNK = 1 << 14
+BLOCK = 1 << 14
+#: Deprecated name of :data:`BLOCK` (a "chunk" is a micro-batch elsewhere).
+CHUNK = BLOCK
+# The gradient engine keeps ~10 float64 temporaries of a block live.
+GRADIENT_BLOCK = 1 << 15
+_THREADS = [1]
+
+
+def set_threads(n: int) -> None:
+    """Threads for :func:`calibrate_gradient` on NumPy arrays (default 1, NumPy's own habit)."""
+    if not (isinstance(n, int) and n >= 1):
+        raise ConfigError(f"n: must be an int >= 1, got {n!r}")
+    _THREADS[0] = n
 
 
 class NumpyOps(Ops):
@@ -69,6 +95,12 @@ class NumpyOps(Ops):
     def finite_sum(self, x):
         ok = np.isfinite(x)
         return float(np.sum(x, where=ok)), float(np.count_nonzero(ok))
+
+    def count_zero(self, x):
+        return int(x.size - np.count_nonzero(x))
+
+    def count_not_normal(self, x, tiny):
+        return int(np.count_nonzero(x < tiny) + np.count_nonzero(x == np.inf))
 
     def copy(self, x, out):
         np.copyto(out, x)
@@ -133,7 +165,112 @@ class NumpyOps(Ops):
 
 
 def accepts(space: Any) -> bool:
+    """NumPy arrays (any dtype: :func:`calibrate` declines what it cannot take)."""
     return bool(array_api_compat.is_numpy_namespace(space.xp))
+
+
+def calibrate(
+    space: Any,
+    names: Sequence[str],
+    stats: Sequence[Any],
+    lambdas: Sequence[float],
+    config: CalibrationConfig,
+) -> Calibration:
+    """The full :class:`Calibration` of one group, on validated float32/float64 inputs."""
+    dtype = np.dtype(space.dtype)
+    # 1/Q for Q = 0 and 1/(1 + inf) are intended (they give B = 0 and U = 0).
+    with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
+        res = run_blocked(NumpyOps(dtype), NAME, space, names, stats, lambdas, config, BLOCK)
+    if isinstance(res, str):
+        raise Decline(res)
+    return res
+
+
+def flat_counts(stats: Sequence[Any], shape: tuple[int, ...]) -> list[Any]:
+    """Per source a Python float (one count) or the flat per-dimension counts."""
+    out: list[Any] = []
+    for s in stats:
+        c = np.asarray(s.count)
+        out.append(float(c.reshape(-1)[0]) if c.size == 1 else np.broadcast_to(c, shape).reshape(-1))
+    return out
+
+
+def check_gradient_call(
+    space: Any, stats: Sequence[Any], config: CalibrationConfig, segments: Sequence[int] | None, out: Any
+) -> tuple[tuple[int, ...], int]:
+    """Shared checks of every ``calibrate_gradient``: shape, ``segments``, ``out``; (shape, D)."""
+    # The gradient engine works in float64, so evidence beyond the input
+    # dtype's range (clip, prior_weight) is no reason to decline here.
+    problem = decline_reason(space, stats, None)
+    if problem:
+        raise Decline(problem)
+    shape = tuple(int(v) for v in stats[0].shape)
+    D = math.prod(shape)
+    if segments is not None:
+        if len(shape) != 1:
+            raise ShapeError(
+                f"segments: given, so the statistics must be one-dimensional (D,); got shape "
+                f"{shape}; flatten them, or pass segments=None"
+            )
+        lengths = [int(n) for n in segments]
+        if not lengths or any(n < 1 for n in lengths) or sum(lengths) != D:
+            raise ShapeError(
+                f"segments: must be positive lengths summing to D={D}; got {lengths}"
+            )
+    if out is not None:
+        if tuple(out.shape) != shape:
+            raise ShapeError(f"out: shape {tuple(out.shape)} does not match the statistics' {shape}")
+        if out.dtype != stats[0].mean.dtype:
+            raise DTypeError(
+                f"out: dtype {out.dtype} differs from the statistics' {stats[0].mean.dtype}; "
+                f"pass an output of the same dtype"
+            )
+    return shape, D
+
+
+def calibrate_gradient(
+    space: Any,
+    names: Sequence[str],
+    stats: Sequence[Any],
+    lambdas: Sequence[float],
+    config: CalibrationConfig,
+    *,
+    out: Any = None,
+    segments: Sequence[int] | None = None,
+    diagnostics: dict[str, Any] | None = None,
+) -> Any:
+    """``calibrate(...).gradient`` alone, per segment (module :mod:`._gradient`).
+
+    ``out``: a NumPy array of the statistics' shape and dtype that receives
+    the gradient (returned); it is written only after every check passed.
+    """
+    shape, D = check_gradient_call(space, stats, config, segments, out)
+    dtype = np.dtype(space.dtype)
+    target = np.empty(shape, dtype=dtype) if out is None else out
+    copy_back = not target.flags.c_contiguous
+    flat = np.empty(D, dtype=dtype) if copy_back else target.reshape(-1)
+    with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
+        gradient(
+            NumpyShim(),
+            names,
+            [np.reshape(s.mean, (-1,)) for s in stats],
+            [np.reshape(s.m2, (-1,)) for s in stats],
+            flat_counts(stats, shape),
+            lambdas,
+            config,
+            flat,
+            segments,
+            GRADIENT_BLOCK,
+            space.tiny,
+            dtype == np.float32,
+            diagnostics,
+            threads=_THREADS[0],
+        )
+    if copy_back:
+        target[...] = flat.reshape(shape)
+    if diagnostics is not None:
+        diagnostics["path"] = NAME
+    return target
 
 
 def run(
@@ -143,12 +280,9 @@ def run(
     lambdas: Sequence[float],
     config: CalibrationConfig,
 ) -> Calibration | str:
-    """Runner for :func:`bogc_core.dispatch.register` (float32/float64 NumPy arrays)."""
-    dtype = np.dtype(space.dtype)
-    # run_chunked declines (decline_reason) anything but float32/float64.
-    # 1/Q for Q = 0 and 1/(1 + inf) are intended (they give B = 0 and U = 0).
-    with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
-        return run_chunked(NumpyOps(dtype), NAME, space, names, stats, lambdas, config, CHUNK)
+    """Legacy runner: :func:`calibrate` with a decline returned as its reason."""
+    try:
+        return calibrate(space, names, stats, lambdas, config)
+    except Decline as d:
+        return d.reason
 
-
-register(NAME, accepts, run)

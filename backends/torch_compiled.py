@@ -19,28 +19,33 @@ and passed row by row, so Inductor stores straight into them and no
 Every value option is passed as a tensor, so one compilation (dynamic in
 ``D``) serves all sizes and values; the compiled stages are cached per
 (static options, ``S``, dtype). The fused belief uses the transcendental-free
-form of :mod:`._chunked` (``Q = prod(1 + e/W) - 1``, ``U = 1/(1+Q)``,
+form of :mod:`._blocked` (``Q = prod(1 + e/W) - 1``, ``U = 1/(1+Q)``,
 ``B = Q U``). ``weights="dempster"`` declines (the reference runs), as does
 any failure of ``torch.compile``: the user's call never fails because of it.
-``backend="auto"`` never picks this path (``torch-fused`` is registered first).
+``backend="auto"`` never picks this path (``torch-fused`` comes first).
+
+``calibrate_gradient`` runs the same compiled stages and returns the
+gradient (copied into ``out`` when given); it is not a separate
+gradient-only compilation, so it writes the full result's buffers.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat
 import torch
 
-from bogc_core._types import Calibration, CalibrationConfig
-from bogc_core.dispatch import register
+from bogc_core._types import Calibration, CalibrationConfig, Decline
 
-from ._chunked import decline_reason, hugepage_buffer
+from ._blocked import decline_reason, hugepage_buffer
+from .numpy_fused import check_gradient_call
 
-__all__ = ["NAME", "run", "accepts", "compiled_stages"]
+__all__ = ["NAME", "accepts", "calibrate", "calibrate_gradient", "compiled_stages", "run"]
 
 NAME = "torch-compiled"
 
@@ -152,7 +157,7 @@ def _fresh(fn: Any, tag: str) -> Any:
 
 # Keep every intermediate inline (one loop, CSE'd) instead of materialising
 # D-sized temporaries, which would cost fresh-page faults on every call.
-_INDUCTOR_OPTIONS = {"realize_reads_threshold": 1000, "realize_opcount_threshold": 100000}
+_INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"realize_reads_threshold": 1000, "realize_opcount_threshold": 100000}
 
 _CACHE: dict[tuple, dict[str, Any]] = {}
 _BROKEN: dict[tuple, str] = {}
@@ -210,7 +215,7 @@ def run(
     lambdas: Sequence[float],
     config: CalibrationConfig,
 ) -> Calibration | str:
-    """Runner for :func:`bogc_core.dispatch.register`; a ``str`` is a reason to decline."""
+    """Legacy runner: the full result, or a ``str``, the reason to decline."""
     dtype = space.dtype
     if config.weights == "dempster":
         return "weights='dempster' is not compiled (use torch-fused)"
@@ -325,4 +330,58 @@ def _run(space, names, stats, lambdas, config, opts, shape, D, S, dtype) -> Cali
     )
 
 
-register(NAME, accepts, run)
+
+def calibrate(
+    space: Any,
+    names: Sequence[str],
+    stats: Sequence[Any],
+    lambdas: Sequence[float],
+    config: CalibrationConfig,
+) -> Calibration:
+    """The full :class:`Calibration` of one group through the compiled stages."""
+    res = run(space, names, stats, lambdas, config)
+    if isinstance(res, str):
+        raise Decline(res)
+    return res
+
+
+def calibrate_gradient(
+    space: Any,
+    names: Sequence[str],
+    stats: Sequence[Any],
+    lambdas: Sequence[float],
+    config: CalibrationConfig,
+    *,
+    out: Any = None,
+    segments: Sequence[int] | None = None,
+    diagnostics: dict[str, Any] | None = None,
+) -> Any:
+    """``calibrate(...).gradient`` through the compiled stages, one group per segment.
+
+    Segments run one compiled call each (a Python loop over segments): this
+    path is opt-in; the segment-vectorised engine is ``torch-fused``'s.
+    """
+    shape, D = check_gradient_call(space, stats, config, segments, out)
+    bounds = [(0, D)]
+    if segments is not None:
+        ends = list(itertools.accumulate(int(n) for n in segments))
+        bounds = list(zip([0] + ends[:-1], ends))
+    parts, zero_var = [], []
+    for a, b in bounds:
+        seg = stats if segments is None else [_slice_stats(s, a, b) for s in stats]
+        cal = calibrate(space, names, seg, lambdas, config)
+        parts.append(cal.gradient)
+        zero_var.extend(cal.flags["zero_variance_sources"])
+    g = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if diagnostics is not None:
+        diagnostics["path"] = NAME
+        diagnostics["zero_variance_sources"] = [n for n in names if n in set(zero_var)]
+    if out is None:
+        return g
+    out.copy_(g)
+    return out
+
+
+def _slice_stats(s: Any, a: int, b: int) -> Any:
+    count = s.count if s.count.numel() == 1 else s.count[a:b]
+    return type(s)(count, s.mean[a:b], s.m2[a:b])

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# GPU check for the fused backends: installs CuPy, runs the CuPy and torch-CUDA
-# equivalence tests and the GPU kernel benchmark. Meant to finish in < 5 min
-# on a machine with one NVIDIA GPU and CUDA 12 drivers.
+# GPU check for the fast paths: one short run gives every GPU number.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
 #
+# 1. installs CuPy if it is missing (keeps the installed torch);
+# 2. runs the CUDA equivalence tests of tests/backends (torch-CUDA and CuPy,
+#    full result and calibrate_gradient); -rs lists any skip reason;
+# 3. runs the kernel benchmark on the GPU: calibrate_gradient of torch-fused
+#    and cupy-fused against the floor (one torch.sum over the stacked (2S, D)
+#    statistics) and the device copy bandwidth; the fraction of the copy
+#    bandwidth (target >= 80%) is in "fraction_of_copy_bandwidth".
+#
 # Writes benchmarks/results/kernel_gpu.json and benchmarks/results/gpu_check.log.
-set -euo pipefail
+# Meant to finish in about 5 minutes on one NVIDIA GPU with CUDA 12 drivers.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 LOG=benchmarks/results/gpu_check.log
@@ -27,10 +34,10 @@ fi
 echo "== project importable"
 "$PY" -c "import bogc_core" 2>/dev/null || timeout 120 "$PY" -m pip install --quiet --no-deps -e .
 
-echo "== GPU equivalence tests (torch-CUDA and CuPy; -rs lists any skip reason)"
-timeout 150 "$PY" -m pytest tests/backends -q -rs -k "cuda" -p no:cacheprovider
+echo "== GPU equivalence tests (torch-CUDA and CuPy)"
+timeout 150 "$PY" -m pytest tests/backends -q -rs -k "cuda" -p no:cacheprovider || echo "GPU tests failed (see above)"
 
-echo "== GPU kernel benchmark (D = 1e6, 1e7; S = 2, 3, 6; float32)"
-timeout 120 "$PY" benchmarks/kernel.py --device cuda --sizes 1e6,1e7 --sources 2,3,6 \
-  --repeat 10 --no-memory --out benchmarks/results/kernel_gpu.json
+echo "== GPU kernel benchmark (float32; D = 1e4 .. 1e8, S = 2 .. 16)"
+timeout 240 "$PY" benchmarks/kernel.py --device cuda --quick --big \
+  --out benchmarks/results/kernel_gpu.json || echo "GPU benchmark failed (see above)"
 echo "== done"

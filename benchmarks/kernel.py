@@ -1,33 +1,38 @@
-"""Kernel benchmark: reference vs fused calibration vs the memory floor, in one run.
+"""Kernel benchmark: the fast paths against their memory floors, in one run.
 
-For every ``D`` (dimensions) and ``S`` (sources) it times, on float32 by default:
+Every figure is a ratio to a floor timed in the same run: implementations are
+timed in interleaved rounds (one call of each per round) and the medians are
+compared, so a busy machine slows all of them alike.
 
-- ``numpy-reference`` / ``torch-reference``: ``calibrate(..., backend="reference")``;
-- ``numpy-fused`` / ``torch-fused`` (and ``torch-fused-cuda``, ``cupy-fused``
-  on a GPU): ``calibrate`` through the fused path, plus ``*-runner``, the
-  fused runner alone on already validated inputs (``calibrate`` first checks
-  every input for NaN/inf and negative values, which is the core's work);
-- two floors, measured in the same run on the same bytes:
-  ``floor-grad``: ``torch.sum(stacked_stats, dim=0)``, one pass that reads
-  every ``(mean, M2)`` and writes one fresh ``D`` gradient;
-  ``floor-out``: one copy that reads the same statistics and writes fresh
-  memory of the size of everything a ``Calibration`` returns
-  (``(2S + 3) * D``: gradient, weights, evidence, uncertainty, belief scale).
+Implementations (float32 by default, statistics of ``S`` sources over ``D``
+dimensions, one count per source, 10% exactly-zero means):
 
-It prints time, effective GB/s (input + output bytes of the call / time),
-the ratios to both floors and the speedup over the NumPy reference, and
-writes ``benchmarks/results/kernel.json``. Peak extra memory of one fused
-call is measured in a fresh subprocess from the kernel's peak resident set
-(``VmHWM`` in ``/proc/self/status``, reset through ``/proc/self/clear_refs``)
-minus the resident set before the call minus the outputs: ``tracemalloc``
-does not see PyTorch's allocations.
+- ``floor-grad`` (torch) / ``floor-grad-np``: one sum over the stacked
+  ``(2S, D)`` statistics into a preallocated ``D``-vector: reads every
+  statistic once and writes one gradient. The floor of ``calibrate_gradient``.
+- ``floor-full``: a copy of the ``2S`` statistics into a fresh
+  ``(2S + 3, D)`` buffer whose last three rows are zeroed: reads ``2S``
+  arrays and writes ``2S + 3``, what a full ``calibrate`` must at least do.
+- ``numpy-grad`` / ``torch-grad``: the fast path's ``calibrate_gradient``
+  (gradient only, into a preallocated ``out``);
+- ``numpy-full`` / ``torch-full``: the fast path's ``calibrate`` (every output);
+- ``numpy-before`` / ``torch-before``: ``bogc_core.calibrate(stats).gradient``,
+  the way a caller got the gradient before ``calibrate_gradient`` existed
+  (full result, with the value checks);
+- ``torch-native-grad`` (``--native``): the tensor engine that CUDA runs, on the CPU;
+- on ``--device cuda``: ``torch-grad``/``cupy-grad`` and the device copy bandwidth.
+
+Scaling: time against ``D`` (1e4 .. 1e7; 1e8 with ``--big``, about 24 GB
+for the reference-free paths at S = 3) and against ``S`` (2 .. 16 at one D).
 
 Usage::
 
-    python benchmarks/kernel.py               # D in {1e5,1e6,1e7}, S in {2,3,6}
-    python benchmarks/kernel.py --quick       # D in {1e5,1e6}, S = 3
-    python benchmarks/kernel.py --sizes 1e7 --sources 3 --threads 2
-    python benchmarks/kernel.py --device cuda # GPU paths (benchmarks/gpu_check.sh)
+    python benchmarks/kernel.py --quick          # D = 1e7, S = 3 and small sweeps
+    python benchmarks/kernel.py                  # full sweeps
+    python benchmarks/kernel.py --device cuda    # GPU numbers (benchmarks/gpu_check.sh)
+
+Writes ``benchmarks/results/kernel.json`` (or ``--out``) and, with
+``--plot``, ``docs/img/kernel_scaling.png``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import argparse
 import json
 import os
 import platform
-import subprocess
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +51,7 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 
 def _sync(device: str) -> None:
@@ -53,305 +59,207 @@ def _sync(device: str) -> None:
         import torch
 
         torch.cuda.synchronize()
-        try:
-            import cupy
-
-            cupy.cuda.Device().synchronize()
-        except Exception:  # noqa: BLE001 - cupy is optional
-            pass
 
 
-def timeit(fn: Callable[[], Any], repeat: int, device: str, budget_s: float = 20.0) -> float:
-    """Best of ``repeat`` runs after one warm-up (fewer if a run is slow)."""
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    first = time.perf_counter() - t0
-    n = max(1, min(repeat, int(budget_s / max(first, 1e-9))))
-    best = float("inf")
-    for _ in range(n):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-        del out
-    return best
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device: str) -> dict[str, float]:
+    """Median seconds of each function over ``rounds`` interleaved rounds (after a warm-up)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def make_numpy(
-    D: int, S: int, dtype: str, seed: int = 0
-) -> list[tuple[float, np.ndarray, np.ndarray]]:
+def make_stats(D: int, S: int, dtype: str, seed: int = 0) -> list[tuple[float, np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     out = []
     for k in range(S):
         m = rng.standard_normal(D, dtype=np.float32).astype(dtype) * (k + 1)
+        m[rng.random(D, dtype=np.float32) < 0.1] = 0.0  # dead units
         m2 = (rng.random(D, dtype=np.float32).astype(dtype) + 0.1) * 7.0 * (k + 1) ** 2
         out.append((8.0, m, m2))
     return out
 
 
-def bench_case(
-    D: int, S: int, dtype: str, device: str, repeat: int, ref_limit: int, compiled: bool = False
-) -> list[dict]:
+def case(
+    D: int,
+    S: int,
+    dtype: str,
+    device: str,
+    rounds: int,
+    full: bool,
+    before: bool,
+    native: bool,
+) -> dict[str, Any]:
+    """Median times of every implementation for one (D, S), and their ratios."""
     import torch
+    from bogc_core.backends import numpy_fused, torch_fused
 
     from bogc_core import CalibrationConfig, GradientStats, calibrate
-    from bogc_core.calibrate import prepare_sources
-    from bogc_core.dispatch import _REGISTRY, available
+    from bogc_core._namespace import resolve
 
-    available()
-    item = np.dtype(dtype).itemsize
-    raw = make_numpy(D, S, dtype)
-    in_bytes = 2 * S * D * item
-    out_bytes = (2 * S + 3) * D * item
-    rows: list[dict] = []
-    ref_cfg = CalibrationConfig(backend="reference")
-
-    def add(impl: str, t: float, nbytes: int, **extra: Any) -> None:
-        rows.append(
-            {
-                "impl": impl,
-                "D": D,
-                "S": S,
-                "dtype": dtype,
-                "device": device,
-                "time_s": t,
-                "gbps": nbytes / t / 1e9,
-                **extra,
-            }
-        )
-
+    raw = make_stats(D, S, dtype)
+    names = [f"s{k}" for k in range(S)]
+    lam = [1.0] * S
+    cfg = CalibrationConfig()
     tdev = torch.device(device)
+    tdt = getattr(torch, dtype)
     t_stats = [
-        GradientStats(
-            torch.tensor(n, dtype=getattr(torch, dtype), device=tdev),
-            torch.from_numpy(m).to(tdev),
-            torch.from_numpy(m2).to(tdev),
-        )
-        for n, m, m2 in raw
+        GradientStats(torch.tensor(n, dtype=tdt, device=tdev), torch.from_numpy(m).to(tdev),
+                      torch.from_numpy(v).to(tdev))
+        for n, m, v in raw
     ]
+    t_space = resolve(t_stats[0].mean)
     stacked = torch.stack([x for s in t_stats for x in (s.mean, s.m2)])
-
-    def floor_grad():
-        return torch.sum(stacked, dim=0)
-
-    def floor_out():
-        buf = torch.empty((2 * S + 3, D), dtype=stacked.dtype, device=tdev)
-        buf[: 2 * S].copy_(stacked)
-        buf[2 * S :].copy_(stacked[:3])
-        return buf
-
-    add("floor-grad", timeit(floor_grad, repeat, device), in_bytes + D * item)
-    add("floor-out", timeit(floor_out, repeat, device), in_bytes + out_bytes)
-
+    t_out = torch.empty(D, dtype=tdt, device=tdev)
+    fl_out = torch.empty(D, dtype=tdt, device=tdev)
+    fns: dict[str, Callable[[], Any]] = {
+        "floor-grad": lambda: torch.sum(stacked, dim=0, out=fl_out),
+        "torch-grad": lambda: torch_fused.calibrate_gradient(
+            t_space, names, t_stats, lam, cfg, out=t_out
+        ),
+    }
+    if native:
+        fns["torch-native-grad"] = lambda: torch_fused.calibrate_gradient(
+            t_space, names, t_stats, lam, cfg, out=t_out, native=True
+        )
     if device == "cpu":
-        n_stats = [GradientStats(np.asarray(n, dtype=dtype), m, m2) for n, m, m2 in raw]
-        if D * S <= ref_limit:
-            add(
-                "numpy-reference",
-                timeit(lambda: calibrate(n_stats, ref_cfg), repeat, device),
-                in_bytes + out_bytes,
+        n_stats = [GradientStats(np.asarray(n, dtype=dtype), m, v) for n, m, v in raw]
+        n_space = resolve(n_stats[0].mean)
+        n_stacked = np.stack([x for _, m, v in raw for x in (m, v)])
+        n_out = np.empty(D, dtype=dtype)
+        n_fl = np.empty(D, dtype=dtype)
+        fns["floor-grad-np"] = lambda: np.sum(n_stacked, axis=0, out=n_fl)
+        fns["numpy-grad"] = lambda: numpy_fused.calibrate_gradient(
+            n_space, names, n_stats, lam, cfg, out=n_out
+        )
+        if full:
+
+            def floor_full() -> Any:
+                o = torch.empty((2 * S + 3, D), dtype=tdt)
+                o[: 2 * S].copy_(stacked)
+                o[2 * S :].zero_()
+                return o
+
+            fns["floor-full"] = floor_full
+            fns["numpy-full"] = lambda: numpy_fused.calibrate(n_space, names, n_stats, lam, cfg)
+            fns["torch-full"] = lambda: torch_fused.calibrate(t_space, names, t_stats, lam, cfg)
+        if before:
+            fns["numpy-before"] = lambda: calibrate(n_stats, cfg).gradient
+            fns["torch-before"] = lambda: calibrate(t_stats, cfg).gradient
+    else:
+        copy_dst = torch.empty_like(stacked)
+        fns["device-copy"] = lambda: copy_dst.copy_(stacked)
+        try:
+            import cupy
+            from bogc_core.backends import cupy_fused
+
+            c_stats = [GradientStats(cupy.asarray(np.asarray(n, dtype=dtype)), cupy.asarray(m),
+                                     cupy.asarray(v)) for n, m, v in raw]
+            c_space = resolve(c_stats[0].mean)
+            c_out = cupy.empty(D, dtype=dtype)
+            fns["cupy-grad"] = lambda: cupy_fused.calibrate_gradient(
+                c_space, names, c_stats, lam, cfg, out=c_out
             )
-        add("numpy-fused", timeit(lambda: calibrate(n_stats), repeat, device), in_bytes + out_bytes)
-        names, st, lam, space = prepare_sources(n_stats)
-        runner = _REGISTRY["numpy-fused"][1]
-        add(
-            "numpy-fused-runner",
-            timeit(lambda: runner(space, names, st, lam, CalibrationConfig()), repeat, device),
-            in_bytes + out_bytes,
-        )
-        del n_stats, st
-    if D * S <= ref_limit:
-        add(
-            "torch-reference",
-            timeit(lambda: calibrate(t_stats, ref_cfg), repeat, device),
-            in_bytes + out_bytes,
-        )
-    tname = "torch-fused" if device == "cpu" else "torch-fused-cuda"
-    add(tname, timeit(lambda: calibrate(t_stats), repeat, device), in_bytes + out_bytes)
-    names, st, lam, space = prepare_sources(t_stats)
-    runner = _REGISTRY["torch-fused"][1]
-    add(
-        tname + "-runner",
-        timeit(lambda: runner(space, names, st, lam, CalibrationConfig()), repeat, device),
-        in_bytes + out_bytes,
-    )
-    if compiled and device == "cpu" and "torch-compiled" in _REGISTRY:
-        # Opt-in torch.compile path: the first call compiles (or re-uses the
-        # compilation of an earlier size); it is timed apart as compile_s.
-        ccfg = CalibrationConfig(backend="torch-compiled")
-        t0 = time.perf_counter()
-        first = calibrate(t_stats, ccfg)
-        first_s = time.perf_counter() - t0
-        if first.flags.get("path") != "torch-compiled":
-            print(f"torch-compiled fell back: {first.flags.get('fallback')}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - CuPy is optional on a GPU machine
+            print(f"cupy-grad skipped: {type(exc).__name__}: {exc}", flush=True)
+    t = interleaved(fns, rounds, device)
+    item = np.dtype(dtype).itemsize
+    row: dict[str, Any] = {"D": D, "S": S, "dtype": dtype, "device": device, "time_s": t}
+    ratios = {}
+    for k, v in t.items():
+        if k.startswith("floor") or k == "device-copy":
+            continue
+        if k.startswith("numpy"):
+            base = "floor-grad-np"
+        elif k.endswith("-full"):
+            base = "floor-full"
         else:
-            del first
-            t = timeit(lambda: calibrate(t_stats, ccfg), repeat, device)
-            add("torch-compiled", t, in_bytes + out_bytes, compile_s=max(first_s - t, 0.0))
-            crunner = _REGISTRY["torch-compiled"][1]
-            add(
-                "torch-compiled-runner",
-                timeit(lambda: crunner(space, names, st, lam, ccfg), repeat, device),
-                in_bytes + out_bytes,
-            )
-    if device == "cuda" and "cupy-fused" in _REGISTRY:
-        import cupy
-
-        c_stats = [
-            GradientStats(
-                cupy.asarray(np.asarray(n, dtype=dtype)), cupy.asarray(m), cupy.asarray(m2)
-            )
-            for n, m, m2 in raw
-        ]
-        add("cupy-fused", timeit(lambda: calibrate(c_stats), repeat, device), in_bytes + out_bytes)
-        names, st, lam, space = prepare_sources(c_stats)
-        runner = _REGISTRY["cupy-fused"][1]
-        add(
-            "cupy-fused-runner",
-            timeit(lambda: runner(space, names, st, lam, CalibrationConfig()), repeat, device),
-            in_bytes + out_bytes,
-        )
-        cflat = cupy.concatenate([x for s in c_stats for x in (s.mean, s.m2)])
-        add("cupy-copy", timeit(lambda: cflat.copy(), repeat, device), 2 * cflat.nbytes)
-
-    floors = {r["impl"]: r["time_s"] for r in rows if r["impl"].startswith("floor")}
-    ref = next((r["time_s"] for r in rows if r["impl"] == "numpy-reference"), None)
-    copy = next((r["gbps"] for r in rows if r["impl"] == "cupy-copy"), None)
-    for r in rows:
-        # GPU target: the fused kernel's effective bandwidth over the device's copy bandwidth.
-        r["fraction_of_copy_bandwidth"] = (r["gbps"] / copy) if copy else None
-        r["ratio_floor_grad"] = r["time_s"] / floors["floor-grad"]
-        r["ratio_floor_out"] = r["time_s"] / floors["floor-out"]
-        r["speedup_vs_numpy_reference"] = (ref / r["time_s"]) if ref else None
-    return rows
+            base = "floor-grad"
+        ratios[k] = v / t[base]
+    row["ratio_to_floor"] = ratios
+    if "numpy-before" in t:
+        row["speedup_grad_vs_before"] = {
+            "numpy": t["numpy-before"] / t["numpy-grad"],
+            "torch": t["torch-before"] / t["torch-grad"],
+        }
+    if device != "cpu":
+        copy_bw = 2 * stacked.numel() * item / t["device-copy"]
+        row["copy_gbps"] = copy_bw / 1e9
+        grad_bytes = (2 * S + 1) * D * item
+        row["fraction_of_copy_bandwidth"] = {
+            k: grad_bytes / t[k] / copy_bw for k in t if k.endswith("-grad")
+        }
+    return row
 
 
-_MEM_SNIPPET = r"""
-import sys, json, numpy as np, torch
-sys.path.insert(0, {here!r})  # for make_numpy; bogc_core comes from the installed package
-torch.set_num_threads({threads})
-from bogc_core import GradientStats, CalibrationConfig
-from bogc_core.calibrate import prepare_sources
-from bogc_core.dispatch import _REGISTRY, available
-from kernel import make_numpy
-available()
-D, S, impl = {D}, {S}, {impl!r}
-raw = make_numpy(D, S, {dtype!r})
-if impl.startswith("torch"):
-    stats = [GradientStats(torch.tensor(n, dtype=torch.{dtype}), torch.from_numpy(m), torch.from_numpy(m2)) for n, m, m2 in raw]
-else:
-    stats = [GradientStats(np.asarray(n, dtype={dtype!r}), m, m2) for n, m, m2 in raw]
-names, st, lam, space = prepare_sources(stats)
-cfg = CalibrationConfig(backend="reference") if impl.endswith("reference") else CalibrationConfig()
-if impl.endswith("reference"):
-    from bogc_core.calibrate import reference_calibrate
-    call = lambda: reference_calibrate(names, st, lam, space, cfg)
-else:
-    runner = _REGISTRY[impl][1]
-    call = lambda: runner(space, names, st, lam, cfg)
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-open("/proc/self/clear_refs", "w").write("5")
-rss0 = status("VmRSS:")
-out = call()
-peak = status("VmHWM:")
-item = np.dtype({dtype!r}).itemsize
-outputs = (2 * S + 3) * D * item
-print(json.dumps({{"impl": impl, "D": D, "S": S, "rss_before": rss0, "peak": peak,
-                  "extra_bytes": peak - rss0 - outputs, "output_bytes": outputs,
-                  "extra_elements": (peak - rss0 - outputs) / item,
-                  "budget_elements": (S + 2) * D}}))
-"""
+def plot(rows_d: list[dict], rows_s: list[dict], path: Path) -> None:
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-def measure_memory(D: int, S: int, dtype: str, impl: str, threads: int) -> dict | None:
-    if not Path("/proc/self/clear_refs").exists():
-        return None
-    code = _MEM_SNIPPET.format(here=str(HERE), D=D, S=S, impl=impl, dtype=dtype, threads=threads)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    if res.returncode != 0:
-        print(res.stderr[-2000:], file=sys.stderr)
-        return None
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    Ds = [r["D"] for r in rows_d]
+    for k in ("floor-grad", "numpy-grad", "torch-grad"):
+        ax1.loglog(Ds, [r["time_s"][k] * 1e3 for r in rows_d], marker="o", label=k)
+    ax1.set_xlabel("D (dimensions), S = 3")
+    ax1.set_ylabel("median time (ms)")
+    ax1.set_title("calibrate_gradient vs D")
+    ax1.legend()
+    Ss = [r["S"] for r in rows_s]
+    for k in ("numpy-grad", "torch-grad"):
+        ax2.plot(Ss, [r["ratio_to_floor"][k] for r in rows_s], marker="o", label=k)
+    ax2.set_xlabel(f"S (sources), D = {rows_s[0]['D']:.0e}")
+    ax2.set_ylabel("time / floor (same run)")
+    ax2.set_title("ratio to the memory floor vs S")
+    ax2.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="D in {1e5, 1e6}, S = 3")
-    p.add_argument("--sizes", default=None, help="comma list of D, e.g. 1e5,1e6")
-    p.add_argument("--sources", default=None, help="comma list of S, e.g. 2,3,6")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer rounds and shorter sweeps")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument(
-        "--ref-limit",
-        type=float,
-        default=3e7,
-        help="skip the references above this D*S (they need ~20 (S, D) temporaries)",
-    )
-    p.add_argument("--no-memory", action="store_true")
-    p.add_argument(
-        "--compiled",
-        action="store_true",
-        help="also time the opt-in torch-compiled backend (CPU; compile time reported apart)",
-    )
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (median)")
+    p.add_argument("--big", action="store_true", help="add D = 1e8 to the D sweep")
+    p.add_argument("--native", action="store_true", help="also time the tensor engine on the CPU")
+    p.add_argument("--no-sweep", action="store_true", help="only the D = 1e7, S = 3 case")
+    p.add_argument("--plot", action="store_true", help="write docs/img/kernel_scaling.png")
     p.add_argument("--out", default=str(HERE / "results" / "kernel.json"))
     a = p.parse_args(argv)
 
     import torch
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    sizes = (
-        [int(float(x)) for x in a.sizes.split(",")]
-        if a.sizes
-        else ([10**5, 10**6] if a.quick else [10**5, 10**6, 10**7])
-    )
-    sources = (
-        [int(x) for x in a.sources.split(",")] if a.sources else ([3] if a.quick else [2, 3, 6])
-    )
-
-    rows: list[dict] = []
-    hdr = f"{'impl':24s} {'D':>9s} {'S':>2s} {'time ms':>10s} {'GB/s':>7s} {'/floor-out':>10s} {'/floor-grad':>11s} {'vs np-ref':>9s}"
-    print(hdr)
-    for D in sizes:
-        for S in sources:
-            for r in bench_case(D, S, a.dtype, a.device, a.repeat, int(a.ref_limit), a.compiled):
-                rows.append(r)
-                sp = r["speedup_vs_numpy_reference"]
-                print(
-                    f"{r['impl']:24s} {D:9d} {S:2d} {r['time_s'] * 1e3:10.2f} {r['gbps']:7.2f} "
-                    f"{r['ratio_floor_out']:10.2f} {r['ratio_floor_grad']:11.2f} "
-                    f"{(f'{sp:.1f}x' if sp else '-'):>9s}"
-                    + (
-                        f"  {r['fraction_of_copy_bandwidth']:.0%} of copy BW"
-                        if r["fraction_of_copy_bandwidth"]
-                        else ""
-                    ),
-                    flush=True,
-                )
-                if "compile_s" in r:
-                    print(f"{'':24s} (first call: {r['compile_s']:.1f} s of compilation)")
-    memory = []
-    if not a.no_memory and a.device == "cpu":
-        D, S = max(sizes), (3 if 3 in sources else sources[0])
-        for impl in ("torch-fused", "numpy-fused", "torch-reference"):
-            m = measure_memory(D, S, a.dtype, impl, torch.get_num_threads())
-            if m:
-                memory.append(m)
-                print(
-                    f"peak extra memory {impl:16s} D={D} S={S}: {m['extra_bytes'] / 2**20:8.1f} MiB = "
-                    f"{m['extra_elements'] / D:6.2f} x D elements (budget (S+2) = {S + 2} x D; "
-                    f"RSS counters are exact to ~2 MiB)"
-                )
+    torch.set_num_threads(a.threads)
+    rounds = a.rounds or (3 if a.quick else 7)
+    main_row = case(10**7, 3, a.dtype, a.device, rounds, True and a.device == "cpu",
+                    a.device == "cpu", a.native)
+    print(json.dumps(main_row, indent=1), flush=True)
+    rows_d: list[dict] = []
+    rows_s: list[dict] = []
+    if not a.no_sweep:
+        sizes = [10**4, 10**5, 10**6, 10**7] + ([10**8] if a.big else [])
+        for D in sizes:
+            r = case(D, 3, a.dtype, a.device, rounds, False, False, False)
+            rows_d.append(r)
+            print(f"D={D:.0e} S=3 " + " ".join(f"{k}={v:.2f}x" for k, v in r["ratio_to_floor"].items()), flush=True)
+        for S in ([2, 3, 6, 16] if a.quick else [2, 3, 4, 6, 8, 12, 16]):
+            r = case(10**6, S, a.dtype, a.device, rounds, False, False, False)
+            rows_s.append(r)
+            print(f"D=1e6 S={S} " + " ".join(f"{k}={v:.2f}x" for k, v in r["ratio_to_floor"].items()), flush=True)
+        if a.plot and a.device == "cpu":
+            plot(rows_d, rows_s, ROOT / "docs" / "img" / "kernel_scaling.png")
     info = {
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
@@ -359,12 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         "numpy": np.__version__,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "rounds": rounds,
         "loadavg_at_end": os.getloadavg(),
-        "argv": sys.argv[1:],
+        "argv": sys.argv[1:] if argv is None else argv,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"info": info, "rows": rows, "memory": memory}, indent=1))
+    Path(a.out).write_text(
+        json.dumps({"info": info, "d1e7_s3": main_row, "vs_D": rows_d, "vs_S": rows_s}, indent=1)
+    )
     print(f"wrote {a.out}")
     return 0
 

@@ -228,17 +228,17 @@ def test_property_matches_reference(
     check_equal(fused, dtype, raw, config, lambdas=list(rng.uniform(-2, 2, size=S)))
 
 
-def test_chunk_boundaries(fused, dtype):
-    """More dimensions than one chunk (and not a multiple of it)."""
+def test_block_boundaries(fused, dtype):
+    """More dimensions than one block (and not a multiple of it)."""
     rng = np.random.default_rng(3)
     if fused.lib == "numpy":
         from bogc_core.backends import numpy_fused as mod
 
-        n = mod.CHUNK * 2 + 17
+        n = mod.BLOCK * 2 + 17
     elif fused.lib == "torch":
         from bogc_core.backends import torch_fused as mod
 
-        mod.set_chunk(fused.device, 1000)
+        mod.set_block(fused.device, 1000)
         n = 2 * 1000 + 17
     else:
         n = 5000
@@ -250,7 +250,7 @@ def test_chunk_boundaries(fused, dtype):
             check_equal(fused, dtype, raw, config)
     finally:
         if fused.lib == "torch":
-            mod.set_chunk(fused.device, mod.DEFAULT_CHUNK[fused.device])
+            mod.set_block(fused.device, mod.DEFAULT_BLOCK[fused.device])
 
 
 def test_scope_global_through_fused_path(fused, dtype):
@@ -271,3 +271,20 @@ def test_scope_global_through_fused_path(fused, dtype):
                 rtol=RTOL[dtype],
                 atol=10 * RTOL[dtype] * float(np.max(np.abs(fused.to_numpy(getattr(r, f))))),
             )
+
+
+def test_zero_means_recompute_nothing(fused, dtype, monkeypatch):
+    """The full result's log-score pass keeps the one-log form for zero means."""
+    if fused.lib == "cupy":
+        pytest.skip("the CuPy kernels have no block recomputation to avoid")
+    from bogc_core.backends import _blocked
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("block recomputed for zero means")
+
+    monkeypatch.setattr(_blocked, "_safe_block", refuse)
+    rng = np.random.default_rng(8)
+    raw = random_raw(rng, 3, (300,))
+    for _, m, _ in raw:
+        m[rng.random(300) < 0.4] = 0.0
+    check_equal(fused, dtype, raw, CONFIGS[0])

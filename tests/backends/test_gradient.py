@@ -1,0 +1,350 @@
+"""Every fast path's ``calibrate_gradient`` equals the reference, segment by segment.
+
+The reference is ``calibrate`` forced onto the reference, run on each segment
+on its own, concatenated: ``segments`` must make each segment its own group
+(own prior, evidence reference and belief-scale mean). The error bound of the
+signed gradient is relative to the sum of its terms' magnitudes, recomputed
+from the reference's weights and belief scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bogc_core import CalibrationConfig, GradientStats, NormalGammaPrior, calibrate
+from bogc_core._namespace import resolve
+from bogc_core._types import Decline
+
+from .conftest import RTOL, _cuda_torch, _cupy, _torch_cpu
+
+
+@dataclass
+class Path:
+    """One fast path's ``calibrate_gradient``, and how to move NumPy data onto it."""
+
+    module: str
+    lib: str
+    device: str = "cpu"
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def mod(self) -> Any:
+        return importlib.import_module(f"bogc_core.backends.{self.module}")
+
+    def asarray(self, x: Any, dtype: str) -> Any:
+        x = np.array(x, dtype=dtype)
+        if self.lib == "torch":
+            import torch
+
+            return torch.from_numpy(x).to(self.device)
+        if self.lib == "cupy":
+            import cupy
+
+            return cupy.asarray(x)
+        return x
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        if self.lib == "torch":
+            return x.detach().cpu().numpy().astype(np.float64)
+        if self.lib == "cupy":
+            return x.get().astype(np.float64)
+        return np.asarray(x, dtype=np.float64)
+
+    def run(self, stats, lambdas, config, **kw):
+        space = resolve(*[s.mean for s in stats])
+        names = [f"s{k}" for k in range(len(stats))]
+        lambdas = [1.0] * len(stats) if lambdas is None else [float(v) for v in lambdas]
+        return self.mod().calibrate_gradient(space, names, stats, lambdas, config, **kw, **self.kwargs)
+
+
+def _paths() -> list[Any]:
+    out = []
+    for path, why in [
+        (Path("numpy_fused", "numpy"), None),
+        (Path("torch_fused", "torch"), _torch_cpu()),
+        # The tensor engine (CUDA's code path), run on the CPU.
+        (Path("torch_fused", "torch", kwargs={"native": True}), _torch_cpu()),
+        (Path("torch_fused", "torch", "cuda"), _cuda_torch()),
+        (Path("cupy_fused", "cupy", "cuda"), _cupy()),
+    ]:
+        marks = [pytest.mark.skip(reason=why)] if why else []
+        ident = f"{path.module}-{path.device}" + ("-native" if path.kwargs else "")
+        out.append(pytest.param(path, marks=marks, id=ident))
+    return out
+
+
+@pytest.fixture(params=_paths())
+def path(request: Any) -> Path:
+    return request.param
+
+
+def make(path: Path, dtype: str, raw: list[tuple]) -> list[GradientStats]:
+    return [
+        GradientStats(path.asarray(n, dtype), path.asarray(m, dtype), path.asarray(v, dtype))
+        for n, m, v in raw
+    ]
+
+
+def random_raw(rng, S, D, per_dim=False, zero_frac=0.2, scale=1.0):
+    raw = []
+    for k in range(S):
+        m = rng.normal(size=D) * scale * (k + 1) * rng.uniform(0.1, 3.0, size=D)
+        m[rng.random(D) < zero_frac] = 0.0  # dead units: exactly-zero means
+        n = rng.integers(2, 9, size=D).astype(float) if per_dim else 8.0
+        m2 = rng.gamma(1.5, size=D) * scale**2 * (k + 1) ** 2 * 7
+        raw.append((n, m, m2))
+    return raw
+
+
+def _seg_stats(stats, a, b):
+    return [
+        GradientStats(s.count if len(s.count.shape) == 0 else s.count[a:b], s.mean[a:b], s.m2[a:b])
+        for s in stats
+    ]
+
+
+def reference_config(config: CalibrationConfig) -> CalibrationConfig:
+    """``config`` forced onto the reference (option ``fast_path``, formerly ``backend``)."""
+    names = {f.name for f in dataclasses.fields(config)}
+    key = "fast_path" if "fast_path" in names else "backend"
+    return dataclasses.replace(config, **{key: "reference"})
+
+
+def reference(path, stats, lambdas, config, segments):
+    """Concatenated per-segment reference gradient and its per-dimension error scale."""
+    D = stats[0].shape[0]
+    lengths = [D] if segments is None else list(segments)
+    grads, scales = [], []
+    a = 0
+    ref_cfg = reference_config(config)
+    for n in lengths:
+        seg = _seg_stats(stats, a, a + n)
+        cal = calibrate(seg, ref_cfg, lambdas)
+        grads.append(path.to_numpy(cal.gradient))
+        w = path.to_numpy(cal.weights)
+        s = path.to_numpy(cal.belief_scale)
+        k0, mu0 = config.prior.kappa0, config.prior.mu0
+        mus = []
+        for st_ in seg:
+            m = path.to_numpy(st_.mean)
+            cnt = path.to_numpy(st_.count)
+            mus.append((k0 * mu0 + cnt * m) / (k0 + cnt) if k0 else m)
+        lam = np.ones(len(seg)) if lambdas is None else np.asarray(lambdas, dtype=float)
+        terms = np.abs(w * lam[:, None] * np.stack(mus))
+        scales.append(len(seg) * np.abs(s) * terms.sum(axis=0))
+        a += n
+    return np.concatenate(grads), np.concatenate(scales)
+
+
+def check(path, dtype, raw, config, segments=None, lambdas=None):
+    stats = make(path, dtype, raw)
+    want, scale = reference(path, stats, lambdas, config, segments)
+    before = [path.to_numpy(s.mean).copy() for s in stats]
+    diag: dict[str, Any] = {}
+    got = path.to_numpy(path.run(stats, lambdas, config, segments=segments, diagnostics=diag))
+    assert diag["path"] == path.mod().NAME
+    for b, s in zip(before, stats):
+        np.testing.assert_array_equal(path.to_numpy(s.mean), b)  # inputs untouched
+    assert got.shape == want.shape
+    assert np.all(np.isfinite(got))
+    rtol = RTOL[dtype]
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale.max() * 1e-3 + 1e-30)
+    err = np.abs(got - want)
+    assert np.all(err <= rtol * (scale + np.abs(want)) + np.finfo(dtype).tiny)
+
+
+CONFIGS = {
+    "default": CalibrationConfig(),
+    "gamma1": CalibrationConfig(gamma=1.0),
+    "gamma025": CalibrationConfig(gamma=0.25),
+    "gamma2": CalibrationConfig(gamma=2.0),
+    "gamma_general": CalibrationConfig(gamma=0.37),
+    "gamma0": CalibrationConfig(gamma=0.0),
+    "precision": CalibrationConfig(evidence_from="precision"),
+    "precision_g1": CalibrationConfig(evidence_from="precision", gamma=1.0),
+    "dempster": CalibrationConfig(weights="dempster"),
+    "uniform": CalibrationConfig(weights="uniform"),
+    "scale_none": CalibrationConfig(scale="none"),
+    "s_max": CalibrationConfig(s_max=1.1),
+    "kappa0": CalibrationConfig(prior=NormalGammaPrior(kappa0=2.0, mu0=0.3, alpha0=2.0)),
+    "beta0": CalibrationConfig(prior=NormalGammaPrior(beta0=0.7)),
+    "W_clip": CalibrationConfig(prior_weight=3.0, clip=2.0),
+    "dempster_W": CalibrationConfig(weights="dempster", prior_weight=0.5, s_max=2.0),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("S", [1, 3])
+@pytest.mark.parametrize("per_dim", [False, True])
+def test_every_option_with_segments(path, dtype, name, S, per_dim):
+    rng = np.random.default_rng(hash((name, S, per_dim)) % 2**32)
+    segments = [7, 1, 30, 2, 20]
+    raw = random_raw(rng, S, sum(segments), per_dim=per_dim)
+    check(path, dtype, raw, CONFIGS[name], segments=segments, lambdas=[1.5, -0.5, 2.0][:S])
+
+
+@pytest.mark.parametrize("name", ["default", "gamma_general", "dempster", "s_max"])
+def test_one_group_and_blocks_across_segments(path, dtype, name, monkeypatch):
+    """Blocks smaller than segments, and segments that straddle block boundaries."""
+    monkeypatch.setattr(path.mod(), "GRADIENT_BLOCK", 16, raising=False)
+    import bogc_core.backends.numpy_fused as nf
+
+    monkeypatch.setattr(nf, "GRADIENT_BLOCK", 16)
+    rng = np.random.default_rng(1)
+    raw = random_raw(rng, 3, 101)
+    check(path, dtype, raw, CONFIGS[name])
+    check(path, dtype, raw, CONFIGS[name], segments=[5, 40, 3, 1, 52])
+
+
+def test_zero_variance_and_all_zero_segments(path, dtype):
+    """A source with M2 = 0 in one segment gives that segment equal evidence; a
+    segment whose means are all zero gets the clip-floor evidence everywhere."""
+    rng = np.random.default_rng(2)
+    raw = random_raw(rng, 3, 30, zero_frac=0.0)
+    n, m, m2 = raw[1]
+    m2 = m2.copy()
+    m2[10:20] = 0.0
+    raw[1] = (n, m, m2)
+    for k in range(3):
+        mk = raw[k][1].copy()
+        mk[20:30] = 0.0
+        raw[k] = (raw[k][0], mk, raw[k][2])
+    check(path, dtype, raw, CalibrationConfig(), segments=[10, 10, 10])
+    stats = make(path, dtype, raw)
+    diag: dict[str, Any] = {}
+    path.run(stats, None, CalibrationConfig(), segments=[10, 10, 10], diagnostics=diag)
+    assert diag["zero_variance_sources"] == ["s1"]
+
+
+def test_out_is_written_and_returned(path, dtype):
+    rng = np.random.default_rng(3)
+    raw = random_raw(rng, 2, 12)
+    stats = make(path, dtype, raw)
+    want = path.to_numpy(path.run(stats, None, CalibrationConfig(), segments=[5, 7]))
+    out = path.asarray(np.full(12, 7.0), dtype)
+    got = path.run(stats, None, CalibrationConfig(), out=out, segments=[5, 7])
+    assert got is out
+    np.testing.assert_array_equal(path.to_numpy(out), want)
+    # A strided (non-contiguous) out.
+    big = path.asarray(np.full(24, 7.0), dtype)
+    view = big[::2]
+    assert path.run(stats, None, CalibrationConfig(), out=view, segments=[5, 7]) is view
+    np.testing.assert_array_equal(path.to_numpy(big)[::2], want)
+    np.testing.assert_array_equal(path.to_numpy(big)[1::2], 7.0)
+
+
+def test_out_untouched_on_error(path):
+    rng = np.random.default_rng(4)
+    stats = make(path, "float64", random_raw(rng, 2, 6))
+    out = path.asarray(np.full(6, 3.0), "float64")
+    from bogc_core.errors import BOGCError
+
+    with pytest.raises(BOGCError, match="segments"):
+        path.run(stats, None, CalibrationConfig(), out=out, segments=[2, 2])
+    one = [GradientStats(path.asarray(1.0, "float64"), s.mean, s.m2) for s in stats]
+    with pytest.raises(Decline, match="fewer than 2 samples"):
+        path.run(one, None, CalibrationConfig(), out=out)
+    np.testing.assert_array_equal(path.to_numpy(out), 3.0)
+
+
+def test_multidimensional_without_segments(path, dtype):
+    rng = np.random.default_rng(5)
+    raw = [(n, m.reshape(4, 6), v.reshape(4, 6)) for n, m, v in random_raw(rng, 3, 24)]
+    stats = make(path, dtype, raw)
+    cal = calibrate(stats, reference_config(CalibrationConfig()))
+    got = path.run(stats, None, CalibrationConfig())
+    assert tuple(got.shape) == (4, 6)
+    np.testing.assert_allclose(path.to_numpy(got), path.to_numpy(cal.gradient), rtol=RTOL[dtype] * 10, atol=1e-5)
+
+
+def test_declines_float16(path):
+    if path.lib == "cupy":
+        pytest.skip("float16 statistics are refused before any CuPy kernel (same check)")
+    stats = make(path, "float16", random_raw(np.random.default_rng(6), 2, 4))
+    with pytest.raises(Decline, match="dtype"):
+        path.run(stats, None, CalibrationConfig())
+
+
+_MAG = st.sampled_from([0.0, 1e-30, 1e-12, 1e-3, 1.0, 1e3, 1e12, 1e30])
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    mags=st.lists(st.tuples(_MAG, _MAG), min_size=2, max_size=3),
+    gamma=st.sampled_from([0.5, 1.0, 0.37, 1e-30, 1e39]),
+    W=st.sampled_from([1.0, 1e-3, 1e300]),
+    clip=st.sampled_from([13.8, 1.0, float("inf")]),
+    dead=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_adversarial_magnitudes(path, dtype, mags, gamma, W, clip, dead, seed):
+    """Means and variances from 1e-30 to 1e30 and zeros, huge gamma and prior
+    weight, infinite clip: the fast path gives the reference's gradient, or
+    declines (the reference then runs) where the reference is not finite."""
+    rng = np.random.default_rng(seed)
+    D = 9
+    raw = []
+    for sm, sv in mags:
+        m = rng.normal(size=D) * sm
+        if dead:
+            m[:3] = 0.0  # an all-zero-mean dimension block
+        raw.append((6.0, m, rng.gamma(1.5, size=D) * sv + (sv if sv else 1.0)))
+    config = CalibrationConfig(gamma=gamma, prior_weight=W, clip=clip)
+    stats = make(path, dtype, raw)
+    try:
+        want, scale = reference(path, stats, None, config, [4, 5])
+    except Exception as exc:  # the reference refuses: the fast path must not answer
+        with pytest.raises((Decline, type(exc))):
+            path.run(stats, None, config, segments=[4, 5])
+        return
+    try:
+        got = path.to_numpy(path.run(stats, None, config, segments=[4, 5]))
+    except Decline:
+        assert not np.all(np.isfinite(want)), "declined although the reference is finite"
+        return
+    ok = np.isfinite(want)
+    assert np.all(np.isfinite(got[ok]))
+    rtol = RTOL[dtype] * 10
+    err = np.abs(got - want)[ok]
+    assert np.all(err <= rtol * (scale[ok] + np.abs(want[ok])) + np.finfo(dtype).tiny)
+
+
+def test_zero_means_take_no_slow_path(path, dtype, monkeypatch):
+    """Dead units (exactly-zero means) are handled in the one-log form: the
+    reference's two-log form is never entered for them."""
+    from bogc_core.backends import _gradient
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("two-log form entered for zero means")
+
+    monkeypatch.setattr(_gradient, "_score_sums_two_logs", refuse)
+    rng = np.random.default_rng(7)
+    check(path, dtype, random_raw(rng, 3, 64, zero_frac=0.4), CalibrationConfig(), segments=[20, 44])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_split_blocks(dtype, threads, monkeypatch):
+    """Passes B and C on several threads (contiguous runs of blocks, partial
+    sums per thread) give the reference's gradient."""
+    from bogc_core.backends import numpy_fused
+
+    monkeypatch.setattr(numpy_fused, "GRADIENT_BLOCK", 16)
+    numpy_fused.set_threads(threads)
+    try:
+        rng = np.random.default_rng(9)
+        check(Path("numpy_fused", "numpy"), dtype, random_raw(rng, 3, 200), CalibrationConfig(),
+              segments=[50, 3, 97, 50])
+        check(Path("numpy_fused", "numpy"), dtype, random_raw(rng, 2, 150), CONFIGS["s_max"])
+    finally:
+        numpy_fused.set_threads(1)
