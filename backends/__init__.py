@@ -24,7 +24,6 @@ tested equal to the reference in ``tests/backends``.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Any
 
 __all__ = ["MODULES", "load"]
@@ -40,47 +39,3 @@ MODULES: dict[str, tuple[str, ...]] = {
 def load(module: str) -> Any:
     """Import the fast-path module ``module`` (e.g. ``"torch_fused"``) of this package."""
     return importlib.import_module(f"{__name__}.{module}")
-
-
-# ---- Legacy: registration with the old bogc_core.dispatch, which imports this
-# package and expects it to fill its registry. Lazy proxies, so that no array
-# library is imported here. A core with the by-type dispatcher
-# (bogc_core._dispatch) imports the modules itself: then nothing registers.
-# Delete this block once no supported core lacks bogc_core._dispatch.
-def _legacy_register() -> None:
-    import array_api_compat
-
-    from bogc_core import dispatch
-    from bogc_core._types import Decline
-
-    checks = {
-        "numpy": array_api_compat.is_numpy_namespace,
-        "torch": array_api_compat.is_torch_namespace,
-        "cupy": array_api_compat.is_cupy_namespace,
-    }
-    names = {
-        "numpy_fused": "numpy-fused",
-        "torch_fused": "torch-fused",
-        "torch_compiled": "torch-compiled",
-        "cupy_fused": "cupy-fused",
-    }
-    for lib, mods in MODULES.items():
-        for mod in mods:
-
-            def accepts(space: Any, _lib: str = lib, _mod: str = mod) -> bool:
-                return bool(checks[_lib](space.xp)) and bool(load(_mod).accepts(space))
-
-            def runner(space: Any, names_: Any, stats: Any, lam: Any, cfg: Any, _mod: str = mod) -> Any:
-                try:
-                    return load(_mod).calibrate(space, names_, stats, lam, cfg)
-                except Decline as d:
-                    return d.reason
-
-            dispatch.register(names[mod], accepts, runner)
-
-
-if (
-    importlib.util.find_spec("bogc_core._dispatch") is None
-    and importlib.util.find_spec("bogc_core.dispatch") is not None
-):
-    _legacy_register()

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bogc_core import CalibrationConfig, GradientStats, NormalGammaPrior, calibrate
-from bogc_core.calibrate import calibrate_tensors
+from bogc_core import calibrate_tensors
 
 from .conftest import RTOL, Fused
 

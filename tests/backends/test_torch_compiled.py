@@ -123,7 +123,7 @@ def test_dempster_declines_and_reference_runs(compiled):
 
 
 def test_auto_still_picks_torch_fused():
-    from bogc_core.dispatch import available
+    from bogc_core._dispatch import available
 
     names = available()
     assert names.index("torch-fused") < names.index("torch-compiled")
