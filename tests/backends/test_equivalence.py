@@ -17,8 +17,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bogc_core import CalibrationConfig, GradientStats, NormalGammaPrior, calibrate
-from bogc_core import calibrate_tensors
+from bogc_core import (
+    CalibrationConfig,
+    GradientStats,
+    NormalGammaPrior,
+    calibrate,
+    calibrate_tensors,
+)
 
 from .conftest import RTOL, Fused
 
