@@ -3,12 +3,10 @@ recorded, broken modules reported; old module paths still importable."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,19 +152,6 @@ def test_unknown_and_wrong_library_names(table):
         bc.calibrate(_stats(), bc.CalibrationConfig(fast_path="torch-fused"))
 
 
-_EAGER_BACKENDS = (
-    "from . import torch_fused"
-    in Path(
-        importlib.util.find_spec("bogc_core.backends").origin  # type: ignore[union-attr, arg-type]
-    ).read_text()
-)
-
-
-@pytest.mark.xfail(
-    _EAGER_BACKENDS,
-    strict=True,
-    reason="backends/__init__.py still imports every fast path (made lazy with the fast-path modules)",
-)
 def test_a_numpy_call_imports_no_other_array_library():
     code = textwrap.dedent(
         """

@@ -13,8 +13,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {
     "bogc_core": ROOT / "bogc_core",
@@ -22,10 +20,6 @@ PACKAGES = {
     "bogc_core.integrations": ROOT / "integrations",
 }
 
-# The backends and integrations are checked strictly once every package
-# imports through the new module names (set to True after the merge);
-# until then their cycles are listed in the xfail reason.
-WHOLE_REPO = False
 
 
 def _modules() -> dict[str, Path]:
@@ -173,6 +167,4 @@ def test_stage_modules_import_downward_only():
 
 def test_whole_repo_is_acyclic():
     found = cycles(import_graph())
-    if found and not WHOLE_REPO:
-        pytest.xfail(f"cycles outside the core (set WHOLE_REPO = True once fixed): {found}")
     assert not found, f"import cycles: {found}"
