@@ -1,4 +1,4 @@
-"""Laplace Monte Carlo gradient samples (METHOD.md, sample source 3; the paper's route).
+"""Laplace Monte Carlo gradient samples (``docs/method.md``, Stage 0; the paper's route).
 
 For source ``k`` with last layer ``h`` (weights ``W``, named by the user):
 
@@ -36,14 +36,18 @@ from bogc_core import GradientStats
 from bogc_core.errors import ConfigError, InsufficientSamplesError
 
 from .distributed import allreduce_sum
-from .samples import Problem, batched_grads, work_dtype
+from .samples import Problem, SourceStats, batched_grads, work_dtype
 from .shortcut import ForwardRecorder
+from .source import SampleContext, SampleSource
 
 __all__ = ["LaplaceSource"]
 
 
-class LaplaceSource(ForwardRecorder):
+class LaplaceSource(ForwardRecorder, SampleSource):
     """Diagonal last-layer Laplace draws for every source (see module docstring)."""
+
+    NAME = "laplace"
+    REDUCES_ITSELF = True
 
     def __init__(
         self,
@@ -117,8 +121,11 @@ class LaplaceSource(ForwardRecorder):
                 f += (r * r).sum(dim=0)
         return F
 
-    def sample(self, prob: Problem, generator: torch.Generator, chunk_bytes: int, group,
-               timeout: timedelta | None = None) -> dict[str, dict[int, GradientStats]]:
+    def sample(self, prob: Problem, ctx: SampleContext) -> SourceStats:
+        return self.draw(prob, ctx.generator, ctx.chunk_bytes, ctx.group, ctx.timeout)
+
+    def draw(self, prob: Problem, generator: torch.Generator, chunk_bytes: int, group,
+             timeout: timedelta | None = None) -> SourceStats:
         missing = [s for s in prob.names if s not in self.layers]
         if missing:
             raise ConfigError(

@@ -1,0 +1,160 @@
+"""Flat statistic and gradient buffers: one fused calibration call per group of parameters.
+
+Parameters reached by the same sources (in the same order), with the same
+working dtype and device, form a *group*. A group's statistics live in two
+flat buffers ``mean`` and ``m2`` of shape ``(S, D)`` (``D`` = the group's
+parameter elements, tensor after tensor) and its calibrated gradient in one
+``(D,)`` buffer, so the whole group is calibrated by one
+:func:`bogc_core.calibrate_gradient` call: ``scope="tensor"`` passes one
+segment per tensor, ``scope="global"`` the group as one segment. The buffers
+are kept and reused while the set of groups stays the same (no allocation in
+steady state); ``p.grad`` is written from the gradient buffer only once the
+whole step has succeeded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bogc_core import CalibrationConfig, GradientStats, calibrate_gradient
+
+from .samples import SourceStats, work_dtype
+
+__all__ = ["Group", "Workspace"]
+
+
+@dataclass
+class Group:
+    """Parameters reached by the same ``sources``, with their flat buffers.
+
+    ``params[j]`` occupies ``[offsets[j], offsets[j] + sizes[j])`` of every
+    buffer; ``mean``/``m2`` ``(S, D)``, ``out`` ``(D,)``; ``count`` is filled
+    per step: one float per source, or an ``(S, D)`` buffer when a source's
+    counts differ between the group's tensors (carried statistics).
+    """
+
+    sources: tuple[str, ...]
+    params: list[int]
+    sizes: list[int]
+    offsets: list[int]
+    mean: torch.Tensor
+    m2: torch.Tensor
+    out: torch.Tensor
+    counts: list[float] = field(default_factory=list)
+    count_buf: torch.Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return int(self.out.numel())
+
+    def piece(self, buf: torch.Tensor, j: int, shape: torch.Size) -> torch.Tensor:
+        """The ``j``-th parameter's part of a ``(D,)`` buffer, in the parameter's shape."""
+        return buf[self.offsets[j]:self.offsets[j] + self.sizes[j]].view(shape)
+
+    def fill(self, used: Mapping[str, Mapping[int, GradientStats]]) -> None:
+        """Copy each source's per-parameter statistics into the flat buffers."""
+        counts: list[torch.Tensor] = []
+        for k, s in enumerate(self.sources):
+            per = used[s]
+            if len(self.params) == 1:
+                st = per[self.params[0]]
+                self.mean[k].copy_(st.mean.reshape(-1))
+                self.m2[k].copy_(st.m2.reshape(-1))
+            else:
+                torch.cat([per[i].mean.reshape(-1) for i in self.params], out=self.mean[k])
+                torch.cat([per[i].m2.reshape(-1) for i in self.params], out=self.m2[k])
+            counts += [torch.as_tensor(per[i].count) for i in self.params]
+        self._set_counts(counts)
+
+    def _set_counts(self, counts: list[torch.Tensor]) -> None:
+        P, S = len(self.params), len(self.sources)
+        if all(c.dim() == 0 for c in counts):
+            values = torch.stack([c.to(torch.float64, copy=False).cpu() for c in counts]).tolist()
+            per_src = [values[k * P:(k + 1) * P] for k in range(S)]
+            if all(min(v) == max(v) for v in per_src):
+                self.counts = [v[0] for v in per_src]
+                self.count_buf = None
+                return
+        # Counts that differ between tensors (or per element): one count per element.
+        buf = torch.empty_like(self.mean)
+        for k in range(S):
+            for j in range(P):
+                c = counts[k * P + j].to(buf.dtype)
+                buf[k, self.offsets[j]:self.offsets[j] + self.sizes[j]] = c.reshape(-1) if c.dim() else c
+        self.count_buf = buf
+        self.counts = [float(buf[k].min()) for k in range(S)]
+
+    def min_count(self) -> float:
+        return min(self.counts)
+
+    def stats(self) -> dict[str, GradientStats]:
+        """The group's statistics as flat ``GradientStats`` (views of the buffers)."""
+        return {
+            s: GradientStats(
+                self.counts[k] if self.count_buf is None else self.count_buf[k], self.mean[k], self.m2[k]
+            )
+            for k, s in enumerate(self.sources)
+        }
+
+    def plain(self, lam: Mapping[str, float] | None, scale: float) -> None:
+        """``out = scale * sum_k lambda_k mean_k`` (one source, warm-up, or a non-finite step)."""
+        for k, s in enumerate(self.sources):
+            a = (1.0 if lam is None else lam[s]) * scale
+            if k == 0:
+                torch.mul(self.mean[0], a, out=self.out)
+            else:
+                self.out.add_(self.mean[k], alpha=a)
+
+    def calibrate(self, config: CalibrationConfig, lam: Mapping[str, float] | None, scale: float,
+                  diagnostics: dict[str, Any] | None) -> None:
+        """One :func:`bogc_core.calibrate_gradient` call for the whole group, into ``out``."""
+        segments = self.sizes if config.scope == "tensor" and len(self.sizes) > 1 else None
+        calibrate_gradient(
+            self.stats(), config,
+            source_weights=None if lam is None else {s: lam[s] for s in self.sources},
+            out=self.out, segments=segments, diagnostics=diagnostics, check_values=False,
+        )
+        if scale != 1.0:
+            self.out.mul_(scale)
+
+
+class Workspace:
+    """The groups of the last step's layout, with buffers reused while the layout holds."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self._params = params
+        self._key: tuple | None = None
+        self.groups: list[Group] = []
+
+    def layout(self, sources_of: Mapping[int, tuple[str, ...]]) -> list[Group]:
+        """Groups for ``sources_of`` (parameter index -> the sources reaching it, in order)."""
+        key = tuple(sorted(sources_of.items()))
+        if key == self._key:
+            return self.groups
+        members: dict[tuple, list[int]] = {}
+        for i in sorted(sources_of):
+            p = self._params[i]
+            members.setdefault((sources_of[i], work_dtype(p), p.device), []).append(i)
+        groups = []
+        for (sources, dt, dev), idx in members.items():
+            sizes = [self._params[i].numel() for i in idx]
+            offsets = [0]
+            for n in sizes[:-1]:
+                offsets.append(offsets[-1] + n)
+            D, S = sum(sizes), len(sources)
+            groups.append(Group(
+                sources, idx, sizes, offsets,
+                torch.empty((S, D), dtype=dt, device=dev),
+                torch.empty((S, D), dtype=dt, device=dev),
+                torch.empty((D,), dtype=dt, device=dev),
+            ))
+        self._key, self.groups = key, groups
+        return groups
+
+    def release(self) -> None:
+        """Drop the buffers (the next step allocates them again)."""
+        self._key, self.groups = None, []
