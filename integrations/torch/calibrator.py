@@ -383,7 +383,15 @@ class GradientCalibrator:
                         f"on_nonfinite='plain') so that the step is skipped"
                     )
         prob = self._problem(names, tensors)
-        ctx = SampleContext(self.chunk_bytes, self._generator, group, self.timeout)
+        sources_of: dict[int, tuple[str, ...]] = {}
+        for k, s in enumerate(names):
+            for i in sorted(prob.reach[k]):
+                sources_of[i] = sources_of.get(i, ()) + (s,)
+        groups = self._workspace.layout(sources_of)
+        # Carried statistics keep references to this step's tensors: those must not be
+        # views of the reused buffers, so the sources write into them only without rho.
+        sink = self._workspace.sink if self._state is None else None
+        ctx = SampleContext(self.chunk_bytes, self._generator, group, self.timeout, sink)
         try:
             stats = self._source.sample(prob, ctx)
         except RuntimeError as exc:
@@ -394,6 +402,11 @@ class GradientCalibrator:
                     "of loss.backward(), or pass retain_graph=True to the earlier backward"
                 ) from exc
             raise
+        shortcut = sorted({
+            self._params[i][0] for taps in prob.shortcut for t in taps
+            for i in (t.weight, t.bias) if i is not None
+        })
+        del prob
         if group is not None and not self._source.REDUCES_ITSELF:
             stats = allreduce_stats(stats, group, self.timeout)
         stats = self._source.after_reduce(stats)
@@ -403,40 +416,15 @@ class GradientCalibrator:
                 for s, per in stats.items()
             }
         out_scale = 1.0 if scale is None else scale
-
-        # One reduction per tensor and one sync: a NaN or inf anywhere makes the sum non-finite.
-        flat = [(s, i, st) for s, per in stats.items() for i, st in per.items()]
-        finite = _all_finite([st.mean.sum() + st.m2.sum() for _, _, st in flat])
-        bad = [(s, self._params[i][0]) for (s, i, st), ok in zip(flat, finite)
-               if not ok and not (bool(torch.isfinite(st.mean).all()) and bool(torch.isfinite(st.m2).all()))]
-        del flat, finite
-        shortcut = sorted({
-            self._params[i][0] for taps in prob.shortcut for t in taps
-            for i in (t.weight, t.bias) if i is not None
-        })
-        sources_of: dict[int, tuple[str, ...]] = {}
+        produced: dict[int, tuple[str, ...]] = {}
         for s in names:
-            for i in stats[s]:
-                sources_of[i] = sources_of.get(i, ()) + (s,)
-        del prob
-        if bad:
-            if not plain_on_nonfinite:
-                s, pname = bad[0]
-                raise NonFiniteError(
-                    f"losses[{s!r}]: the gradient of parameter {pname!r} contains NaN or infinite "
-                    f"values; check the loss for overflow or NaN inputs, lower the learning rate, "
-                    f"or with AMP pass grad_scaler= (or on_nonfinite='plain') so the step is skipped"
-                )
-            groups = self._workspace.layout(sources_of)
-            for g in groups:
-                g.fill(stats)
-                g.plain(self.source_weights, out_scale)
-            self._write(groups)
-            return {"samples": self.samples, "sources": names, "nonfinite": True,
-                    "nonfinite_parameters": sorted({p for _, p in bad}), "warmup": False,
-                    "parameters": {}}
+            for i in stats.get(s, {}):
+                produced[i] = produced.get(i, ()) + (s,)
+        if produced != sources_of:  # a source covered other parameters than the graph walk found
+            groups = self._workspace.layout(produced)
 
-        # Carried statistics: accumulated count and M2, current mean.
+        # Carried statistics: accumulated count and M2, current mean (the merge is pure;
+        # the state changes only once the step has succeeded).
         new_state = None
         used = stats
         if self._state is not None:
@@ -449,15 +437,34 @@ class GradientCalibrator:
                     for i, st in per.items()}
                 for s, per in stats.items()
             }
-        del stats
-        if self.keep_statistics:
-            self.last_statistics = {
-                s: {self._params[i][0]: st for i, st in per.items()} for s, per in used.items()
-            }
-        groups = self._workspace.layout(sources_of)
         for g in groups:
             g.fill(used)
-        del used
+        # One reduction per group and one sync: a NaN or inf anywhere makes the sum non-finite.
+        sums = [g.finite_sum() for g in groups]
+        finite = _all_finite(sums) if sums else []
+        bad = [(s, self._params[i][0]) for g, ok in zip(groups, finite) if not ok
+               for s, i in g.nonfinite_params()]
+        if bad:
+            if not plain_on_nonfinite:
+                s, pname = bad[0]
+                raise NonFiniteError(
+                    f"losses[{s!r}]: the gradient of parameter {pname!r} contains NaN or infinite "
+                    f"values; check the loss for overflow or NaN inputs, lower the learning rate, "
+                    f"or with AMP pass grad_scaler= (or on_nonfinite='plain') so the step is skipped"
+                )
+            for g in groups:
+                g.plain(self.source_weights, out_scale)
+            self._write(groups)
+            return {"samples": self.samples, "sources": names, "nonfinite": True,
+                    "nonfinite_parameters": sorted({p for _, p in bad}), "warmup": False,
+                    "parameters": {}}
+        if self.keep_statistics:
+            self.last_statistics = {
+                s: {self._params[i][0]: GradientStats(st.count, st.mean.clone(), st.m2.clone())
+                    for i, st in per.items()}
+                for s, per in used.items()
+            }
+        del stats, used
         diag = self._calibrate(groups, names, out_scale)
         diag["shortcut_parameters"] = shortcut
         self._write(groups)

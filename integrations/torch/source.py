@@ -10,6 +10,7 @@ gradient samples. :class:`GradientCalibrator` holds one source, calls
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,12 +25,18 @@ __all__ = ["SampleContext", "SampleSource"]
 @dataclass
 class SampleContext:
     """What a source may use besides the losses: a memory bound, the calibrator's
-    random generator, the process group (``None`` in one process) and its timeout."""
+    random generator, the process group (``None`` in one process) and its timeout.
+
+    ``sink(source, index)``, when given, returns ``(mean, m2)`` views in the
+    parameter's shape and working dtype where the source may write those
+    statistics directly (and return the views), or ``None``.
+    """
 
     chunk_bytes: int
     generator: torch.Generator
     group: Any = None
     timeout: timedelta | None = None
+    sink: Callable[[str, int], tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
 
 class SampleSource:

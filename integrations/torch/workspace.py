@@ -56,19 +56,34 @@ class Group:
         return buf[self.offsets[j]:self.offsets[j] + self.sizes[j]].view(shape)
 
     def fill(self, used: Mapping[str, Mapping[int, GradientStats]]) -> None:
-        """Copy each source's per-parameter statistics into the flat buffers."""
+        """Copy each source's per-parameter statistics into the flat buffers (statistics a
+        source already wrote there, through :meth:`Workspace.sink`, are not copied)."""
         counts: list[torch.Tensor] = []
         for k, s in enumerate(self.sources):
             per = used[s]
-            if len(self.params) == 1:
-                st = per[self.params[0]]
-                self.mean[k].copy_(st.mean.reshape(-1))
-                self.m2[k].copy_(st.m2.reshape(-1))
-            else:
-                torch.cat([per[i].mean.reshape(-1) for i in self.params], out=self.mean[k])
-                torch.cat([per[i].m2.reshape(-1) for i in self.params], out=self.m2[k])
-            counts += [torch.as_tensor(per[i].count) for i in self.params]
+            for j, i in enumerate(self.params):
+                st = per[i]
+                for buf, t in ((self.mean, st.mean), (self.m2, st.m2)):
+                    dst = buf[k, self.offsets[j]:self.offsets[j] + self.sizes[j]]
+                    if t.data_ptr() != dst.data_ptr():
+                        dst.copy_(t.reshape(-1))
+                counts.append(torch.as_tensor(st.count))
         self._set_counts(counts)
+
+    def finite_sum(self) -> torch.Tensor:
+        """A 0-d tensor that is finite exactly when no mean or M2 is NaN or infinite
+        (or the sums overflow, which :meth:`nonfinite_params` then tells apart)."""
+        return self.mean.sum() + self.m2.sum()
+
+    def nonfinite_params(self) -> list[tuple[str, int]]:
+        """``(source, parameter index)`` of every tensor with a NaN or infinite statistic."""
+        bad = []
+        for k, s in enumerate(self.sources):
+            ok = (torch.isfinite(self.mean[k]) & torch.isfinite(self.m2[k])).to(torch.int64)
+            for j, i in enumerate(self.params):
+                if int(ok[self.offsets[j]:self.offsets[j] + self.sizes[j]].sum()) != self.sizes[j]:
+                    bad.append((s, i))
+        return bad
 
     def _set_counts(self, counts: list[torch.Tensor]) -> None:
         P, S = len(self.params), len(self.sources)
@@ -129,6 +144,7 @@ class Workspace:
         self._params = params
         self._key: tuple | None = None
         self.groups: list[Group] = []
+        self._where: dict[tuple[str, int], tuple[Group, int, int]] = {}
 
     def layout(self, sources_of: Mapping[int, tuple[str, ...]]) -> list[Group]:
         """Groups for ``sources_of`` (parameter index -> the sources reaching it, in order)."""
@@ -153,8 +169,22 @@ class Workspace:
                 torch.empty((D,), dtype=dt, device=dev),
             ))
         self._key, self.groups = key, groups
+        self._where = {
+            (s, i): (g, k, j) for g in groups for k, s in enumerate(g.sources) for j, i in enumerate(g.params)
+        }
         return groups
+
+    def sink(self, source: str, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Views ``(mean, m2)`` in the parameter's shape where a sample source may write
+        source ``source``'s statistics of parameter ``index`` directly; ``None`` when the
+        current layout has no place for them."""
+        loc = self._where.get((source, index))
+        if loc is None:
+            return None
+        g, k, j = loc
+        shape = self._params[index].shape
+        return g.piece(g.mean[k], j, shape), g.piece(g.m2[k], j, shape)
 
     def release(self) -> None:
         """Drop the buffers (the next step allocates them again)."""
-        self._key, self.groups = None, []
+        self._key, self.groups, self._where = None, [], {}
