@@ -34,7 +34,7 @@ from .graph import walk
 from .microbatch import Microbatch
 from .options import SAMPLES, check_rho, named_parameters, validate_options
 from .per_example import PerExample
-from .samples import Problem, SourceStats
+from .samples import Moments, Problem, SourceStats, Stats
 from .shortcut import LinearTaps, Tap
 from .source import SampleContext, SampleSource
 from .state import StepState
@@ -43,6 +43,14 @@ from .summary import group_entries, model_summary
 from .workspace import Group, Workspace
 
 __all__ = ["GradientCalibrator", "SAMPLES"]
+
+
+def _checked_one(st: Stats) -> GradientStats:
+    return st if isinstance(st, GradientStats) else st.checked()
+
+
+def _checked(stats: SourceStats) -> dict[str, dict[int, GradientStats]]:
+    return {s: {i: _checked_one(st) for i, st in per.items()} for s, per in stats.items()}
 
 
 def _all_finite(scalars: list[torch.Tensor]) -> list[bool]:
@@ -408,11 +416,11 @@ class GradientCalibrator:
         })
         del prob
         if group is not None and not self._source.REDUCES_ITSELF:
-            stats = allreduce_stats(stats, group, self.timeout)
+            stats = allreduce_stats(_checked(stats), group, self.timeout)
         stats = self._source.after_reduce(stats)
         if scale is not None:
             stats = {
-                s: {i: GradientStats(st.count, st.mean / scale, st.m2 / (scale * scale)) for i, st in per.items()}
+                s: {i: Moments(st.count, st.mean / scale, st.m2 / (scale * scale)) for i, st in per.items()}
                 for s, per in stats.items()
             }
         out_scale = 1.0 if scale is None else scale
@@ -428,11 +436,11 @@ class GradientCalibrator:
         new_state = None
         used = stats
         if self._state is not None:
-            keyed = {(s, self._params[i][0]): st for s, per in stats.items() for i, st in per.items()}
+            keyed = {(s, self._params[i][0]): _checked_one(st) for s, per in stats.items() for i, st in per.items()}
             new_state = self._state.updated(keyed)
             del keyed
             used = {
-                s: {i: GradientStats(new_state[(s, self._params[i][0])].count, st.mean,
+                s: {i: Moments(new_state[(s, self._params[i][0])].count, st.mean,
                                      new_state[(s, self._params[i][0])].m2)
                     for i, st in per.items()}
                 for s, per in stats.items()

@@ -16,6 +16,7 @@ per source and sample.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple, Union
 
 import torch
 from torch import nn
@@ -27,11 +28,31 @@ from .accumulate import Accumulator
 from .shortcut import Tap, conv_per_example_sums, factors, per_example_sums
 
 __all__ = [
-    "Problem", "Row", "SourceStats", "batched_grads", "chunk_slices", "delta_batches", "delta_rows", "generic_rows",
+    "Moments", "Problem", "Row", "SourceStats", "Stats", "batched_grads", "chunk_slices", "delta_batches", "delta_rows", "generic_rows",
     "require_examples", "shortcut_tensors", "stats_from_sums", "unaliased", "work_dtype",
 ]
 
-SourceStats = dict[str, dict[int, GradientStats]]
+
+
+class Moments(NamedTuple):
+    """``(n, m, M2)`` of one source's samples for one tensor, unchecked.
+
+    The integration's own record of a step's statistics: building a
+    :class:`~bogc_core.GradientStats` validates its inputs, which costs more
+    than the arithmetic for small tensors, so the sources return these and the
+    core sees checked ``GradientStats`` of whole flat groups only.
+    """
+
+    count: float | torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    def checked(self) -> GradientStats:
+        return GradientStats(self.count, self.mean, self.m2)
+
+
+Stats = Union[Moments, GradientStats]
+SourceStats = dict[str, dict[int, Stats]]
 
 
 def work_dtype(p: torch.Tensor) -> torch.dtype:
@@ -89,13 +110,13 @@ def batched_grads(
     )
 
 
-def stats_from_sums(n: float, total: torch.Tensor, total_sq: torch.Tensor) -> GradientStats:
+def stats_from_sums(n: float, total: torch.Tensor, total_sq: torch.Tensor) -> Moments:
     """``GradientStats.from_sums`` for fresh buffers, in place: ``m = total / n``,
     ``M2 = max(sum g^2 - total * m, 0)`` (float32 loses about ``eps * n * m^2``;
     see the bound tested in ``test_linear_shortcut_sums_match_materialised``)."""
     mean = total.div_(n)
     m2 = total_sq.addcmul_(mean, mean, value=-n).clamp_(min=0.0)
-    return GradientStats(float(n), mean, m2)
+    return Moments(float(n), mean, m2)
 
 
 def unaliased(grads: list[torch.Tensor]) -> list[torch.Tensor]:

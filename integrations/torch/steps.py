@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from bogc_core import GradientStats
-
-from .samples import Problem, SourceStats, batched_grads, work_dtype
+from .samples import Moments, Problem, SourceStats, batched_grads, work_dtype
 from .source import SampleContext, SampleSource
 
 __all__ = ["Steps", "step_means"]
@@ -50,12 +48,12 @@ class Steps(SampleSource):
         # The count carries the batch size only for the cross-rank average of the
         # means; after_reduce resets it to one sample.
         return {
-            s: {i: GradientStats(float(prob.batch(k)), g, torch.zeros_like(g)) for i, g in means[s].items()}
+            s: {i: Moments(float(prob.batch(k)), g, torch.zeros_like(g)) for i, g in means[s].items()}
             for k, s in enumerate(prob.names)
         }
 
     def after_reduce(self, stats: SourceStats) -> SourceStats:
         return {
-            s: {i: GradientStats(1.0, st.mean, torch.zeros_like(st.mean)) for i, st in per.items()}
+            s: {i: Moments(1.0, st.mean, torch.zeros_like(st.mean)) for i, st in per.items()}
             for s, per in stats.items()
         }

@@ -22,7 +22,7 @@ import torch
 
 from bogc_core import CalibrationConfig, GradientStats, calibrate_gradient
 
-from .samples import SourceStats, work_dtype
+from .samples import Stats, work_dtype
 
 __all__ = ["Group", "Workspace"]
 
@@ -55,10 +55,10 @@ class Group:
         """The ``j``-th parameter's part of a ``(D,)`` buffer, in the parameter's shape."""
         return buf[self.offsets[j]:self.offsets[j] + self.sizes[j]].view(shape)
 
-    def fill(self, used: Mapping[str, Mapping[int, GradientStats]]) -> None:
+    def fill(self, used: Mapping[str, Mapping[int, Stats]]) -> None:
         """Copy each source's per-parameter statistics into the flat buffers (statistics a
         source already wrote there, through :meth:`Workspace.sink`, are not copied)."""
-        counts: list[torch.Tensor] = []
+        counts: list[float | torch.Tensor] = []
         for k, s in enumerate(self.sources):
             per = used[s]
             for j, i in enumerate(self.params):
@@ -67,7 +67,7 @@ class Group:
                     dst = buf[k, self.offsets[j]:self.offsets[j] + self.sizes[j]]
                     if t.data_ptr() != dst.data_ptr():
                         dst.copy_(t.reshape(-1))
-                counts.append(torch.as_tensor(st.count))
+                counts.append(st.count)
         self._set_counts(counts)
 
     def finite_sum(self) -> torch.Tensor:
@@ -85,10 +85,15 @@ class Group:
                     bad.append((s, i))
         return bad
 
-    def _set_counts(self, counts: list[torch.Tensor]) -> None:
+    def _set_counts(self, counts: list[float | torch.Tensor]) -> None:
         P, S = len(self.params), len(self.sources)
-        if all(c.dim() == 0 for c in counts):
-            values = torch.stack([c.to(torch.float64, copy=False).cpu() for c in counts]).tolist()
+        tensors = [j for j, c in enumerate(counts) if isinstance(c, torch.Tensor)]
+        if all(counts[j].dim() == 0 for j in tensors):  # type: ignore[union-attr]
+            values = [float(c) if not isinstance(c, torch.Tensor) else 0.0 for c in counts]
+            if tensors:  # one host sync for all of them
+                got = torch.stack([counts[j].to(torch.float64).cpu() for j in tensors]).tolist()  # type: ignore[union-attr]
+                for j, v in zip(tensors, got):
+                    values[j] = v
             per_src = [values[k * P:(k + 1) * P] for k in range(S)]
             if all(min(v) == max(v) for v in per_src):
                 self.counts = [v[0] for v in per_src]
@@ -98,7 +103,7 @@ class Group:
         buf = torch.empty_like(self.mean)
         for k in range(S):
             for j in range(P):
-                c = counts[k * P + j].to(buf.dtype)
+                c = torch.as_tensor(counts[k * P + j]).to(buf.dtype)
                 buf[k, self.offsets[j]:self.offsets[j] + self.sizes[j]] = c.reshape(-1) if c.dim() else c
         self.count_buf = buf
         self.counts = [float(buf[k].min()) for k in range(S)]
