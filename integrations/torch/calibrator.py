@@ -162,13 +162,10 @@ class GradientCalibrator:
         keep_statistics: bool = False,
     ) -> None:
         self._params = named_parameters(params)
-        self._index = {id(p): i for i, (_, p) in enumerate(self._params)}
-        for j, (name, p) in enumerate(self._params):
-            if p.numel() == 0:
-                raise ShapeError(
-                    f"params[{j}] ({name!r}): has zero elements, so it has no gradient to "
-                    f"calibrate; leave it out of the parameters passed to GradientCalibrator"
-                )
+        # A zero-size parameter (a layer of a 0-feature modality) has no gradient entries:
+        # it is left out of the graph walk, the shortcut and the calibration, and its
+        # p.grad is left alone.
+        self._index = {id(p): i for i, (_, p) in enumerate(self._params) if p.numel() > 0}
         opts = validate_options(
             config, samples, chunks, rho, source_weights, on_nonfinite=on_nonfinite,
             diagnostics=diagnostics, diagnostics_every=diagnostics_every, chunk_bytes=chunk_bytes,
@@ -416,7 +413,8 @@ class GradientCalibrator:
         })
         del prob
         if group is not None and not self._source.REDUCES_ITSELF:
-            stats = allreduce_stats(_checked(stats), group, self.timeout)
+            reduced = allreduce_stats(_checked(stats), group, self.timeout)
+            stats = {s: {i: st for i, st in per.items()} for s, per in reduced.items()}
         stats = self._source.after_reduce(stats)
         if scale is not None:
             stats = {
@@ -475,9 +473,18 @@ class GradientCalibrator:
         del stats, used
         diag = self._calibrate(groups, names, out_scale)
         diag["shortcut_parameters"] = shortcut
-        self._write(groups)
-        if new_state is not None and self._state is not None:
-            self._state.commit(new_state)
+        # Commit: the carried state first (it can be put back), then p.grad.
+        state = self._state
+        if new_state is not None and state is not None:
+            kept = (state.stats, state.steps)
+            state.commit(new_state)
+            try:
+                self._write(groups)
+            except BaseException:
+                state.stats, state.steps = kept
+                raise
+        else:
+            self._write(groups)
         self._steps_done += 1
         return diag
 
@@ -548,5 +555,5 @@ class GradientCalibrator:
         for p, v in pending:
             if id(p) in fresh:
                 p.grad = fresh[id(p)]
-            else:
+            elif p.grad is not None:
                 p.grad.copy_(v)

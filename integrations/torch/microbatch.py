@@ -60,7 +60,7 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> Source
         f = torch.tensor([weight(k, j) for j in range(len(slices[k]))], dtype=torch.float64)
         unit = bool((f == 1).all())
         for tap in prob.shortcut[k]:
-            dt = work_dtype(tap.module.weight)
+            dt = work_dtype(tap.layer_weight)
             A, Bm = factors(tap, dt, mine.pop(id(tap.out)))
             fw = None if unit else f.to(dtype=dt, device=A.device)
             inv = [1.0 / (s_.stop - s_.start) for s_ in slices[k]]
@@ -69,7 +69,7 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> Source
                 g = torch.empty((len(inv), out_f, in_f), dtype=dt, device=A.device)
                 for j, (s_, a) in enumerate(zip(slices[k], inv)):
                     torch.mm(A[s_].reshape(-1, out_f).T, Bm[s_].reshape(-1, in_f), out=g[j]).mul_(a)
-                g = g.reshape((len(inv),) + tuple(tap.module.weight.shape))
+                g = g.reshape((len(inv),) + tuple(tap.layer_weight.shape))
                 acc.setdefault((k, tap.weight), Accumulator()).add(g, fw, owned=True)
                 del g
             if tap.bias is not None:

@@ -55,7 +55,7 @@ def _linear_stats(prob: Problem, tap, ks: list[int], G: torch.Tensor, dt: torch.
     x = tap.x.to(dt)
     G = G.to(dt)
     G2 = G * G
-    x2 = x * x if tap.weight is not None else None
+    x2 = x * x
     for r, k in enumerate(ks):
         name, n = prob.names[k], float(prob.batch(k))
         if tap.weight is not None:
@@ -84,7 +84,7 @@ def per_example(prob: Problem, chunk_bytes: int = 1 << 26, sink: Sink = None) ->
     out: SourceStats = {n: {} for n in prob.names}
     with_sc = [k for k in range(S) if prob.shortcut and prob.shortcut[k]]
     for tap, ks, G in delta_batches(prob, with_sc):
-        dt = work_dtype(tap.module.weight)
+        dt = work_dtype(tap.layer_weight)
         if type(tap.module) is nn.Linear:
             _linear_stats(prob, tap, ks, G, dt, sink, out)
             continue

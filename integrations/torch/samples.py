@@ -16,16 +16,14 @@ per source and sample.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Union
 
 import torch
-from torch import nn
 
 from bogc_core import GradientStats
 from bogc_core.errors import InsufficientSamplesError
 
 from .accumulate import Accumulator
-from .shortcut import Tap, conv_per_example_sums, factors, per_example_sums
+from .shortcut import Tap
 
 __all__ = [
     "Moments", "Problem", "Row", "SourceStats", "Stats", "batched_grads", "chunk_slices", "delta_batches", "delta_rows", "generic_rows",
@@ -34,7 +32,8 @@ __all__ = [
 
 
 
-class Moments(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Moments:
     """``(n, m, M2)`` of one source's samples for one tensor, unchecked.
 
     The integration's own record of a step's statistics: building a
@@ -51,7 +50,7 @@ class Moments(NamedTuple):
         return GradientStats(self.count, self.mean, self.m2)
 
 
-Stats = Union[Moments, GradientStats]
+Stats = Moments | GradientStats
 SourceStats = dict[str, dict[int, Stats]]
 
 
@@ -78,7 +77,7 @@ class Problem:
     shortcut: list[list[Tap]] = field(default_factory=list)
 
     def generic(self, k: int) -> list[int]:
-        covered = set()
+        covered: set[int] = set()
         for tap in (self.shortcut[k] if self.shortcut else []):
             covered.update(i for i in (tap.weight, tap.bias) if i is not None)
         return sorted(self.reach[k] - covered)

@@ -65,3 +65,71 @@ def test_load_state_dict_rejects_other_model():
 
 
 # ------------------------------------------------ optimizers, clipping, AMP
+
+
+def _trained(samples="steps"):
+    m = make()
+    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9, model=None)
+    for seed in (1, 2):
+        cal.backward(losses_of(m, *batch(8, seed=seed)))
+    return m, cal
+
+
+def _bytes(sd) -> bytes:
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return buf.getvalue()
+
+
+def _corrupt(kind: str, sd):
+    st = sd["state"]["stats"]["a"]["head_a.weight"]
+    if kind == "rho_out_of_range":
+        sd["state"]["rho"] = 7.0
+    elif kind == "rho_not_a_number":
+        sd["state"]["rho"] = "0.9"
+    elif kind == "negative_count":
+        st["count"] = torch.tensor(-5.0, dtype=torch.float64)
+    elif kind == "nan_m2":
+        st["m2"] = st["m2"].clone().fill_(float("nan"))
+    elif kind == "negative_m2":
+        st["m2"] = -st["m2"].abs() - 1.0
+    elif kind == "inf_mean":
+        st["mean"] = st["mean"].clone().fill_(float("inf"))
+    elif kind == "missing_moment":
+        del st["m2"]
+    elif kind == "wrong_shape_m2":
+        st["m2"] = st["m2"][:1]
+    elif kind == "negative_steps":
+        sd["state"]["steps"] = -1
+    elif kind == "generator_garbage":
+        sd["generator"] = torch.zeros(3, dtype=torch.uint8)
+    elif kind == "generator_not_a_tensor":
+        sd["generator"] = [1, 2, 3]
+    return sd
+
+
+KINDS = ["rho_out_of_range", "rho_not_a_number", "negative_count", "nan_m2", "negative_m2", "inf_mean",
+         "missing_moment", "wrong_shape_m2", "negative_steps", "generator_garbage", "generator_not_a_tensor"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_state_dict_validates_everything_and_changes_nothing(kind):
+    m, cal = _trained()
+    good = cal.state_dict()
+    before = _bytes(cal.state_dict())
+    bad = _corrupt(kind, cal.state_dict())
+    with pytest.raises(ConfigError, match="state_dict"):
+        cal.load_state_dict(bad)
+    assert _bytes(cal.state_dict()) == before
+    assert cal.rho == 0.9
+    cal.load_state_dict(good)  # the calibrator still loads a good checkpoint
+
+
+def test_load_state_dict_restores_rho_and_steps():
+    m, cal = _trained()
+    sd = cal.state_dict()
+    sd["state"]["rho"] = 0.8
+    m2, cal2 = _trained()
+    cal2.load_state_dict(sd)
+    assert cal2.rho == 0.8 and cal2.state_dict()["state"]["rho"] == 0.8
+    assert cal2.state_dict()["state"]["steps"] == 2
