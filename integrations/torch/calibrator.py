@@ -368,6 +368,12 @@ class GradientCalibrator:
             shortcut.append(mine)
         return Problem(names, tensors, [p for _, p in self._params], [r.params for r in reaches], shortcut)
 
+    def _sample(self, prob: Problem, sink: Any = None) -> SourceStats:
+        """This rank's statistics from the sample source (``sink``: see :class:`SampleContext`)."""
+        ctx = SampleContext(self.chunk_bytes, self._generator, active_group(self.process_group),
+                            self.timeout, sink)
+        return self._source.sample(prob, ctx)
+
     def _backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any) -> dict[str, Any]:
         names, tensors = self._check_losses(losses)
         scale = None
@@ -396,9 +402,8 @@ class GradientCalibrator:
         # Carried statistics keep references to this step's tensors: those must not be
         # views of the reused buffers, so the sources write into them only without rho.
         sink = self._workspace.sink if self._state is None else None
-        ctx = SampleContext(self.chunk_bytes, self._generator, group, self.timeout, sink)
         try:
-            stats = self._source.sample(prob, ctx)
+            stats = self._sample(prob, sink)
         except RuntimeError as exc:
             if "backward through the graph a second time" in str(exc):
                 raise ShapeError(
