@@ -83,7 +83,11 @@ def per_example(prob: Problem, chunk_bytes: int = 1 << 26, sink: Sink = None) ->
         require_examples(prob, k, 2, "per-example gradient statistics")
     out: SourceStats = {n: {} for n in prob.names}
     with_sc = [k for k in range(S) if prob.shortcut and prob.shortcut[k]]
-    for tap, ks, G in delta_batches(prob, with_sc):
+    pending = delta_batches(prob, with_sc)
+    pending.reverse()
+    while pending:
+        # Popped, so that each layer's output gradients are freed once used.
+        tap, ks, G = pending.pop()
         dt = work_dtype(tap.layer_weight)
         if type(tap.module) is nn.Linear:
             _linear_stats(prob, tap, ks, G, dt, sink, out)
