@@ -10,7 +10,7 @@ from bogc_core.integrations.torch import calibrator as cal_mod  # noqa: E402
 from bogc_core.integrations.torch import per_example as pe_mod  # noqa: E402
 from bogc_core.integrations.torch import samples as samples_mod  # noqa: E402
 from bogc_core.integrations.torch import workspace as ws_mod  # noqa: E402
-from torchtools import SOURCES, batch, loop_grads, losses_of, make, reference  # noqa: E402
+from torchtools import SOURCES, batch, loop_grads, losses_of, make, reference, stats_reference  # noqa: E402
 
 from bogc_core import CalibrationConfig, calibrate_gradient  # noqa: E402
 
@@ -148,3 +148,26 @@ def test_diagnostics_none_never_summarises(monkeypatch):
     monkeypatch.setattr(cal_mod, "group_entries", lambda *a, **k: pytest.fail("summarised"))
     d = cal.backward(losses_of(m, *batch(8)))
     assert d["parameters"] == {} and not d["sampled"]
+
+
+def test_group_with_different_carried_counts_per_tensor():
+    # u and v both reach p and q from step 3 on, but q only from then: the carried
+    # counts differ between the two tensors of one group (per-element counts).
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64, generator=g))
+    q = torch.nn.Parameter(torch.randn(2, dtype=torch.float64, generator=g))
+    cal = GradientCalibrator([("p", p), ("q", q)], samples="steps", rho=0.9, keep_statistics=True,
+                             diagnostics_every=1)
+    for step in range(5):
+        x = torch.randn(4, dtype=torch.float64, generator=g)
+        u = (p * x[:3]).sum() ** 2 + (0.0 if step < 2 else (q * x[3]).sum() ** 2)
+        v = (p.sin() * x[1:]).sum() + (0.0 if step < 2 else (q.cos() * x[0]).sum())
+        diag = cal.backward({"u": u, "v": v})
+    groups = cal._workspace.groups
+    assert len(groups) == 1 and groups[0].count_buf is not None
+    per_param = {n: {s: cal.last_statistics[s][n] for s in ("u", "v")} for n in ("p", "q")}
+    assert float(per_param["p"]["u"].count) != float(per_param["q"]["u"].count)
+    want = stats_reference(per_param)
+    torch.testing.assert_close(p.grad, want["p"], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(q.grad, want["q"], rtol=1e-10, atol=1e-14)
+    assert diag["num_calibrated"] == 2 and not diag["warmup"]
