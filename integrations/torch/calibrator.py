@@ -465,7 +465,7 @@ class GradientCalibrator:
                 )
             for g in groups:
                 g.plain(self.source_weights, out_scale)
-            self._write(groups)
+            self._write()
             return {"samples": self.samples, "sources": names, "nonfinite": True,
                     "nonfinite_parameters": sorted({p for _, p in bad}), "warmup": False,
                     "parameters": {}}
@@ -484,12 +484,12 @@ class GradientCalibrator:
             kept = (state.stats, state.steps)
             state.commit(new_state)
             try:
-                self._write(groups)
+                self._write()
             except BaseException:
                 state.stats, state.steps = kept
                 raise
         else:
-            self._write(groups)
+            self._write()
         self._steps_done += 1
         return diag
 
@@ -547,13 +547,9 @@ class GradientCalibrator:
         d["parameters"] = pdiag if self.diagnostics != "none" else {}
         return d
 
-    def _write(self, groups: list[Group]) -> None:
-        """Copy the gradient buffers into ``p.grad`` (after every check of the step passed)."""
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for g in groups:
-            for j, i in enumerate(g.params):
-                p = self._params[i][1]
-                pending.append((p, g.piece(g.out, j, p.shape)))
+    def _write(self) -> None:
+        """Copy the layout's gradient buffers into ``p.grad`` (after every check of the step passed)."""
+        pending = [(self._params[i][1], v) for i, v in self._workspace.grad_views()]
         # Form every new gradient first, so that nothing is written if one fails.
         fresh = {id(p): v.detach().to(dtype=p.dtype, device=p.device, copy=True)
                  for p, v in pending if p.grad is None}

@@ -149,7 +149,8 @@ class Workspace:
         self._params = params
         self._key: tuple | None = None
         self.groups: list[Group] = []
-        self._where: dict[tuple[str, int], tuple[Group, int, int]] = {}
+        self._views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._grad_views: list[tuple[int, torch.Tensor]] = []
 
     def layout(self, sources_of: Mapping[int, tuple[str, ...]]) -> list[Group]:
         """Groups for ``sources_of`` (parameter index -> the sources reaching it, in order)."""
@@ -174,22 +175,27 @@ class Workspace:
                 torch.empty((D,), dtype=dt, device=dev),
             ))
         self._key, self.groups = key, groups
-        self._where = {
-            (s, i): (g, k, j) for g in groups for k, s in enumerate(g.sources) for j, i in enumerate(g.params)
+        # Views are made once per layout: the buffers live as long as it holds.
+        self._views = {
+            (s, i): (g.piece(g.mean[k], j, self._params[i].shape), g.piece(g.m2[k], j, self._params[i].shape))
+            for g in groups for k, s in enumerate(g.sources) for j, i in enumerate(g.params)
         }
+        self._grad_views = [
+            (i, g.piece(g.out, j, self._params[i].shape)) for g in groups for j, i in enumerate(g.params)
+        ]
         return groups
 
     def sink(self, source: str, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Views ``(mean, m2)`` in the parameter's shape where a sample source may write
         source ``source``'s statistics of parameter ``index`` directly; ``None`` when the
         current layout has no place for them."""
-        loc = self._where.get((source, index))
-        if loc is None:
-            return None
-        g, k, j = loc
-        shape = self._params[index].shape
-        return g.piece(g.mean[k], j, shape), g.piece(g.m2[k], j, shape)
+        return self._views.get((source, index))
+
+    def grad_views(self) -> list[tuple[int, torch.Tensor]]:
+        """``(parameter index, its part of a gradient buffer in its shape)`` for every
+        parameter of the layout."""
+        return self._grad_views
 
     def release(self) -> None:
         """Drop the buffers (the next step allocates them again)."""
-        self._key, self.groups, self._where = None, [], {}
+        self._key, self.groups, self._views, self._grad_views = None, [], {}, []
