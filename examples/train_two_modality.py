@@ -46,16 +46,19 @@ def main(argv=None):
     cal = GradientCalibrator(model.named_parameters(), samples=args.samples, model=model, **extra)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     ce = nn.CrossEntropyLoss(reduction="none")  # per-example losses
+    sampled: dict = {}
     for epoch in range(args.epochs):
         for idx in torch.randperm(1536, generator=gen).split(64):  # first 1536 examples train
             fused, out_a, out_b = model(xa[idx], xb[idx])
             opt.zero_grad(set_to_none=True)
             diag = cal.backward({"fusion": ce(fused, y[idx]), "a": ce(out_a, y[idx]), "b": ce(out_b, y[idx])})
+            if diag.get("sampled"):  # full diagnostics on the first step and every 50th
+                sampled = diag
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
         with torch.no_grad():
             acc = (model(xa[1536:], xb[1536:])[0].argmax(1) == y[1536:]).float().mean().item()
-        w = {k: round(v, 3) for k, v in diag.get("weight_mean", {}).items()}
+        w = {k: round(v, 3) for k, v in sampled.get("weight_mean", {}).items()}
         print(f"epoch {epoch}: test accuracy {acc:.3f}  mean source weights {w}")
     return acc
 

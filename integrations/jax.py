@@ -3,7 +3,7 @@
 The core runs unchanged on ``jax.numpy`` arrays (``bogc_core.calibrate`` on
 JAX arrays works eagerly). Its input checks and its zero-variance detection
 branch on array *values*, which a traced array inside ``jax.jit`` cannot do,
-so :func:`calibrate_pytrees` assembles the same pipeline (METHOD.md Stages
+so :func:`calibrate_pytrees` assembles the same pipeline (``docs/method.md`` Stages
 0-5) from the core's value-independent pieces, ``GradientStats``,
 ``posterior`` and ``calibrate.calibrated_update`` (Stages 2-5). The two value-dependent
 steps are done without Python branches:
@@ -155,7 +155,7 @@ def _calibrate_group(
     lam: Sequence[float],
     config: CalibrationConfig,
 ) -> dict[str, Any]:
-    """METHOD.md Stages 1-5 for one group, free of value-dependent Python branches.
+    """``docs/method.md`` Stages 1-5 for one group, free of value-dependent Python branches.
 
     ``stats[k]`` has the group's shape ``(*shape)``; ``counts[k]`` is the
     sample count (a float or an array of that shape). Returns ``gradient``
@@ -198,7 +198,7 @@ def calibrate_pytrees(
         samples (per-example or micro-batch gradients, for instance from
         ``jax.vmap(jax.grad(loss))``) on the leading axis.
     config : CalibrationConfig, optional
-        Options of METHOD.md. ``scope="tensor"`` (default) calibrates each
+        Options of ``docs/method.md``. ``scope="tensor"`` (default) calibrates each
         leaf on its own; ``scope="global"`` pools all leaves into one group.
         ``backend`` must be ``"auto"`` or ``"reference"`` (this is the
         reference math in ``jax.numpy``).

@@ -67,7 +67,7 @@ class BOGCCallback(pl.Callback):
     ----------
     config, samples, chunks, rho, source_weights :
         Passed to :class:`~bogc_core.integrations.torch.GradientCalibrator`
-        (defaults: METHOD.md defaults, ``samples="microbatch"``, ``chunks=4``).
+        (defaults: those of ``docs/method.md``, ``samples="microbatch"``, ``chunks=4``).
     params : callable, optional
         ``params(module)`` returns the parameters to calibrate, as parameters
         or ``(name, parameter)`` pairs; default every parameter that requires

@@ -52,7 +52,7 @@ class Accumulator:
 
     def add_moments(self, count: float, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Merge a batch already summarised as ``(count, mean, M2)``."""
-        if self.mean is None:
+        if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = float(count), mean, m2
             return
         n = self.count + count

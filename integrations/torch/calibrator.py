@@ -7,16 +7,18 @@
     cal.backward(losses)          # instead of sum(l.mean() for l in losses).backward()
     optimizer.step()
 
-For each source ``k`` and each parameter it reaches, gradient samples give
-``GradientStats`` (METHOD.md, Stage 0); every parameter reached by two or
-more sources is calibrated with :func:`bogc_core.calibrate_tensors` (Stages
-1-5, grouped by ``config.scope``) and ``p.grad`` is set to ``g_hat``. With
+For each source ``k`` and each parameter it reaches, a sample source
+(:mod:`.per_example`, :mod:`.microbatch`, :mod:`.laplace`, :mod:`.steps`)
+gives ``GradientStats`` (``docs/method.md``, Stage 0). Parameters reached by
+the same sources form a group whose statistics sit in flat buffers
+(:mod:`.workspace`); each group reached by two or more sources is calibrated
+by one :func:`bogc_core.calibrate_gradient` call (Stages 1-5; one segment per
+tensor with ``scope="tensor"``), and ``p.grad`` is set to ``g_hat``. With
 equal evidence everywhere ``g_hat = sum_k lambda_k * grad(loss_k.mean())``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -24,47 +26,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from bogc_core import CalibrationConfig, GradientStats, calibrate, calibrate_tensors
+from bogc_core import CalibrationConfig, GradientStats
 from bogc_core.errors import ConfigError, NonFiniteError, ShapeError
 
-from . import samples as _samples
 from .distributed import active_group, allreduce_stats
 from .graph import walk
-from .shortcut import LinearTaps
+from .microbatch import Microbatch
+from .options import SAMPLES, check_rho, named_parameters, validate_options
+from .per_example import PerExample
+from .samples import Moments, Problem, SourceStats, Stats
+from .shortcut import LinearTaps, Tap
+from .source import SampleContext, SampleSource
 from .state import StepState
+from .steps import Steps
+from .summary import group_entries, model_summary
+from .workspace import Group, Workspace
 
 __all__ = ["GradientCalibrator", "SAMPLES"]
 
-SAMPLES = ("per_example", "microbatch", "laplace", "steps")
+
+def _checked_one(st: Stats) -> GradientStats:
+    return st if isinstance(st, GradientStats) else st.checked()
 
 
-def _named(params: Iterable[Any]) -> list[tuple[str, torch.Tensor]]:
-    items = list(params)
-    if not items:
-        raise ConfigError("params: empty; pass model.parameters() or model.named_parameters()")
-    out: list[tuple[str, torch.Tensor]] = []
-    for j, item in enumerate(items):
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            name, p = item
-        else:
-            name, p = f"param{j}", item
-        if not isinstance(p, torch.Tensor):
-            raise ConfigError(
-                f"params[{j}]: expected a torch.Tensor parameter or a (name, parameter) pair, "
-                f"got {type(p).__name__}"
-            )
-        if not (p.is_leaf and p.requires_grad and p.is_floating_point()):
-            raise ConfigError(
-                f"params[{j}] ({name!r}): must be a floating leaf tensor with requires_grad=True "
-                f"(an nn.Parameter); pass the model's trainable parameters only"
-            )
-        out.append((name, p))
-    names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise ConfigError("params: duplicate names; pass each parameter once")
-    if len({id(p) for _, p in out}) != len(out):
-        raise ConfigError("params: the same tensor appears twice; pass each parameter once")
-    return out
+def _checked(stats: SourceStats) -> dict[str, dict[int, GradientStats]]:
+    return {s: {i: _checked_one(st) for i, st in per.items()} for s, per in stats.items()}
 
 
 def _all_finite(scalars: list[torch.Tensor]) -> list[bool]:
@@ -89,10 +75,10 @@ class GradientCalibrator:
         The parameters whose gradients are calibrated (names key the
         diagnostics and the state dict; default ``param0``, ``param1``...).
     config : CalibrationConfig
-        Options of METHOD.md (``scope`` groups tensors, ``backend`` picks the
-        fused path).
+        Options of ``docs/method.md`` (``scope`` groups tensors, ``backend``
+        picks the fast path).
     samples : {"microbatch", "per_example", "laplace", "steps"}
-        Where the gradient samples come from (METHOD.md, sample sources).
+        Where the gradient samples come from (``docs/method.md``, Stage 0).
     chunks : int
         Micro-batches per source and step (``samples="microbatch"``).
     rho : float in [0, 1] or None
@@ -136,11 +122,17 @@ class GradientCalibrator:
         ``GradScaler`` skips the step). ``backward(..., grad_scaler=...)``
         implies ``"plain"``.
     diagnostics : {"summary", "full", "none"} (keyword)
-        What :meth:`backward` reports per calibrated parameter: ``"summary"``
-        (mean weight and evidence per source, fused uncertainty, belief-scale
-        range; one device sync per step), ``"full"`` (the core's complete
-        :attr:`Calibration.diagnostics`, several syncs per tensor), or
-        ``"none"`` (counts and flags only, no per-parameter entries).
+        What :meth:`backward` reports per calibrated parameter on a sampled
+        step: ``"summary"`` (mean weight and evidence per source, fused
+        uncertainty, belief-scale range), ``"full"`` (the core's complete
+        :func:`bogc_core.diagnostics.summarize`), or ``"none"`` (counts and
+        flags only, no per-parameter entries, never a sampled step).
+    diagnostics_every : int (keyword)
+        Sample the diagnostics on the first step and every this many steps
+        after it (default 50; 1: every step). A sampled step recomputes each
+        calibrated tensor's full calibration for its summary; the other steps
+        report counts and flags only and cost no extra pass over the
+        statistics.
     keep_statistics : bool (keyword)
         Keep the statistics of the last step in :attr:`last_statistics`
         (source -> parameter name -> ``GradientStats``) for inspection; off
@@ -166,72 +158,60 @@ class GradientCalibrator:
         timeout: timedelta | None = None,
         on_nonfinite: str = "raise",
         diagnostics: str = "summary",
+        diagnostics_every: int = 50,
         keep_statistics: bool = False,
     ) -> None:
-        self._params = _named(params)
-        self._index = {id(p): i for i, (_, p) in enumerate(self._params)}
-        self.config = CalibrationConfig() if config is None else config
-        if not isinstance(self.config, CalibrationConfig):
-            raise ConfigError(f"config: expected CalibrationConfig, got {type(self.config).__name__}")
-        if samples not in SAMPLES:
-            raise ConfigError(f"samples: must be one of {SAMPLES}, got {samples!r}")
-        self.samples = samples
-        if not (isinstance(chunks, int) and chunks >= 2):
-            raise ConfigError(f"chunks: must be an int >= 2 (micro-batches per step), got {chunks!r}")
-        self.chunks = chunks
-        if rho is None and samples == "steps":
-            rho = 0.9
-        if rho is not None:
-            rho = float(rho)
-            if not 0.0 <= rho <= 1.0:
-                raise ConfigError(f"rho: must lie in [0, 1] (1 keeps every step), got {rho}")
-            if samples == "steps" and self.config.prior.beta0 is None and rho <= 0.5:
-                raise ConfigError(
-                    f"rho: {rho} <= 0.5 keeps fewer than 2 effective steps (1 / (1 - rho)), so the "
-                    f"variance is never identified; use rho > 0.5 (0.9 is the default) or give "
-                    f"NormalGammaPrior(beta0=...) in config.prior"
-                )
-        self.rho = rho
-        self._state = StepState(rho) if rho is not None else None
+        self._params = named_parameters(params)
+        # A zero-size parameter (a layer of a 0-feature modality) has no gradient entries:
+        # it is left out of the graph walk, the shortcut and the calibration, and its
+        # p.grad is left alone.
+        self._index = {id(p): i for i, (_, p) in enumerate(self._params) if p.numel() > 0}
+        opts = validate_options(
+            config, samples, chunks, rho, source_weights, on_nonfinite=on_nonfinite,
+            diagnostics=diagnostics, diagnostics_every=diagnostics_every, chunk_bytes=chunk_bytes,
+            timeout=timeout, keep_statistics=keep_statistics,
+        )
+        self.options = opts
+        self.config = opts.config
+        self.samples = opts.samples
+        self.chunks = opts.chunks
+        self.rho = opts.rho
+        self.source_weights = opts.source_weights
+        self.on_nonfinite = opts.on_nonfinite
+        self.diagnostics = opts.diagnostics
+        self.diagnostics_every = opts.diagnostics_every
+        self.keep_statistics = opts.keep_statistics
+        self.chunk_bytes = opts.chunk_bytes
+        self.timeout = opts.timeout
         self.process_group = process_group
-        if source_weights is not None:
-            if not isinstance(source_weights, Mapping):
-                raise ConfigError("source_weights: expected a mapping source name -> float, or None")
-            bad = {k: v for k, v in source_weights.items() if not math.isfinite(float(v))}
-            if bad:
-                raise ConfigError(f"source_weights: must be finite numbers, got {bad}")
-            source_weights = {str(k): float(v) for k, v in source_weights.items()}
-        self.source_weights = source_weights
-        if on_nonfinite not in ("raise", "plain"):
-            raise ConfigError(f"on_nonfinite: must be 'raise' or 'plain', got {on_nonfinite!r}")
-        self.on_nonfinite = on_nonfinite
-        if diagnostics not in ("summary", "full", "none"):
-            raise ConfigError(f"diagnostics: must be 'summary', 'full' or 'none', got {diagnostics!r}")
-        self.diagnostics = diagnostics
-        self.keep_statistics = bool(keep_statistics)
-        if not (isinstance(chunk_bytes, int) and chunk_bytes > 0):
-            raise ConfigError(f"chunk_bytes: must be a positive int, got {chunk_bytes!r}")
-        self.chunk_bytes = chunk_bytes
-        self.timeout = timeout
-        self._taps = None
-        if model is not None:
-            if not isinstance(model, nn.Module):
-                raise ConfigError(f"model: expected an nn.Module, got {type(model).__name__}")
-            if samples in ("per_example", "microbatch"):
-                self._taps = LinearTaps(model, self._index)
-        self._laplace = None
-        if samples == "laplace":
-            from .laplace import LaplaceSource
-
-            self._laplace = LaplaceSource(
-                laplace_layers, self._index, prior_precision=prior_precision, draws=draws
-            )
-        elif laplace_layers is not None:
+        self._state = StepState(self.rho) if self.rho is not None else None
+        if model is not None and not isinstance(model, nn.Module):
+            raise ConfigError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if laplace_layers is not None and self.samples != "laplace":
             raise ConfigError("laplace_layers: only used with samples='laplace'")
+        self._source = self._make_source(laplace_layers, prior_precision, draws)
+        self._taps = (
+            LinearTaps(model, self._index)
+            if model is not None and self._source.USES_SHORTCUT else None
+        )
         self._generator = torch.Generator().manual_seed(int(seed))
+        self._workspace = Workspace([p for _, p in self._params])
+        self._steps_done = 0
         #: source -> parameter name -> GradientStats used by the last backward
         #: (unscaled); filled only with keep_statistics=True.
         self.last_statistics: dict[str, dict[str, GradientStats]] = {}
+
+    def _make_source(self, laplace_layers: Mapping[str, nn.Module] | None, prior_precision: float,
+                     draws: int) -> SampleSource:
+        if self.samples == "per_example":
+            return PerExample()
+        if self.samples == "microbatch":
+            return Microbatch(self.chunks)
+        if self.samples == "steps":
+            return Steps()
+        from .laplace import LaplaceSource
+
+        return LaplaceSource(laplace_layers, self._index, prior_precision=prior_precision, draws=draws)
 
     # ----------------------------------------------------------------- public
     @property
@@ -258,8 +238,7 @@ class GradientCalibrator:
         finally:
             if self._taps is not None:
                 self._taps.clear()
-            if self._laplace is not None:
-                self._laplace.clear()
+            self._source.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """Carried statistics and the random generator's state (all tensors copied)."""
@@ -272,7 +251,12 @@ class GradientCalibrator:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; the next ``backward`` continues the saved run."""
+        """Restore :meth:`state_dict` output; the next ``backward`` continues the saved run.
+
+        Everything is checked first (format, sample source, parameter names and
+        shapes, ``rho``, counts >= 0, finite moments, the generator state);
+        only then is anything replaced, so a failed load changes nothing.
+        """
         if not isinstance(state_dict, Mapping) or state_dict.get("format") != 1:
             raise ConfigError("state_dict: not a GradientCalibrator.state_dict() (format 1)")
         if state_dict.get("samples") != self.samples:
@@ -284,18 +268,39 @@ class GradientCalibrator:
         saved = state_dict.get("state")
         if (saved is None) != (self._state is None):
             raise ConfigError("state_dict: carried statistics do not match this calibrator's rho")
+        gen_state = state_dict.get("generator")
+        if not isinstance(gen_state, torch.Tensor) or gen_state.dtype != torch.uint8:
+            raise ConfigError(
+                "state_dict['generator']: expected the ByteTensor of torch.Generator.get_state(); "
+                "pass the dict saved by GradientCalibrator.state_dict()"
+            )
+        probe = torch.Generator()
+        try:
+            probe.set_state(gen_state.clone())
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"state_dict['generator']: not a valid generator state ({exc}); pass the dict "
+                f"saved by GradientCalibrator.state_dict()"
+            ) from exc
+        new_state = None
         if self._state is not None:
-            self._state.rho = float(saved["rho"])
-            self._state.load_state_dict(saved, shapes)
-        self._generator.set_state(state_dict["generator"].clone())
+            if not isinstance(saved, Mapping):
+                raise ConfigError("state_dict['state']: expected a mapping; pass the saved dict as is")
+            rho = check_rho(saved.get("rho"), self.samples, self.config, "state_dict['state']['rho']")
+            new_state = StepState(float(rho) if rho is not None else 0.0)
+            new_state.load_state_dict(saved, shapes)
+        # Everything checked: commit.
+        if new_state is not None:
+            self._state = new_state
+            self.rho = new_state.rho
+        self._generator.set_state(gen_state.clone())
 
     def remove_hooks(self) -> None:
         """Remove the forward hooks (Linear shortcut with ``model=``, Linear Laplace layers)."""
         if self._taps is not None:
             self._taps.remove()
             self._taps = None
-        if self._laplace is not None:
-            self._laplace.remove()
+        self._source.remove()
 
     # --------------------------------------------------------------- internal
     def _check_losses(self, losses: Mapping[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
@@ -307,7 +312,7 @@ class GradientCalibrator:
         for name, l in losses.items():
             if not isinstance(l, torch.Tensor) or not l.is_floating_point():
                 raise ShapeError(f"losses[{name!r}]: expected a floating torch.Tensor, got {type(l).__name__}")
-            if l.dim() > 1 or (l.dim() == 0 and self.samples != "steps"):
+            if l.dim() > 1 or (l.dim() == 0 and not self._source.SCALAR_LOSSES):
                 raise ShapeError(
                     f"losses[{name!r}]: shape {tuple(l.shape)}; pass the per-example loss vector of "
                     f"shape (batch,) (e.g. reduction='none')"
@@ -332,20 +337,20 @@ class GradientCalibrator:
                 )
         return names, tensors
 
-    def _problem(self, names: list[str], tensors: list[torch.Tensor]) -> _samples.Problem:
+    def _problem(self, names: list[str], tensors: list[torch.Tensor]) -> Problem:
         cands = self._taps.candidates() if self._taps is not None else []
         node_ids = [id(t.out.grad_fn) for t in cands]
         reaches = [walk(l, self._index, node_ids) for l in tensors]
         in_graph = set().union(*[r.nodes for r in reaches]) if reaches else set()
         # Records outside the current graph (an earlier forward nobody backpropagated) do
         # not count; a layer called twice within the graph cannot use the shortcut.
-        per_mod: dict[int, list] = {}
+        per_mod: dict[int, list[Tap]] = {}
         for t in cands:
             if id(t.out.grad_fn) in in_graph:
                 per_mod.setdefault(id(t.module), []).append(t)
         # Calls that are not candidates (3-D input, ...) are caught by the fan-in check below.
         taps = [ts[0] for ts in per_mod.values() if len(ts) == 1]
-        shortcut: list[list] = []
+        shortcut: list[list[Tap]] = []
         for k, r in enumerate(reaches):
             mine = []
             for t in taps:
@@ -361,27 +366,13 @@ class GradientCalibrator:
                     continue
                 mine.append(t)
             shortcut.append(mine)
-        return _samples.Problem(
-            names, tensors, [p for _, p in self._params], [r.params for r in reaches], shortcut
-        )
+        return Problem(names, tensors, [p for _, p in self._params], [r.params for r in reaches], shortcut)
 
-    def _sample(self, prob: _samples.Problem) -> dict[str, dict[int, GradientStats]]:
-        if self.samples == "per_example":
-            return _samples.per_example(prob, self.chunk_bytes)
-        if self.samples == "microbatch":
-            return _samples.microbatch(prob, self.chunks, self.chunk_bytes)
-        if self.samples == "laplace":
-            return self._laplace.sample(prob, self._generator, self.chunk_bytes, self._group(), self.timeout)
-        means = _samples.step_means(prob)
-        # One sample per step; the count carries the batch size only for the
-        # cross-rank average and is reset to 1 below.
-        return {
-            s: {i: GradientStats(float(prob.batch(k)), g, torch.zeros_like(g)) for i, g in means[s].items()}
-            for k, s in enumerate(prob.names)
-        }
-
-    def _group(self):
-        return active_group(self.process_group)
+    def _sample(self, prob: Problem, sink: Any = None) -> SourceStats:
+        """This rank's statistics from the sample source (``sink``: see :class:`SampleContext`)."""
+        ctx = SampleContext(self.chunk_bytes, self._generator, active_group(self.process_group),
+                            self.timeout, sink)
+        return self._source.sample(prob, ctx)
 
     def _backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any) -> dict[str, Any]:
         names, tensors = self._check_losses(losses)
@@ -391,7 +382,7 @@ class GradientCalibrator:
             tensors = [grad_scaler.scale(l) for l in tensors]
             scale = float(grad_scaler.get_scale())
         plain_on_nonfinite = self.on_nonfinite == "plain" or scale is not None
-        group = self._group()
+        group = active_group(self.process_group)
         # In a process group a NaN must travel through the all-reduce so that every
         # rank raises (one rank raising alone would leave its peers waiting).
         if not plain_on_nonfinite and group is None:
@@ -403,26 +394,67 @@ class GradientCalibrator:
                         f"on_nonfinite='plain') so that the step is skipped"
                     )
         prob = self._problem(names, tensors)
-        stats = self._sample(prob)
-        if group is not None and self.samples != "laplace":  # laplace reduces its own draws
-            stats = allreduce_stats(stats, group, self.timeout)
-        if self.samples == "steps":
-            stats = {
-                s: {i: GradientStats(1.0, st.mean, torch.zeros_like(st.mean)) for i, st in per.items()}
-                for s, per in stats.items()
-            }
+        sources_of: dict[int, tuple[str, ...]] = {}
+        for k, s in enumerate(names):
+            for i in sorted(prob.reach[k]):
+                sources_of[i] = sources_of.get(i, ()) + (s,)
+        groups = self._workspace.layout(sources_of)
+        # Carried statistics keep references to this step's tensors: those must not be
+        # views of the reused buffers, so the sources write into them only without rho.
+        sink = self._workspace.sink if self._state is None else None
+        try:
+            stats = self._sample(prob, sink)
+        except RuntimeError as exc:
+            if "backward through the graph a second time" in str(exc):
+                raise ShapeError(
+                    "losses: their graph was already freed by an earlier backward (loss.backward() "
+                    "or another calibrator call); call GradientCalibrator.backward(losses) instead "
+                    "of loss.backward(), or pass retain_graph=True to the earlier backward"
+                ) from exc
+            raise
+        shortcut = sorted({
+            self._params[i][0] for taps in prob.shortcut for t in taps
+            for i in (t.weight, t.bias) if i is not None
+        })
+        del prob
+        if group is not None and not self._source.REDUCES_ITSELF:
+            reduced = allreduce_stats(_checked(stats), group, self.timeout)
+            stats = {s: {i: st for i, st in per.items()} for s, per in reduced.items()}
+        stats = self._source.after_reduce(stats)
         if scale is not None:
             stats = {
-                s: {i: GradientStats(st.count, st.mean / scale, st.m2 / (scale * scale)) for i, st in per.items()}
+                s: {i: Moments(st.count, st.mean / scale, st.m2 / (scale * scale)) for i, st in per.items()}
                 for s, per in stats.items()
             }
         out_scale = 1.0 if scale is None else scale
+        produced: dict[int, tuple[str, ...]] = {}
+        for s in names:
+            for i in stats.get(s, {}):
+                produced[i] = produced.get(i, ()) + (s,)
+        if produced != sources_of:  # a source covered other parameters than the graph walk found
+            groups = self._workspace.layout(produced)
 
-        # One reduction per tensor and one sync: a NaN or inf anywhere makes the sum non-finite.
-        flat = [(s, i, st) for s, per in stats.items() for i, st in per.items()]
-        finite = _all_finite([st.mean.sum() + st.m2.sum() for _, _, st in flat])
-        bad = [(s, self._params[i][0]) for (s, i, st), ok in zip(flat, finite)
-               if not ok and not (bool(torch.isfinite(st.mean).all()) and bool(torch.isfinite(st.m2).all()))]
+        # Carried statistics: accumulated count and M2, current mean (the merge is pure;
+        # the state changes only once the step has succeeded).
+        new_state = None
+        used = stats
+        if self._state is not None:
+            keyed = {(s, self._params[i][0]): _checked_one(st) for s, per in stats.items() for i, st in per.items()}
+            new_state = self._state.updated(keyed)
+            del keyed
+            used = {
+                s: {i: Moments(new_state[(s, self._params[i][0])].count, st.mean,
+                                     new_state[(s, self._params[i][0])].m2)
+                    for i, st in per.items()}
+                for s, per in stats.items()
+            }
+        for g in groups:
+            g.fill(used)
+        # One reduction per group and one sync: a NaN or inf anywhere makes the sum non-finite.
+        sums = [g.finite_sum() for g in groups]
+        finite = _all_finite(sums) if sums else []
+        bad = [(s, self._params[i][0]) for g, ok in zip(groups, finite) if not ok
+               for s, i in g.nonfinite_params()]
         if bad:
             if not plain_on_nonfinite:
                 s, pname = bad[0]
@@ -431,130 +463,66 @@ class GradientCalibrator:
                     f"values; check the loss for overflow or NaN inputs, lower the learning rate, "
                     f"or with AMP pass grad_scaler= (or on_nonfinite='plain') so the step is skipped"
                 )
-            grads = self._plain(stats, names, out_scale)
-            self._write(grads)
+            for g in groups:
+                g.plain(self.source_weights, out_scale)
+            self._write()
             return {"samples": self.samples, "sources": names, "nonfinite": True,
                     "nonfinite_parameters": sorted({p for _, p in bad}), "warmup": False,
                     "parameters": {}}
-
-        del flat, finite
-        # Carried statistics: accumulated count and M2, current mean.
-        new_state = None
-        used = stats
-        if self._state is not None:
-            keyed = {(s, self._params[i][0]): st for s, per in stats.items() for i, st in per.items()}
-            new_state = self._state.updated(keyed)
-            del keyed
-            used = {
-                s: {i: GradientStats(new_state[(s, self._params[i][0])].count, st.mean,
-                                     new_state[(s, self._params[i][0])].m2)
-                    for i, st in per.items()}
-                for s, per in stats.items()
-            }
-        del stats
         if self.keep_statistics:
             self.last_statistics = {
-                s: {self._params[i][0]: st for i, st in per.items()} for s, per in used.items()
+                s: {self._params[i][0]: GradientStats(st.count, st.mean.clone(), st.m2.clone())
+                    for i, st in per.items()}
+                for s, per in used.items()
             }
-        shortcut = sorted({
-            self._params[i][0] for taps in prob.shortcut for t in taps
-            for i in (t.weight, t.bias) if i is not None
-        })
-        del prob
-        grads, diag = self._calibrate(used, names, out_scale)
+        del stats, used
+        diag = self._calibrate(groups, names, out_scale)
         diag["shortcut_parameters"] = shortcut
-        self._write(grads)
-        if new_state is not None:
-            self._state.commit(new_state)
+        # Commit: the carried state first (it can be put back), then p.grad.
+        state = self._state
+        if new_state is not None and state is not None:
+            kept = (state.stats, state.steps)
+            state.commit(new_state)
+            try:
+                self._write()
+            except BaseException:
+                state.stats, state.steps = kept
+                raise
+        else:
+            self._write()
+        self._steps_done += 1
         return diag
 
-    def _lam(self, s: str) -> float:
-        return 1.0 if self.source_weights is None else self.source_weights[s]
-
-    def _plain(self, stats, names, out_scale) -> dict[int, torch.Tensor]:
-        grads: dict[int, torch.Tensor] = {}
-        for s in names:
-            for i, st in stats[s].items():
-                g = st.mean * (self._lam(s) * out_scale)
-                grads[i] = g if i not in grads else grads[i] + g
-        return grads
-
-    def _calibrate(self, used, names, out_scale):
-        """Calibrated gradients ``{param index: tensor}`` and the step's diagnostics.
-
-        ``used`` is emptied on the way: each tensor's statistics are released
-        as soon as it is calibrated, smallest tensors first, so that the peak
-        memory is the statistics of the largest tensors plus one tensor's
-        calibration temporaries.
-        """
-        per_param: dict[int, dict[str, GradientStats]] = {}
-        for s in names:
-            for i, st in used[s].items():
-                per_param.setdefault(i, {})[s] = st
-        counts = {s: float(torch.as_tensor(next(iter(used[s].values())).count).max())
-                  for s in names if used[s]}
-        used.clear()
-        order = sorted(per_param, key=lambda i: (self._params[i][1].numel(), i))
-        multi = [i for i in order if len(per_param[i]) > 1]
-        warmup = False
-        if self.config.prior.beta0 is None:
-            warmup = any(
-                float(torch.as_tensor(st.count).max()) < 2 for i in multi for st in per_param[i].values()
-            )
-        grads: dict[int, torch.Tensor] = {}
+    def _calibrate(self, groups: list[Group], names: list[str], out_scale: float) -> dict[str, Any]:
+        """Every group's gradient into its ``out`` buffer, and the step's diagnostics."""
+        multi = [g for g in groups if len(g.sources) > 1]
+        warmup = self.config.prior.beta0 is None and any(g.min_count() < 2 for g in multi)
+        sampled = self.diagnostics != "none" and self._steps_done % self.diagnostics_every == 0
+        lam = self.source_weights
+        counts: dict[str, float] = {}
+        for g in groups:
+            for s, c in zip(g.sources, g.counts):
+                counts[s] = max(counts.get(s, c), c)
         pdiag: dict[str, Any] = {}
-        for i in order:
-            srcs = per_param[i]
-            if len(srcs) == 1 or warmup:
-                g = None
-                for s, st in srcs.items():
-                    t = st.mean * (self._lam(s) * out_scale)
-                    g = t if g is None else g + t
-                grads[i] = g
-                pdiag[self._params[i][0]] = (
-                    {"sources": list(srcs), "single_source": next(iter(srcs))}
-                    if len(srcs) == 1 else {"sources": list(srcs), "warmup": True}
-                )
-                del per_param[i]
-        summaries: dict[int, tuple] = {}  # param -> (sources, numel, summary tensor, flags)
-        if multi and not warmup:
-            lam = self.source_weights
-            if self.config.scope == "tensor":
-                for i in multi:
-                    srcs = per_param.pop(i)
-                    # the sources reaching this tensor may be a subset of all sources
-                    lam_i = None if lam is None else {k: lam[k] for k in srcs}
-                    cal = calibrate(srcs, self.config, lam_i, check_values=False)  # checked above
-                    del srcs
-                    grads[i] = cal.gradient * out_scale if out_scale != 1.0 else cal.gradient
-                    summaries[i] = self._digest(cal)
-                    del cal
-            else:
-                cals = calibrate_tensors(
-                    [per_param.pop(i) for i in multi], self.config, lam, check_values=False
-                )
-                for i, cal in zip(multi, cals):
-                    grads[i] = cal.gradient * out_scale if out_scale != 1.0 else cal.gradient
-                    summaries[i] = self._digest(cal)
-                del cals
-        return grads, self._summary(names, pdiag, summaries, counts, warmup, len(multi), len(order))
-
-    def _digest(self, cal) -> tuple:
-        """What the diagnostics need from one Calibration, as small tensors (no sync yet)."""
-        S = len(cal.sources)
-        if self.diagnostics == "none":
-            return cal.sources, cal.gradient.numel(), None, dict(cal.flags)
-        if self.diagnostics == "full":
-            return cal.sources, cal.gradient.numel(), cal.diagnostics, dict(cal.flags)
-        row = torch.cat([
-            cal.weights.reshape(S, -1).mean(dim=1).double(),
-            cal.evidence.reshape(S, -1).mean(dim=1).double(),
-            torch.stack([cal.uncertainty.mean(), cal.belief_scale.min(),
-                         cal.belief_scale.max()]).double(),
-        ])
-        return cal.sources, cal.gradient.numel(), row, dict(cal.flags)
-
-    def _summary(self, names, pdiag, summaries, counts, warmup, n_multi, n_reached) -> dict[str, Any]:
+        entries: dict[str, dict[str, Any]] = {}
+        flags: list[dict[str, Any]] = []
+        for g in groups:
+            pnames = [self._params[i][0] for i in g.params]
+            if len(g.sources) == 1 or warmup:
+                g.plain(lam, out_scale)
+                if sampled:
+                    for n in pnames:
+                        pdiag[n] = ({"sources": list(g.sources), "single_source": g.sources[0]}
+                                    if len(g.sources) == 1 else {"sources": list(g.sources), "warmup": True})
+                continue
+            fl: dict[str, Any] | None = {} if sampled else None
+            g.calibrate(self.config, lam, out_scale, fl)
+            if fl is not None:
+                flags.append(fl)
+                shapes = [self._params[i][1].shape for i in g.params]
+                entries.update(group_entries(g, pnames, shapes, self.config, lam, self.diagnostics))
+        n_multi = sum(len(g.params) for g in multi)
+        n_reached = sum(len(g.params) for g in groups)
         d: dict[str, Any] = {
             "samples": self.samples,
             "sources": list(names),
@@ -564,60 +532,29 @@ class GradientCalibrator:
             "num_single_source": n_reached - n_multi,
             "warmup": bool(warmup),
             "nonfinite": False,
+            "sampled": bool(sampled),
         }
-        if summaries and self.diagnostics != "none":
-            if self.diagnostics == "summary":
-                # One host sync for the whole step.
-                rows = torch.cat([r for _, _, r, _ in summaries.values()]).cpu().tolist()
-            tot = sum(n for _, n, _, _ in summaries.values())
-            wm = {s: 0.0 for s in names}
-            em = {s: 0.0 for s in names}
-            fu, smin, smax, pos = 0.0, math.inf, -math.inf, 0
-            for i, (sources, numel, row, flags) in summaries.items():
-                S = len(sources)
-                if self.diagnostics == "summary":
-                    v = rows[pos:pos + 2 * S + 3]
-                    pos += 2 * S + 3
-                    entry = {
-                        "sources": list(sources),
-                        "weight_mean": dict(zip(sources, v[:S])),
-                        "evidence_mean": dict(zip(sources, v[S:2 * S])),
-                        "fused_uncertainty_mean": v[2 * S],
-                        "belief_scale_min": v[2 * S + 1],
-                        "belief_scale_max": v[2 * S + 2],
-                        "path": str(flags.get("path", "reference")),
-                        **({"fallback": str(flags["fallback"])} if "fallback" in flags else {}),
-                    }
-                else:
-                    entry = row
-                pdiag[self._params[i][0]] = entry
-                frac = numel / tot
-                fu += frac * entry["fused_uncertainty_mean"]
-                smin = min(smin, entry["belief_scale_min"])
-                smax = max(smax, entry["belief_scale_max"])
-                for s in sources:
-                    wm[s] += frac * entry["weight_mean"][s]
-                    em[s] += frac * entry["evidence_mean"][s]
-            d["weight_mean"] = wm
-            d["evidence_mean"] = em
-            d["fused_uncertainty_mean"] = fu
-            d["belief_scale_min"] = smin
-            d["belief_scale_max"] = smax
-        if summaries:
-            d["paths"] = sorted({str(f.get("path", "reference")) for _, _, _, f in summaries.values()})
-            fb = sorted({str(f["fallback"]) for _, _, _, f in summaries.values() if "fallback" in f})
+        if entries:
+            numels = {self._params[i][0]: self._params[i][1].numel() for g in multi for i in g.params}
+            d.update(model_summary(entries, numels, names))
+            pdiag.update(entries)
+            d["paths"] = sorted({str(f.get("path", "reference")) for f in flags})
+            fb = sorted({str(f["fallback"]) for f in flags if "fallback" in f})
             if fb:
                 d["fallback"] = fb
+            zv = sorted({s for f in flags for s in f.get("zero_variance_sources", [])})
+            d["zero_variance_sources"] = zv
         d["parameters"] = pdiag if self.diagnostics != "none" else {}
         return d
 
-    def _write(self, grads: dict[int, torch.Tensor]) -> None:
-        # Convert everything first, so that nothing is written if a conversion fails.
-        ready = [(self._params[i][1], g.detach().to(dtype=self._params[i][1].dtype,
-                                                       device=self._params[i][1].device))
-                 for i, g in grads.items()]
-        for p, g in ready:
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.copy_(g)
+    def _write(self) -> None:
+        """Copy the layout's gradient buffers into ``p.grad`` (after every check of the step passed)."""
+        pending = [(self._params[i][1], v) for i, v in self._workspace.grad_views()]
+        # Form every new gradient first, so that nothing is written if one fails.
+        fresh = {id(p): v.detach().to(dtype=p.dtype, device=p.device, copy=True)
+                 for p, v in pending if p.grad is None}
+        for p, v in pending:
+            if id(p) in fresh:
+                p.grad = fresh[id(p)]
+            elif p.grad is not None:
+                p.grad.copy_(v)

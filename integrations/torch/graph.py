@@ -54,10 +54,8 @@ def walk(loss: torch.Tensor, param_index: dict[int, int], node_ids: Iterable[int
         if id(node) in wanted:
             out.nodes.add(id(node))
         var = getattr(node, "variable", None)
-        if var is not None:
-            idx = param_index.get(id(var))
-            if idx is not None:
-                out.params.add(idx)
+        if var is not None and id(var) in param_index:
+            out.params.add(param_index[id(var)])
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue

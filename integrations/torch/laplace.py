@@ -1,4 +1,4 @@
-"""Laplace Monte Carlo gradient samples (METHOD.md, sample source 3; the paper's route).
+"""Laplace Monte Carlo gradient samples (``docs/method.md``, Stage 0; the paper's route).
 
 For source ``k`` with last layer ``h`` (weights ``W``, named by the user):
 
@@ -28,22 +28,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import timedelta
+from typing import Any
 
 import torch
 from torch import nn
 
-from bogc_core import GradientStats
 from bogc_core.errors import ConfigError, InsufficientSamplesError
 
 from .distributed import allreduce_sum
-from .samples import Problem, batched_grads, work_dtype
+from .graph import walk
+from .samples import Moments, Problem, SourceStats, Stats, batched_grads, work_dtype
 from .shortcut import ForwardRecorder
+from .source import SampleContext, SampleSource
 
 __all__ = ["LaplaceSource"]
 
 
-class LaplaceSource(ForwardRecorder):
+class LaplaceSource(ForwardRecorder, SampleSource):
     """Diagonal last-layer Laplace draws for every source (see module docstring)."""
+
+    NAME = "laplace"
+    REDUCES_ITSELF = True
 
     def __init__(
         self,
@@ -58,12 +63,12 @@ class LaplaceSource(ForwardRecorder):
                 "laplace_layers: samples='laplace' needs a mapping source name -> the last layer "
                 "(an nn.Module) of that source's modality, e.g. {'audio': model.audio_head}"
             )
-        self.layers: dict[str, list[torch.Tensor]] = {}
+        self.layers: dict[str, list[torch.Tensor]] = {}  # parameters of each source's layer
         self.module_of: dict[str, nn.Module] = {}
         for name, mod in layers.items():
             if not isinstance(mod, nn.Module):
                 raise ConfigError(f"laplace_layers[{name!r}]: expected an nn.Module, got {type(mod).__name__}")
-            ps = [p for p in mod.parameters() if p.requires_grad]
+            ps: list[torch.Tensor] = [p for p in mod.parameters() if p.requires_grad]
             if not ps:
                 raise ConfigError(f"laplace_layers[{name!r}]: the layer has no trainable parameters")
             self.layers[str(name)] = ps
@@ -93,6 +98,7 @@ class LaplaceSource(ForwardRecorder):
         except RuntimeError:  # the recorded call is not in this loss's graph
             return None
         mod = self.module_of[name]
+        assert isinstance(mod, nn.Linear)  # only Linear layers are recorded
         dt = work_dtype(mod.weight)
         d2, x2 = delta.to(dt).square(), x.to(dt).square()
         by_id = {id(mod.weight): d2.T @ x2}
@@ -117,8 +123,11 @@ class LaplaceSource(ForwardRecorder):
                 f += (r * r).sum(dim=0)
         return F
 
-    def sample(self, prob: Problem, generator: torch.Generator, chunk_bytes: int, group,
-               timeout: timedelta | None = None) -> dict[str, dict[int, GradientStats]]:
+    def sample(self, prob: Problem, ctx: SampleContext) -> SourceStats:
+        return self.draw(prob, ctx.generator, ctx.chunk_bytes, ctx.group, ctx.timeout)
+
+    def draw(self, prob: Problem, generator: torch.Generator, chunk_bytes: int, group: Any,
+             timeout: timedelta | None = None) -> SourceStats:
         missing = [s for s in prob.names if s not in self.layers]
         if missing:
             raise ConfigError(
@@ -129,6 +138,15 @@ class LaplaceSource(ForwardRecorder):
             if prob.losses[k].dim() != 1 or prob.batch(k) < 1:
                 raise InsufficientSamplesError(
                     f"losses[{s!r}]: the Laplace posterior needs per-example losses of shape (batch,)"
+                )
+        for k, s in enumerate(prob.names):
+            head = self.layers[s]
+            reached = walk(prob.losses[k], {id(h): j for j, h in enumerate(head)}).params
+            if not reached:
+                raise ConfigError(
+                    f"laplace_layers[{s!r}]: the layer is not in the graph of losses[{s!r}] (none "
+                    f"of its parameters reaches that loss); name the last layer that produces "
+                    f"source {s!r}'s output, e.g. laplace_layers={{{s!r}: model.head_{s}}}"
                 )
         # Phase 1: Fisher diagonals (summed over ranks: the global batch's posterior).
         fishers = []
@@ -179,12 +197,12 @@ class LaplaceSource(ForwardRecorder):
             red = allreduce_sum(flat, group, timeout)
             it = iter(red)
             results = [(targets, [next(it) for _ in g], [next(it) for _ in v]) for targets, g, v in results]
-        out: dict[str, dict[int, GradientStats]] = {}
+        out: SourceStats = {}
         for (targets, g, v), s in zip(results, prob.names):
-            per = {}
+            per: dict[int, Stats] = {}
             for i, gi, vi in zip(targets, g, v):
                 dt = work_dtype(prob.params[i])
                 vi = vi.to(dt)
-                per[i] = GradientStats(float(T), gi.to(dt), (vi * vi).sum(dim=0))
+                per[i] = Moments(float(T), gi.to(dt), (vi * vi).sum(dim=0))
             out[s] = per
         return out

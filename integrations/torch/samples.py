@@ -1,6 +1,6 @@
-"""Gradient samples of each source, summarised as statistics (METHOD.md, sample sources).
+"""Machinery shared by the sample sources (``docs/method.md``, Stage 0).
 
-Every function here takes a :class:`Problem` (the step's losses, the
+Every sample source takes a :class:`Problem` (the step's losses, the
 calibrator's parameters and which of them each loss reaches) and returns, per
 source and per reached parameter, the :class:`~bogc_core.GradientStats` of
 that source's gradient samples. A sample is the gradient of the *mean* loss
@@ -18,17 +18,40 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from bogc_core import GradientStats
 from bogc_core.errors import InsufficientSamplesError
 
 from .accumulate import Accumulator
-from .shortcut import Tap, conv_per_example_sums, factors, per_example_sums
+from .shortcut import Tap
 
-__all__ = ["Problem", "per_example", "microbatch", "step_means", "batched_grads", "work_dtype"]
+__all__ = [
+    "Moments", "Problem", "Row", "SourceStats", "Stats", "batched_grads", "chunk_slices", "delta_batches", "delta_rows", "generic_rows",
+    "require_examples", "shortcut_tensors", "stats_from_sums", "unaliased", "work_dtype",
+]
 
-SourceStats = dict[str, dict[int, GradientStats]]
+
+
+@dataclass(frozen=True, slots=True)
+class Moments:
+    """``(n, m, M2)`` of one source's samples for one tensor, unchecked.
+
+    The integration's own record of a step's statistics: building a
+    :class:`~bogc_core.GradientStats` validates its inputs, which costs more
+    than the arithmetic for small tensors, so the sources return these and the
+    core sees checked ``GradientStats`` of whole flat groups only.
+    """
+
+    count: float | torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    def checked(self) -> GradientStats:
+        return GradientStats(self.count, self.mean, self.m2)
+
+
+Stats = Moments | GradientStats
+SourceStats = dict[str, dict[int, Stats]]
 
 
 def work_dtype(p: torch.Tensor) -> torch.dtype:
@@ -54,7 +77,7 @@ class Problem:
     shortcut: list[list[Tap]] = field(default_factory=list)
 
     def generic(self, k: int) -> list[int]:
-        covered = set()
+        covered: set[int] = set()
         for tap in (self.shortcut[k] if self.shortcut else []):
             covered.update(i for i in (tap.weight, tap.bias) if i is not None)
         return sorted(self.reach[k] - covered)
@@ -86,16 +109,16 @@ def batched_grads(
     )
 
 
-def _stats_from_sums(n: float, total: torch.Tensor, total_sq: torch.Tensor) -> GradientStats:
+def stats_from_sums(n: float, total: torch.Tensor, total_sq: torch.Tensor) -> Moments:
     """``GradientStats.from_sums`` for fresh buffers, in place: ``m = total / n``,
     ``M2 = max(sum g^2 - total * m, 0)`` (float32 loses about ``eps * n * m^2``;
     see the bound tested in ``test_linear_shortcut_sums_match_materialised``)."""
     mean = total.div_(n)
     m2 = total_sq.addcmul_(mean, mean, value=-n).clamp_(min=0.0)
-    return GradientStats(float(n), mean, m2)
+    return Moments(float(n), mean, m2)
 
 
-def _unaliased(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+def unaliased(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """Copies of the gradients that share storage with another (autograd may hand the same
     tensor to two inputs), so that each can be overwritten in place."""
     seen: set[int] = set()
@@ -107,7 +130,7 @@ def _unaliased(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _require(prob: Problem, k: int, at_least: int, what: str) -> None:
+def require_examples(prob: Problem, k: int, at_least: int, what: str) -> None:
     if prob.batch(k) < at_least:
         raise InsufficientSamplesError(
             f"losses[{prob.names[k]!r}]: {prob.batch(k)} example(s) cannot give {what}; pass a "
@@ -116,75 +139,55 @@ def _require(prob: Problem, k: int, at_least: int, what: str) -> None:
         )
 
 
-def _delta_rows(prob: Problem, sources: list[int]) -> dict[int, dict[int, torch.Tensor]]:
-    """``d loss_k.sum() / d out`` for every shortcut layer output, all sources in one backward."""
+def delta_batches(prob: Problem, sources: list[int]) -> list[tuple[Tap, list[int], torch.Tensor]]:
+    """``d loss_k.sum() / d out`` for every shortcut layer output, all sources in one backward.
+
+    Returns ``(tap, ks, G)`` per layer call: ``G[r]`` ``(N, out)`` is source
+    ``ks[r]``'s output gradient; ``ks`` lists only the sources whose shortcut
+    uses that layer (a source that does not reach a layer costs nothing there).
+    """
     taps: dict[int, Tap] = {}
+    users: dict[int, list[int]] = {}
     for k in sources:
         for tap in prob.shortcut[k]:
             taps[id(tap.out)] = tap
+            users.setdefault(id(tap.out), []).append(k)
     if not taps:
-        return {}
+        return []
     outs = [t.out for t in taps.values()]
+    R = len(sources)
     cots = []
     for r, k in enumerate(sources):
-        c = torch.zeros((len(sources),) + tuple(prob.losses[k].shape), dtype=prob.losses[k].dtype, device=prob.losses[k].device)
+        l = prob.losses[k]
+        c = torch.zeros((R,) + tuple(l.shape), dtype=l.dtype, device=l.device)
         c[r] = 1.0
         cots.append(c)
     grads = batched_grads([prob.losses[k] for k in sources], cots, outs)
-    res: dict[int, dict[int, torch.Tensor]] = {}
-    for r, k in enumerate(sources):
-        res[k] = {tid: g[r] for tid, g in zip(taps, grads)}
+    row = {k: r for r, k in enumerate(sources)}
+    res = []
+    for (tid, tap), g in zip(taps.items(), grads):
+        ks = users[tid]
+        if len(ks) < R:
+            g = g[[row[k] for k in ks]]
+        res.append((tap, ks, g))
     return res
 
 
-def _shortcut_tensors(tap: Tap, dtype: torch.dtype, delta: torch.Tensor):
+def delta_rows(prob: Problem, sources: list[int]) -> dict[int, dict[int, torch.Tensor]]:
+    """:func:`delta_batches` keyed by source, then by ``id(tap.out)``."""
+    res: dict[int, dict[int, torch.Tensor]] = {k: {} for k in sources}
+    for tap, ks, g in delta_batches(prob, sources):
+        for r, k in enumerate(ks):
+            res[k][id(tap.out)] = g[r]
+    return res
+
+
+def shortcut_tensors(tap: Tap, dtype: torch.dtype, delta: torch.Tensor):
     return tap.x.to(dtype), delta.to(dtype)
 
 
-def per_example(prob: Problem, chunk_bytes: int = 1 << 26) -> SourceStats:
-    """Statistics of the per-example gradients ``g_i = grad l_i`` of every source.
-
-    Linear layers in ``prob.shortcut`` use the ``(x^2)^T (delta^2)`` identity;
-    every other reached parameter gets exact per-example gradients from
-    batched backward passes of at most ``chunk_bytes`` of gradient rows each.
-    """
-    S = len(prob.names)
-    for k in range(S):
-        _require(prob, k, 2, "per-example gradient statistics")
-    out: SourceStats = {n: {} for n in prob.names}
-    with_sc = [k for k in range(S) if prob.shortcut and prob.shortcut[k]]
-    deltas = _delta_rows(prob, with_sc)
-    for k in with_sc:
-        B = float(prob.batch(k))
-        mine = deltas.pop(k)
-        for tap in prob.shortcut[k]:
-            dt = work_dtype(tap.module.weight)
-            delta = mine.pop(id(tap.out))
-            if type(tap.module) is nn.Linear:
-                x, d = _shortcut_tensors(tap, dt, delta)
-                sums = per_example_sums(x, d, tap.weight is not None, tap.bias is not None)
-            else:
-                A, Bm = factors(tap, dt, delta)
-                sums = conv_per_example_sums(A, Bm, tap.weight is not None, tap.bias is not None,
-                                             chunk_bytes)
-            for key, idx in (("weight", tap.weight), ("bias", tap.bias)):
-                if idx is None:
-                    continue
-                total, total_sq = sums[key]
-                shape = prob.params[idx].shape
-                out[prob.names[k]][idx] = _stats_from_sums(B, total.reshape(shape), total_sq.reshape(shape))
-
-    gen = [prob.generic(k) for k in range(S)]
-    rows = [_Row(k, slice(i, i + 1), 1.0, 1.0) for k in range(S) if gen[k] for i in range(prob.batch(k))]
-    acc: dict[tuple[int, int], Accumulator] = {}
-    _generic(prob, gen, rows, chunk_bytes, acc)
-    for (k, i), a in acc.items():
-        out[prob.names[k]][i] = a.stats()
-    return out
-
-
 @dataclass
-class _Row:
+class Row:
     """One gradient sample: ``scale * sum(losses[k][examples])``, with frequency ``weight``."""
 
     k: int
@@ -193,7 +196,7 @@ class _Row:
     weight: float
 
 
-def _generic(prob: Problem, gen: list[list[int]], rows: list[_Row], chunk_bytes: int,
+def generic_rows(prob: Problem, gen: list[list[int]], rows: list[Row], chunk_bytes: int,
              acc: dict[tuple[int, int], Accumulator]) -> None:
     """Accumulate the gradient rows ``rows`` on the parameters ``gen[k]`` of each row's source.
 
@@ -218,7 +221,7 @@ def _generic(prob: Problem, gen: list[list[int]], rows: list[_Row], chunk_bytes:
             cots.append(c)
         inputs = sorted(set().union(*[set(gen[k]) for k in ks]))
         grads = batched_grads([prob.losses[k] for k in ks], cots, [prob.params[i] for i in inputs])
-        grads = _unaliased(grads)
+        grads = unaliased(grads)
         pos = {i: j for j, i in enumerate(inputs)}
         for k in ks:
             rs = [r for r, row in enumerate(chunk) if row.k == k]
@@ -241,82 +244,3 @@ def chunk_slices(B: int, chunks: int) -> list[slice]:
         sl.append(slice(start, start + size))
         start += size
     return sl
-
-
-def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> SourceStats:
-    """Statistics of ``chunks`` micro-batch gradients per source.
-
-    Chunk ``j`` of source ``k`` covers ``n_j`` contiguous examples; its sample
-    is the gradient of the chunk's mean loss, weighted by ``f_j = n_j c / B``
-    so that the statistics' mean is exactly the gradient of ``loss.mean()``
-    even when ``B`` is not a multiple of ``c`` (equal chunks: unit weights).
-    The chunks of all sources share batched backward passes.
-    """
-    S = len(prob.names)
-    for k in range(S):
-        _require(prob, k, 2, "two or more micro-batches")
-    out: SourceStats = {n: {} for n in prob.names}
-    slices = [chunk_slices(prob.batch(k), chunks) for k in range(S)]
-
-    def weight(k: int, j: int) -> float:
-        s = slices[k][j]
-        return (s.stop - s.start) * len(slices[k]) / prob.batch(k)
-
-    acc: dict[tuple[int, int], Accumulator] = {}
-    # Shortcut: chunk gradients of a linear layer from the per-example deltas,
-    # g_j = delta_j^T x_j / n_j over the rows of chunk j (one matmul per chunk:
-    # the FLOPs of a single weight gradient).
-    sc = [k for k in range(S) if prob.shortcut and prob.shortcut[k]]
-    deltas = _delta_rows(prob, sc)
-    for k in sc:
-        mine = deltas.pop(k)
-        f = torch.tensor([weight(k, j) for j in range(len(slices[k]))], dtype=torch.float64)
-        unit = bool((f == 1).all())
-        for tap in prob.shortcut[k]:
-            dt = work_dtype(tap.module.weight)
-            A, Bm = factors(tap, dt, mine.pop(id(tap.out)))
-            fw = None if unit else f.to(dtype=dt, device=A.device)
-            inv = [1.0 / (s_.stop - s_.start) for s_ in slices[k]]
-            if tap.weight is not None:
-                out_f, in_f = A.shape[2], Bm.shape[2]
-                g = torch.empty((len(inv), out_f, in_f), dtype=dt, device=A.device)
-                for j, (s_, a) in enumerate(zip(slices[k], inv)):
-                    torch.mm(A[s_].reshape(-1, out_f).T, Bm[s_].reshape(-1, in_f), out=g[j]).mul_(a)
-                g = g.reshape((len(inv),) + tuple(tap.module.weight.shape))
-                acc.setdefault((k, tap.weight), Accumulator()).add(g, fw, owned=True)
-                del g
-            if tap.bias is not None:
-                g = torch.stack([A[s_].sum(dim=(0, 1)).mul_(a) for s_, a in zip(slices[k], inv)])
-                acc.setdefault((k, tap.bias), Accumulator()).add(g, fw, owned=True)
-
-    gen = [prob.generic(k) for k in range(S)]
-    rows = [
-        _Row(k, s_, 1.0 / (s_.stop - s_.start), weight(k, j))
-        for j in range(max(len(sl) for sl in slices))
-        for k in range(S) if gen[k] and j < len(slices[k])
-        for s_ in [slices[k][j]]
-    ]
-    # Source-major order keeps each source's rows contiguous within a batch.
-    rows.sort(key=lambda r: r.k)
-    _generic(prob, gen, rows, chunk_bytes, acc)
-    for (k, i), a in acc.items():
-        out[prob.names[k]][i] = a.stats()
-    return out
-
-
-def step_means(prob: Problem) -> dict[str, dict[int, torch.Tensor]]:
-    """Each source's gradient of its mean loss (a scalar loss as is), in one backward."""
-    S = len(prob.names)
-    cots = []
-    for k in range(S):
-        l = prob.losses[k]
-        c = torch.zeros((S,) + tuple(l.shape), dtype=l.dtype, device=l.device)
-        c[k] = 1.0 / prob.batch(k) if l.dim() else 1.0
-        cots.append(c)
-    inputs = sorted(set().union(*prob.reach))
-    grads = batched_grads(prob.losses, cots, [prob.params[i] for i in inputs])
-    pos = {i: q for q, i in enumerate(inputs)}
-    return {
-        prob.names[k]: {i: grads[pos[i]][k].to(work_dtype(prob.params[i])) for i in sorted(prob.reach[k])}
-        for k in range(S)
-    }

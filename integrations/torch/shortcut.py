@@ -58,6 +58,13 @@ def _ranks(mod: nn.Module) -> int:
 class Tap:
     """One recorded call of a linear or convolution layer."""
 
+    @property
+    def layer_weight(self) -> torch.Tensor:
+        """The layer's weight (a tensor for every supported layer)."""
+        w = self.module.weight
+        assert isinstance(w, torch.Tensor)
+        return w
+
     module: nn.Module
     x: torch.Tensor  # (N, in) or (N, C, H, W), detached
     out: torch.Tensor  # (N, out) or (N, out, H', W'), part of the graph
@@ -102,7 +109,7 @@ class LinearTaps(ForwardRecorder):
 
     def __init__(self, model: nn.Module, param_index: dict[int, int]) -> None:
         super().__init__()
-        self._index: dict[nn.Linear, tuple[int | None, int | None]] = {}
+        self._index: dict[nn.Module, tuple[int | None, int | None]] = {}
         for mod in model.modules():
             if supported(mod) and id(mod.weight) in param_index:
                 b = mod.bias
@@ -153,6 +160,7 @@ def factors(tap: Tap, dtype: torch.dtype, delta: torch.Tensor) -> tuple[torch.Te
     d = delta.to(dtype)
     if type(mod) is nn.Linear:
         return d.unsqueeze(1), tap.x.to(dtype).unsqueeze(1)
+    assert isinstance(mod, nn.Conv2d) and not isinstance(mod.padding, str)  # see supported()
     U = F.unfold(tap.x.to(dtype), mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
                  stride=mod.stride)
     N, out = d.shape[:2]

@@ -1,7 +1,7 @@
 """Statistics carried across steps (``samples="steps"`` or any ``rho``), and their checkpoint form.
 
 Per source and parameter the state is the running ``GradientStats`` with
-forgetting (METHOD.md, Stage 0): before merging a step's statistics,
+forgetting (``docs/method.md``, Stage 0): before merging a step's statistics,
 ``n <- rho n`` and ``M2 <- rho M2``. The calibration then uses the
 accumulated count and ``M2`` (how noisy that source's gradient has been) with
 the *current* step's mean, so that with equal evidence the update is this
@@ -55,21 +55,49 @@ class StepState:
         return {"rho": self.rho, "steps": self.steps, "stats": nested}
 
     def load_state_dict(self, d: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Check every saved entry (names, shapes, counts >= 0, finite moments, M2 >= 0),
+        then replace the state; a failed load leaves the state as it was."""
+        steps = d.get("steps", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"state_dict['state']['steps']: must be an int >= 0, got {steps!r}")
+        saved = d.get("stats", {})
+        if not isinstance(saved, Mapping):
+            raise ConfigError("state_dict['state']['stats']: expected a mapping source -> parameter -> moments")
         stats: dict[Key, GradientStats] = {}
-        for src, per in d.get("stats", {}).items():
+        for src, per in saved.items():
+            if not isinstance(per, Mapping):
+                raise ConfigError(f"state_dict: statistics of source {src!r} are not a mapping; pass the saved dict")
             for name, t in per.items():
+                where = f"state_dict: statistics of parameter {name!r} (source {src!r})"
                 if name not in shapes:
                     raise ConfigError(
                         f"state_dict: statistics for unknown parameter {name!r} (source {src!r}); "
                         f"build the calibrator with the same parameters and names as when saving"
                     )
-                if tuple(t["mean"].shape) != tuple(shapes[name]):
+                if not (isinstance(t, Mapping) and all(isinstance(t.get(k), torch.Tensor)
+                                                       for k in ("count", "mean", "m2"))):
+                    raise ConfigError(f"{where}: expected tensors 'count', 'mean' and 'm2'; pass the saved dict")
+                count, mean, m2 = t["count"], t["mean"], t["m2"]
+                if tuple(mean.shape) != tuple(shapes[name]):
                     raise ConfigError(
                         f"state_dict: parameter {name!r} has shape {tuple(shapes[name])} but the "
-                        f"saved statistics have {tuple(t['mean'].shape)}; load into the same model"
+                        f"saved statistics have {tuple(mean.shape)}; load into the same model"
                     )
-                stats[(src, name)] = GradientStats(
-                    t["count"].clone(), t["mean"].clone(), t["m2"].clone()
-                )
+                if tuple(m2.shape) != tuple(mean.shape) or count.numel() != 1 and tuple(count.shape) != tuple(mean.shape):
+                    raise ConfigError(f"{where}: 'count', 'mean' and 'm2' have mismatched shapes; the checkpoint is corrupt")
+                if not (mean.is_floating_point() and m2.is_floating_point() and count.is_floating_point()):
+                    raise ConfigError(f"{where}: the moments must be floating tensors; the checkpoint is corrupt")
+                # One host sync per entry: finite, count >= 0, M2 >= 0.
+                ok = torch.stack([
+                    torch.isfinite(count).all() & (count >= 0).all(),
+                    torch.isfinite(mean).all(),
+                    torch.isfinite(m2).all() & (m2 >= 0).all(),
+                ]).tolist()
+                for flag, what in zip(ok, ("'count' must be finite and >= 0",
+                                           "'mean' must be finite",
+                                           "'m2' must be finite and >= 0")):
+                    if not flag:
+                        raise ConfigError(f"{where}: {what}; the checkpoint is corrupt, save it again")
+                stats[(src, name)] = GradientStats(count.clone(), mean.clone(), m2.clone())
         self.stats = stats
-        self.steps = int(d.get("steps", 0))
+        self.steps = steps

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_two_modality.py"
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "train_two_modality.py"
 
 
 def load():

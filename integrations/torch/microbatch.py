@@ -1,0 +1,104 @@
+"""Micro-batch gradient samples: the gradient of each of ``chunks`` micro-batches' mean loss.
+
+Chunk ``j`` of source ``k`` covers ``n_j`` contiguous examples; its sample is
+the gradient of the chunk's mean loss, weighted by ``f_j = n_j c / B`` so that
+the statistics' mean is exactly the gradient of ``loss.mean()`` even when
+``B`` is not a multiple of ``c``. Linear and Conv2d layers of the per-layer
+shortcut get the chunk gradients from their recorded inputs and output
+gradients (one product per chunk); the chunks of all sources share batched
+backward passes elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .accumulate import Accumulator
+from .samples import (
+    Problem,
+    Row,
+    SourceStats,
+    chunk_slices,
+    delta_rows,
+    generic_rows,
+    require_examples,
+    work_dtype,
+)
+from .shortcut import factors
+from .source import SampleContext, SampleSource
+
+__all__ = ["Microbatch", "microbatch"]
+
+
+def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> SourceStats:
+    """Statistics of ``chunks`` micro-batch gradients per source.
+
+    Chunk ``j`` of source ``k`` covers ``n_j`` contiguous examples; its sample
+    is the gradient of the chunk's mean loss, weighted by ``f_j = n_j c / B``
+    so that the statistics' mean is exactly the gradient of ``loss.mean()``
+    even when ``B`` is not a multiple of ``c`` (equal chunks: unit weights).
+    The chunks of all sources share batched backward passes.
+    """
+    S = len(prob.names)
+    for k in range(S):
+        require_examples(prob, k, 2, "two or more micro-batches")
+    out: SourceStats = {n: {} for n in prob.names}
+    slices = [chunk_slices(prob.batch(k), chunks) for k in range(S)]
+
+    def weight(k: int, j: int) -> float:
+        s = slices[k][j]
+        return (s.stop - s.start) * len(slices[k]) / prob.batch(k)
+
+    acc: dict[tuple[int, int], Accumulator] = {}
+    # Shortcut: chunk gradients of a linear layer from the per-example deltas,
+    # g_j = delta_j^T x_j / n_j over the rows of chunk j (one matmul per chunk:
+    # the FLOPs of a single weight gradient).
+    sc = [k for k in range(S) if prob.shortcut and prob.shortcut[k]]
+    deltas = delta_rows(prob, sc)
+    for k in sc:
+        mine = deltas.pop(k)
+        f = torch.tensor([weight(k, j) for j in range(len(slices[k]))], dtype=torch.float64)
+        unit = bool((f == 1).all())
+        for tap in prob.shortcut[k]:
+            dt = work_dtype(tap.layer_weight)
+            A, Bm = factors(tap, dt, mine.pop(id(tap.out)))
+            fw = None if unit else f.to(dtype=dt, device=A.device)
+            inv = [1.0 / (s_.stop - s_.start) for s_ in slices[k]]
+            if tap.weight is not None:
+                out_f, in_f = A.shape[2], Bm.shape[2]
+                g = torch.empty((len(inv), out_f, in_f), dtype=dt, device=A.device)
+                for j, (s_, a) in enumerate(zip(slices[k], inv)):
+                    torch.mm(A[s_].reshape(-1, out_f).T, Bm[s_].reshape(-1, in_f), out=g[j]).mul_(a)
+                g = g.reshape((len(inv),) + tuple(tap.layer_weight.shape))
+                acc.setdefault((k, tap.weight), Accumulator()).add(g, fw, owned=True)
+                del g
+            if tap.bias is not None:
+                g = torch.stack([A[s_].sum(dim=(0, 1)).mul_(a) for s_, a in zip(slices[k], inv)])
+                acc.setdefault((k, tap.bias), Accumulator()).add(g, fw, owned=True)
+
+    gen = [prob.generic(k) for k in range(S)]
+    rows = [
+        Row(k, s_, 1.0 / (s_.stop - s_.start), weight(k, j))
+        for j in range(max(len(sl) for sl in slices))
+        for k in range(S) if gen[k] and j < len(slices[k])
+        for s_ in [slices[k][j]]
+    ]
+    # Source-major order keeps each source's rows contiguous within a batch.
+    rows.sort(key=lambda r: r.k)
+    generic_rows(prob, gen, rows, chunk_bytes, acc)
+    for (k, i), a in acc.items():
+        out[prob.names[k]][i] = a.stats()
+    return out
+
+
+class Microbatch(SampleSource):
+    """``samples="microbatch"``: ``chunks`` micro-batch samples per source."""
+
+    NAME = "microbatch"
+    USES_SHORTCUT = True
+
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
+
+    def sample(self, prob: Problem, ctx: SampleContext) -> SourceStats:
+        return microbatch(prob, self.chunks, ctx.chunk_bytes)

@@ -1,0 +1,283 @@
+"""Bad inputs and failures: a BOGCError or a correct answer, and nothing changed on an error."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from torch import nn  # noqa: E402
+from torchtools import (  # noqa: E402
+    batch,
+    loop_grads,
+    losses_of,
+    make,
+    reference,
+)
+
+from bogc_core import (  # noqa: E402
+    BOGCError,
+    CalibrationConfig,
+    NonFiniteError,
+)
+from bogc_core.errors import ConfigError, InsufficientSamplesError, ShapeError  # noqa: E402
+
+
+@pytest.mark.parametrize("samples", ["per_example", "microbatch", "steps"])
+def test_error_changes_no_grad_and_no_state(samples):
+    m = make()
+    xa, xb, y = batch(8)
+    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9 if samples == "steps" else None)
+    cal.backward(losses_of(m, xa, xb, y))
+    before = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    state = cal.state_dict()
+    ls = losses_of(m, xa, xb, y)
+    ls["b"] = ls["b"] * torch.tensor(float("nan"), dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match="losses\\['b'\\]"):
+        cal.backward(ls)
+    for n, p in m.named_parameters():
+        if n in before:
+            assert torch.equal(p.grad, before[n]), n
+    after = cal.state_dict()
+    if samples == "steps":
+        for s, per in state["state"]["stats"].items():
+            for n, t in per.items():
+                assert torch.equal(after["state"]["stats"][s][n]["m2"], t["m2"])
+        assert after["state"]["steps"] == state["state"]["steps"]
+
+
+def test_insufficient_examples_raise_and_change_nothing():
+    m = make()
+    xa, xb, y = batch(1)
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(InsufficientSamplesError, match="losses"):
+        GradientCalibrator(m.named_parameters(), samples="per_example").backward(losses_of(m, xa, xb, y))
+    assert all(bool((p.grad == 1).all()) for p in m.parameters())
+
+
+def test_losses_are_not_mutated():
+    m = make()
+    xa, xb, y = batch(8)
+    ls = losses_of(m, xa, xb, y)
+    copies = {k: v.detach().clone() for k, v in ls.items()}
+    GradientCalibrator(m.named_parameters(), samples="per_example", model=m).backward(ls)
+    for k in ls:
+        assert torch.equal(ls[k].detach(), copies[k])
+
+
+# --------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_bogc_errors():
+    m = make()
+    xa, xb, y = batch(8)
+    with pytest.raises(ConfigError, match="samples"):
+        GradientCalibrator(m.parameters(), samples="bogus")
+    with pytest.raises(ConfigError, match="chunks"):
+        GradientCalibrator(m.parameters(), chunks=1)
+    with pytest.raises(ConfigError, match="rho"):
+        GradientCalibrator(m.parameters(), samples="steps", rho=0.3)
+    with pytest.raises(ConfigError, match="params"):
+        GradientCalibrator([])
+    with pytest.raises(ConfigError, match="laplace_layers"):
+        GradientCalibrator(m.parameters(), samples="laplace")
+    cal = GradientCalibrator(m.parameters())
+    with pytest.raises(ShapeError, match="losses"):
+        cal.backward({})
+    ls = losses_of(m, xa, xb, y)
+    with pytest.raises(ShapeError, match="per-example"):
+        cal.backward({"a": ls["a"].mean(), "b": ls["b"]})
+    with pytest.raises(ShapeError, match="require grad"):
+        cal.backward({"a": ls["a"].detach()})
+    cal = GradientCalibrator(m.parameters(), source_weights={"a": 1.0})
+    with pytest.raises(ConfigError, match="source_weights"):
+        cal.backward(losses_of(m, xa, xb, y))
+    assert issubclass(ConfigError, BOGCError)
+
+
+# ------------------------------------------------------- injected failures
+def _snapshot(m, cal):
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in m.named_parameters()}
+    buf = io.BytesIO()
+    torch.save(cal.state_dict(), buf)
+    return grads, buf.getvalue()
+
+
+def _assert_unchanged(m, cal, snap):
+    grads, state = snap
+    for n, p in m.named_parameters():
+        if grads[n] is None:
+            assert p.grad is None, n
+        else:
+            assert torch.equal(p.grad, grads[n]), n
+    buf = io.BytesIO()
+    torch.save(cal.state_dict(), buf)
+    assert buf.getvalue() == state
+
+
+def _stages():
+    """Every stage of backward, as (label, owner, attribute); the owner is resolved per calibrator."""
+    from bogc_core.integrations.torch import calibrator as cal_mod
+    from bogc_core.integrations.torch import state as state_mod
+    from bogc_core.integrations.torch import workspace as ws_mod
+
+    return [
+        ("check_losses", "cal", "_check_losses"),
+        ("graph_walk", cal_mod, "walk"),
+        ("problem", "cal", "_problem"),
+        ("layout", ws_mod.Workspace, "layout"),
+        ("sample", "source", "sample"),
+        ("after_reduce", "source", "after_reduce"),
+        ("state_update", state_mod.StepState, "updated"),
+        ("fill", ws_mod.Group, "fill"),
+        ("finite_check", ws_mod.Group, "finite_sum"),
+        ("plain", ws_mod.Group, "plain"),
+        ("fused_call", ws_mod, "calibrate_gradient"),
+        ("diagnostics", cal_mod, "group_entries"),
+        ("summary", cal_mod, "model_summary"),
+        ("write", "cal", "_write"),
+        ("state_commit", state_mod.StepState, "commit"),
+    ]
+
+
+STAGE_LABELS = [s[0] for s in _stages()]
+
+
+@pytest.mark.parametrize("samples", ["per_example", "microbatch", "steps"])
+@pytest.mark.parametrize("stage", STAGE_LABELS)
+def test_failure_at_every_stage_changes_nothing(samples, stage, monkeypatch):
+    m = make()
+    xa, xb, y = batch(8)
+    rho = 0.9 if samples == "steps" else 0.5
+    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=rho,
+                             model=m if samples != "steps" else None, diagnostics_every=1)
+    for seed in (1, 2):  # past warm-up, so the fused call and the diagnostics run
+        m.zero_grad()
+        cal.backward(losses_of(m, *batch(8, seed=seed)))
+    snap = _snapshot(m, cal)
+    label, owner, attr = next(s for s in _stages() if s[0] == stage)
+    target = {"cal": cal, "source": cal._source}.get(owner, owner) if isinstance(owner, str) else owner
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"injected failure at {label}")
+
+    monkeypatch.setattr(target, attr, boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        cal.backward(losses_of(m, xa, xb, y))
+    _assert_unchanged(m, cal, snap)
+    monkeypatch.undo()
+    # The calibrator still works and gives what an untouched twin gives.
+    twin = make()
+    twin_cal = GradientCalibrator(twin.named_parameters(), samples=samples, rho=rho,
+                                  model=twin if samples != "steps" else None)
+    for seed in (1, 2):
+        twin.zero_grad()
+        twin_cal.backward(losses_of(twin, *batch(8, seed=seed)))
+    cal.backward(losses_of(m, xa, xb, y))
+    twin_cal.backward(losses_of(twin, xa, xb, y))
+    for (n, p), q in zip(m.named_parameters(), twin.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
+
+
+# ----------------------------------------------------------- raw crashes
+class ZeroFeature(nn.Module):
+    """A modality with no features (its encoder's weight has zero elements)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc_a = nn.Linear(0, 4)
+        self.enc_b = nn.Linear(3, 4)
+        self.fusion = nn.Linear(8, 2)
+        self.head_a = nn.Linear(4, 2)
+
+    def forward(self, xa, xb):
+        za, zb = torch.tanh(self.enc_a(xa)), torch.tanh(self.enc_b(xb))
+        return self.fusion(torch.cat([za, zb], 1)), self.head_a(za)
+
+
+@pytest.mark.parametrize("samples", ["per_example", "microbatch", "steps"])
+@pytest.mark.parametrize("use_model", [False, True])
+def test_zero_size_parameter_and_zero_feature_modality(samples, use_model):
+    torch.manual_seed(0)
+    m = ZeroFeature().double()
+    g = torch.Generator().manual_seed(3)
+    xa, xb = torch.randn(8, 0, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (8,), generator=g)
+    ce = nn.CrossEntropyLoss(reduction="none")
+    cfg = CalibrationConfig(gamma=0.0)  # equal evidence: the plain summed gradient
+    cal = GradientCalibrator(m.named_parameters(), cfg, samples=samples, model=m if use_model else None,
+                             rho=0.9 if samples == "steps" else None)
+    f, oa = m(xa, xb)
+    diag = cal.backward({"f": ce(f, y), "a": ce(oa, y)})
+    assert m.enc_a.weight.grad is None  # no entries, left alone
+    f, oa = m(xa, xb)
+    want = torch.autograd.grad(ce(f, y).mean() + ce(oa, y).mean(), list(m.parameters()), allow_unused=True)
+    for (n, p), w in zip(m.named_parameters(), want):
+        if p.numel():
+            torch.testing.assert_close(p.grad, w, msg=n)
+    assert diag["num_reached"] == 7
+
+
+def test_steps_with_no_parameter_reached_changes_nothing():
+    p = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    q = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    cal = GradientCalibrator([("p", p)], samples="steps")
+    diag = cal.backward({"a": (q * 2).sum(), "b": (q * 3).sum()})
+    assert p.grad is None
+    assert diag["num_reached"] == 0 and diag["num_calibrated"] == 0
+
+
+def test_laplace_head_outside_the_sources_graph_is_a_config_error():
+    m = make()
+    xa, xb, y = batch(8)
+    cal = GradientCalibrator(m.named_parameters(), samples="laplace",
+                             laplace_layers={"fusion": m.fusion, "a": m.head_b, "b": m.head_b})
+    with pytest.raises(ConfigError, match=r"laplace_layers\['a'\]"):
+        cal.backward(losses_of(m, xa, xb, y))
+    assert all(p.grad is None for p in m.parameters())
+
+
+@pytest.mark.parametrize("samples", ["per_example", "microbatch", "steps", "laplace"])
+def test_backward_after_user_backward_is_a_bogc_error(samples):
+    m = make()
+    xa, xb, y = batch(8)
+    kw = {"laplace_layers": {"fusion": m.fusion, "a": m.head_a, "b": m.head_b}} if samples == "laplace" else {}
+    cal = GradientCalibrator(m.named_parameters(), samples=samples, **kw)
+    ls = losses_of(m, xa, xb, y)
+    sum(l.mean() for l in ls.values()).backward()
+    before = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    with pytest.raises(ShapeError, match="already freed"):
+        cal.backward(ls)
+    for n, p in m.named_parameters():
+        if n in before:
+            assert torch.equal(p.grad, before[n])
+
+
+# ---------------------------------------------------------- low precision
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("use_model", [False, True])
+def test_low_precision_parameters_accumulate_in_float32(dtype, use_model):
+    m64 = make()
+    m = make(dtype=dtype)
+    xa, xb, y = batch(16)
+    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m if use_model else None,
+                             keep_statistics=True)
+    cal.backward(losses_of(m, xa.to(dtype), xb.to(dtype), y))
+    for st in (s for per in cal.last_statistics.values() for s in per.values()):
+        assert st.mean.dtype == torch.float32 and st.m2.dtype == torch.float32
+    # Reference: the same (rounded) weights in float64.
+    with torch.no_grad():
+        for p64, p in zip(m64.parameters(), m.parameters()):
+            p64.copy_(p.double())
+    G = loop_grads(m64, xa.to(dtype).double(), xb.to(dtype).double(), y)
+    ref = reference(G)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    for n, p in m.named_parameters():
+        if n.startswith("unused"):
+            continue
+        assert p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad.double(), ref[n], rtol=tol * 5, atol=tol, msg=n)
