@@ -16,6 +16,7 @@ from .calibrate import (
 from .errors import (
     BOGCError,
     ConfigError,
+    DistributedError,
     DTypeError,
     InsufficientSamplesError,
     NamespaceError,
@@ -35,6 +36,7 @@ __all__ = [
     "Calibration",
     "CalibrationConfig",
     "ConfigError",
+    "DistributedError",
     "DTypeError",
     "GradientStats",
     "InsufficientSamplesError",

@@ -16,6 +16,7 @@ __all__ = [
     "InsufficientSamplesError",
     "TotalConflictError",
     "ConfigError",
+    "DistributedError",
 ]
 
 
@@ -49,3 +50,7 @@ class TotalConflictError(BOGCError):
 
 class ConfigError(BOGCError):
     """An option outside its documented range."""
+
+
+class DistributedError(BOGCError):
+    """Ranks of a process group disagree, or a peer failed."""

@@ -28,8 +28,10 @@ from bogc_core import CalibrationConfig, GradientStats, calibrate, calibrate_ten
 from bogc_core.errors import ConfigError, NonFiniteError, ShapeError
 
 from . import samples as _samples
-from .distributed import active_group, allreduce_stats
+from .collective_step import agree, sample_and_reduce
+from .distributed import Agreement, active_group
 from .graph import walk
+from .sharded import compute_params, local_grad
 from .shortcut import LinearTaps
 from .state import StepState
 
@@ -194,6 +196,7 @@ class GradientCalibrator:
         self.rho = rho
         self._state = StepState(rho) if rho is not None else None
         self.process_group = process_group
+        self._agreement = Agreement()  # per-step check in a process group (docs/distributed.md)
         if source_weights is not None:
             if not isinstance(source_weights, Mapping):
                 raise ConfigError("source_weights: expected a mapping source name -> float, or None")
@@ -335,7 +338,9 @@ class GradientCalibrator:
     def _problem(self, names: list[str], tensors: list[torch.Tensor]) -> _samples.Problem:
         cands = self._taps.candidates() if self._taps is not None else []
         node_ids = [id(t.out.grad_fn) for t in cands]
-        reaches = [walk(l, self._index, node_ids) for l in tensors]
+        # FSDP2: the graph reaches the unsharded tensors of sharded parameters.
+        index, compute = compute_params(self._params, self._index)
+        reaches = [walk(l, index, node_ids) for l in tensors]
         in_graph = set().union(*[r.nodes for r in reaches]) if reaches else set()
         # Records outside the current graph (an earlier forward nobody backpropagated) do
         # not count; a layer called twice within the graph cannot use the shortcut.
@@ -362,7 +367,7 @@ class GradientCalibrator:
                 mine.append(t)
             shortcut.append(mine)
         return _samples.Problem(
-            names, tensors, [p for _, p in self._params], [r.params for r in reaches], shortcut
+            names, tensors, compute, [r.params for r in reaches], shortcut
         )
 
     def _sample(self, prob: _samples.Problem) -> dict[str, dict[int, GradientStats]]:
@@ -384,14 +389,18 @@ class GradientCalibrator:
         return active_group(self.process_group)
 
     def _backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any) -> dict[str, Any]:
-        names, tensors = self._check_losses(losses)
+        group = self._group()
+        prob = None
+        if group is None:
+            names, tensors = self._check_losses(losses)
+        else:  # the same sources on every rank, or the same DistributedError on every rank
+            names, tensors, prob = agree(self, losses, group)
         scale = None
         if grad_scaler is not None and getattr(grad_scaler, "is_enabled", lambda: True)():
             # scaler.scale() also initialises the scaler's state for unscale_/step.
             tensors = [grad_scaler.scale(l) for l in tensors]
             scale = float(grad_scaler.get_scale())
         plain_on_nonfinite = self.on_nonfinite == "plain" or scale is not None
-        group = self._group()
         # In a process group a NaN must travel through the all-reduce so that every
         # rank raises (one rank raising alone would leave its peers waiting).
         if not plain_on_nonfinite and group is None:
@@ -402,10 +411,14 @@ class GradientCalibrator:
                         f"loss for overflow, or with AMP pass grad_scaler= (or "
                         f"on_nonfinite='plain') so that the step is skipped"
                     )
-        prob = self._problem(names, tensors)
-        stats = self._sample(prob)
-        if group is not None and self.samples != "laplace":  # laplace reduces its own draws
-            stats = allreduce_stats(stats, group, self.timeout)
+        if prob is None:
+            prob = self._problem(names, tensors)
+        else:
+            prob.losses = tensors  # scaled by grad_scaler; the graph walk is unchanged
+        if group is None or self.samples == "laplace":  # laplace reduces its own draws
+            stats = self._sample(prob)
+        else:
+            stats = sample_and_reduce(self, prob, group)
         if self.samples == "steps":
             stats = {
                 s: {i: GradientStats(1.0, st.mean, torch.zeros_like(st.mean)) for i, st in per.items()}
@@ -613,9 +626,9 @@ class GradientCalibrator:
 
     def _write(self, grads: dict[int, torch.Tensor]) -> None:
         # Convert everything first, so that nothing is written if a conversion fails.
-        ready = [(self._params[i][1], g.detach().to(dtype=self._params[i][1].dtype,
-                                                       device=self._params[i][1].device))
-                 for i, g in grads.items()]
+        # A sharded (FSDP2) parameter gets its own shard of the gradient, as a DTensor.
+        ready = [(p, local_grad(p, g.detach().to(dtype=p.dtype, device=p.device)))
+                 for p, g in ((self._params[i][1], g) for i, g in grads.items())]
         for p, g in ready:
             if p.grad is None:
                 p.grad = g.clone()
