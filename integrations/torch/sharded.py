@@ -44,7 +44,8 @@ def _fsdp_params() -> dict[int, Any]:
     except ImportError:  # pragma: no cover - torch without the composable API
         return {}
     out: dict[int, Any] = {}
-    for state in list(_module_state_mapping.values()):
+    for ref in list(_module_state_mapping.values()):
+        state = ref() if callable(ref) else ref  # weak references to the states
         group = getattr(state, "_fsdp_param_group", None)
         for fp in getattr(group, "fsdp_params", None) or ():
             out[id(fp.sharded_param)] = fp
