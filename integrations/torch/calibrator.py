@@ -31,7 +31,7 @@ from . import samples as _samples
 from .collective_step import agree, sample_and_reduce
 from .distributed import Agreement, active_group
 from .graph import walk
-from .sharded import compute_params, local_grad
+from .sharded import compute_params, layer_type, local_grad
 from .shortcut import LinearTaps
 from .state import StepState
 
@@ -361,7 +361,7 @@ class GradientCalibrator:
                 if any(r.fan_in.get(i, 0) != 1 for i in idxs):
                     continue
                 if t.out.shape[0] != tensors[k].shape[0] and (
-                    self.samples == "microbatch" or type(t.module) is not nn.Linear
+                    self.samples == "microbatch" or layer_type(t.module) is not nn.Linear
                 ):
                     continue
                 mine.append(t)

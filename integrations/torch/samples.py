@@ -24,6 +24,7 @@ from bogc_core import GradientStats
 from bogc_core.errors import InsufficientSamplesError
 
 from .accumulate import Accumulator
+from .sharded import layer_type
 from .shortcut import Tap, conv_per_example_sums, factors, per_example_sums
 
 __all__ = ["Problem", "per_example", "microbatch", "step_means", "batched_grads", "work_dtype"]
@@ -160,7 +161,7 @@ def per_example(prob: Problem, chunk_bytes: int = 1 << 26) -> SourceStats:
         for tap in prob.shortcut[k]:
             dt = work_dtype(tap.module.weight)
             delta = mine.pop(id(tap.out))
-            if type(tap.module) is nn.Linear:
+            if layer_type(tap.module) is nn.Linear:
                 x, d = _shortcut_tensors(tap, dt, delta)
                 sums = per_example_sums(x, d, tap.weight is not None, tap.bias is not None)
             else:

@@ -25,7 +25,7 @@ import torch
 
 from bogc_core.errors import ConfigError
 
-__all__ = ["is_sharded", "compute_params", "local_grad"]
+__all__ = ["is_sharded", "compute_params", "local_grad", "layer_type"]
 
 
 def is_sharded(p: torch.Tensor) -> bool:
@@ -35,6 +35,25 @@ def is_sharded(p: torch.Tensor) -> bool:
     except ImportError:  # torch built without distributed
         return False
     return isinstance(p, DTensor)
+
+
+def layer_type(mod: object) -> type:
+    """``type(mod)``, seen through the class FSDP2 gives each ``fully_shard`` module.
+
+    ``fully_shard`` turns an ``nn.Linear`` into an instance of a new class
+    ``FSDPLinear(FSDPModule, nn.Linear)`` that does not override ``forward``;
+    the per-layer shortcut treats it as the ``nn.Linear`` it computes as.
+    """
+    t = type(mod)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return t
+    if isinstance(mod, FSDPModule):
+        bases = [b for b in t.__bases__ if b is not FSDPModule]
+        if len(bases) == 1 and t.forward is bases[0].forward:
+            return bases[0]
+    return t
 
 
 def _fsdp_params() -> dict[int, Any]:
