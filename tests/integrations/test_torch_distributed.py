@@ -96,6 +96,86 @@ def run_case(kwargs, rank: int | None, steps: int = 3):
     return out
 
 
+# ------------------------------------------------- the verdict, in one process
+def _view(**kw):
+    from bogc_core.integrations.torch.distributed import LocalView
+
+    v = LocalView(step=3, names=["a", "b"], empty=[],
+                  reach={"a": ["w", "u"], "b": ["w"]},
+                  tensors={"loss a": "torch.float64", "loss b": "torch.float64",
+                           "w": "torch.float64 (2, 3)", "u": "torch.float64 (3,)"},
+                  options="samples=per_example")
+    for k, x in kw.items():
+        setattr(v, k, x)
+    return v
+
+
+def test_verdict_agreeing_ranks_go_on_with_every_source():
+    from bogc_core.integrations.torch.distributed import FINGERPRINT, verdict
+
+    views = [_view(), _view()]
+    assert verdict([v.__dict__ for v in views]) == (None, set())
+    fp = views[0].fingerprint()
+    assert len(fp) == FINGERPRINT and fp == views[1].fingerprint()
+    assert all(0 <= x < 2**63 for x in fp)
+    # the order in which a rank lists its sources or parameters does not matter
+    other = _view(names=["b", "a"], reach={"b": ["w"], "a": ["u", "w"]})
+    assert other.fingerprint() == fp
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("step", 4, "step counters differ (rank 0: 3; rank 1: 4)"),
+    ("options", "samples=microbatch", "calibrator options differ"),
+    ("names", ["a", "c"], "not on every rank: {0: ['b'], 1: ['c']}"),
+    ("reach", {"a": ["w"], "b": ["w"]}, "source 'a' reaches different parameters (compared with "
+                                        "rank 0: rank 1: only [], missing ['u'])"),
+    ("tensors", {"loss a": "torch.float32", "loss b": "torch.float64",
+                 "w": "torch.float64 (2, 3)", "u": "torch.float64 (3,)"},
+     "loss a: rank 0 torch.float64, rank 1 torch.float32"),
+    ("tensors", {"loss a": "torch.float64", "loss b": "torch.float64",
+                 "w": "torch.float64 (3, 2)", "u": "torch.float64 (3,)"},
+     "w: rank 0 torch.float64 (2, 3), rank 1 torch.float64 (3, 2)"),
+    ("error", "ShapeError: losses['a']: bad", "rank 1 failed before the collective (ShapeError"),
+])
+def test_verdict_names_what_differs(field, value, words):
+    from bogc_core.integrations.torch.distributed import verdict
+
+    a, b = _view(), _view(**{field: value})
+    assert a.fingerprint() != b.fingerprint()
+    msg, _ = verdict([a.__dict__, b.__dict__])
+    assert msg is not None and words in msg, msg
+    assert verdict([a.__dict__, b.__dict__]) == verdict([a.__dict__, b.__dict__])  # pure
+
+
+def test_verdict_empty_loss_sits_out_on_every_rank():
+    from bogc_core.integrations.torch.distributed import verdict
+
+    # rank 1 has no examples of "b": b sits out everywhere, and what only b
+    # used (and its loss dtype) may differ
+    a = _view()
+    b = _view(empty=["b"], reach={"a": ["w", "u"]},
+              tensors={"loss a": "torch.float64", "w": "torch.float64 (2, 3)",
+                       "u": "torch.float64 (3,)"})
+    assert verdict([a.__dict__, b.__dict__]) == (None, {"b"})
+    # every source empty somewhere: nothing left, every rank raises
+    c = _view(empty=["a"], reach={"b": ["w"]})
+    msg, out = verdict([c.__dict__, b.__dict__])
+    assert out == {"a", "b"} and "every source has an empty loss on some rank" in msg
+    # a kept source that reaches different parameters still raises
+    d = _view(empty=["b"], reach={"a": ["w"]})
+    msg, _ = verdict([a.__dict__, d.__dict__])
+    assert msg is not None and "source 'a' reaches different parameters" in msg
+
+
+def test_single_process_needs_no_group():
+    from bogc_core.integrations.torch.distributed import active_group
+
+    if not dist.is_initialized():
+        assert active_group(None) is None
+    sentinel = object()
+    assert active_group(sentinel) is sentinel
+
+
 def _grads(m: nn.Module) -> dict[str, torch.Tensor | None]:
     return {n: None if p.grad is None else p.grad.detach().clone() for n, p in m.named_parameters()}
 
@@ -194,15 +274,38 @@ def _equal_worker(rank: int, world: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def _dead_peer_worker(rank: int, world: int, out: Path) -> None:
-    # both ranks must finish connecting before one dies, or rank 0's own
-    # init_process_group fails instead of the calibrator's collective
+def _stalled_peer_worker(rank: int, world: int, out: Path) -> None:
+    """Rank 1 stays alive but never calls backward: rank 0 gives up after the group's 5 s."""
     dist.barrier()
     if rank == 1:
-        os._exit(0)  # dies before the collective
+        time.sleep(10)
+        os._exit(0)
     torch.manual_seed(0)
     m = Net().double()
     cal = GradientCalibrator(m.named_parameters(), samples="per_example")
+    t0 = time.monotonic()
+    try:
+        cal.backward(losses(m, *_half(rank)))
+        msg = "no error"
+    except Exception as exc:  # checked by the test
+        msg = f"{type(exc).__name__}: {exc}"
+    (out / "dead.txt").write_text(f"{time.monotonic() - t0:.3f}\n{all(p.grad is None for p in m.parameters())}\n{msg}")
+    os._exit(0)
+
+
+def _dead_peer_worker(rank: int, world: int, out: Path, mid_step: bool = False) -> None:
+    # both ranks must finish connecting before one dies, or rank 0's own
+    # init_process_group fails instead of the calibrator's collective
+    dist.barrier()
+    torch.manual_seed(0)
+    m = Net().double()
+    cal = GradientCalibrator(m.named_parameters(), samples="per_example")
+    if rank == 1:
+        if not mid_step:
+            os._exit(0)  # dies before the first collective
+        # dies after the agreement check, while taking its samples
+        cal._sample = lambda prob: os._exit(0)  # type: ignore[method-assign]
+        cal.backward(losses(m, *_half(rank)))
     xa, xb, y = data(0)
     t0 = time.monotonic()
     try:
@@ -217,7 +320,9 @@ def _dead_peer_worker(rank: int, world: int, out: Path) -> None:
     os._exit(0)  # skip destroy_process_group, which would wait for the dead peer
 
 
-WORKERS = {"equal": _equal_worker, "agree": _agree_worker, "dead": _dead_peer_worker}
+WORKERS = {"equal": _equal_worker, "agree": _agree_worker, "dead": _dead_peer_worker,
+           "dead_mid": lambda r, w, o: _dead_peer_worker(r, w, o, mid_step=True),
+           "dead_stalled": _stalled_peer_worker}
 
 
 def _ranks_ok(scenario: str, out: Path) -> None:
@@ -241,15 +346,17 @@ def test_two_ranks_equal_single_process_on_global_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_dead_peer_raises_clear_error(tmp_path):
+@pytest.mark.parametrize("scenario", ["dead", "dead_mid", "dead_stalled"])
+def test_dead_peer_raises_clear_error(tmp_path, scenario):
     t0 = time.monotonic()
-    runs = run_ranks(__file__, "dead", tmp_path, timeout=60)
+    runs = run_ranks(__file__, scenario, tmp_path, timeout=60)
     assert runs[0][0] == 0, runs[0][1][-3000:]
     elapsed, unchanged, msg = (tmp_path / "dead.txt").read_text().split("\n", 2)
     assert msg.startswith("DistributedError"), msg
     assert "rank 0 of 2" in msg and "peer" in msg
     assert unchanged == "True"
-    assert float(elapsed) < 30  # the group's timeout is 5 s
+    # the group's timeout is 5 s; a dead peer is seen at once, a stalled one at the timeout
+    assert (4.5 if scenario == "dead_stalled" else 0.0) <= float(elapsed) < 15
     assert time.monotonic() - t0 < 60
 
 
@@ -326,5 +433,5 @@ def test_group_usable_after_every_disagreement(agreement):
 
 if __name__ == "__main__":
     _scenario = sys.argv[1]
-    _, _rank, _world, _out = init_rank(sys.argv, timeout_s=5.0 if _scenario == "dead" else 30.0)
+    _, _rank, _world, _out = init_rank(sys.argv, timeout_s=5.0 if "dead" in _scenario else 30.0)
     WORKERS[_scenario](_rank, _world, _out)
