@@ -186,6 +186,29 @@ def test_ddp_equals_single_process_without_ddp_allreduce(tmp_path):
             assert calls == 0, (r, name, calls)
 
 
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_distributed.py"
+
+
+@pytest.mark.slow
+def test_example_under_torchrun_matches_one_process(tmp_path):
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--standalone", str(EXAMPLE), "--wrap", "fsdp", "--steps", "6", "--dtype", "float64"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    line = [x for x in run.stdout.splitlines() if "test accuracy" in x]
+    assert len(line) == 1 and "ranks=2" in line[0], run.stdout
+    single = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "6", "--dtype", "float64"], capture_output=True,
+                            text=True, timeout=180, env=env, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    # the same training in one process reaches the same accuracy (float64: round-off apart,
+    # the same gradients at every step)
+    assert line[0].split()[-1] == single.stdout.split()[-1], (line[0], single.stdout)
+
+
 if __name__ == "__main__":
     _, _rank, _world, _out = init_rank(sys.argv)
     WORKERS[sys.argv[1]](_rank, _world, _out)
