@@ -26,7 +26,7 @@ Two things happen on every step in a process group (``docs/distributed.md``):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -254,7 +254,7 @@ class Agreement:
 Layout = list[tuple[str, int, tuple[int, ...]]]
 
 
-def stats_layout(reach: Mapping[str, Sequence[int]], shapes: Sequence[tuple[int, ...]]) -> Layout:
+def stats_layout(reach: Mapping[str, Iterable[int]], shapes: Sequence[tuple[int, ...]]) -> Layout:
     """``(source, parameter index, shape)`` of every statistic, in the order all ranks pack them."""
     return [(s, i, tuple(shapes[i])) for s in sorted(reach) for i in sorted(reach[s])]
 
@@ -309,7 +309,7 @@ def allreduce_stats(
     assert stats is not None
     out: dict[str, dict[int, GradientStats]] = {s: {} for s in stats}
     pos = 0
-    for s, i, shape in layout:
+    for s, i, _shape in layout:
         st = stats[s][i]
         size = st.mean.numel()
         n = buf[pos]

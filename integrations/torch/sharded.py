@@ -51,7 +51,7 @@ def layer_type(mod: object) -> type:
         return t
     if isinstance(mod, FSDPModule):
         bases = [b for b in t.__bases__ if b is not FSDPModule]
-        if len(bases) == 1 and t.forward is bases[0].forward:
+        if len(bases) == 1 and getattr(t, "forward", None) is getattr(bases[0], "forward", None):
             return bases[0]
     return t
 

@@ -47,7 +47,7 @@ def supported(mod: nn.Module) -> bool:
     if layer_type(mod) is nn.Linear:
         return True
     return (
-        layer_type(mod) is nn.Conv2d and mod.groups == 1 and mod.padding_mode == "zeros"
+        isinstance(mod, nn.Conv2d) and layer_type(mod) is nn.Conv2d and mod.groups == 1 and mod.padding_mode == "zeros"
         and not isinstance(mod.padding, str)
     )
 
