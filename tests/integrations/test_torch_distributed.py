@@ -24,10 +24,11 @@ if __name__ == "__main__":  # a rank started by run_ranks: tests/ holds distlaun
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-from bogc_core import BOGCError  # noqa: E402
 from bogc_core.integrations.torch import DistributedError, GradientCalibrator  # noqa: E402
 from distlaunch import init_rank, run_ranks  # noqa: E402
 from torch import nn  # noqa: E402
+
+from bogc_core import BOGCError  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo"

@@ -107,7 +107,8 @@ def train(kwargs: dict, rank: int | None, wrap: str | None = None):
         if rank is not None:
             sl = slice(rank * B // 2, (rank + 1) * B // 2)
             xa, xb, y = xa[sl], xb[sl], y[sl]
-        opt.zero_grad(set_to_none=True)
+        # zeroed, not None, from the second step on: the calibrator copies into p.grad
+        opt.zero_grad(set_to_none=False)
         diag = cal.backward(losses(model(xa, xb), y))
         if "model" in kw:  # the per-layer shortcut sees the unsharded layers too
             assert len(diag["shortcut_parameters"]) == 10, diag["shortcut_parameters"]
