@@ -59,16 +59,22 @@ def agree(
         else:
             names, tensors = cal._check_losses(losses)  # raises the usual ShapeError
         if prob is not None:
-            pnames = cal.param_names
-            view.reach = {s: [pnames[i] for i in r] for s, r in zip(names, prob.reach)}
-            view.tensors = {f"loss {s}": str(t.dtype) for s, t in zip(names, tensors)}
-            for i in sorted(set().union(*prob.reach)):
-                view.tensors[pnames[i]] = f"{prob.params[i].dtype} {tuple(prob.params[i].shape)}"
+            view.keys = cal._agreement.keys(names, prob.reach, tensors, prob.params)
     except Exception as exc:  # reported to every rank by the agreement collective
         failure = exc
         view.error = f"{type(exc).__name__}: {exc}"
+
+    def details() -> None:  # readable reach, dtypes and shapes, only when ranks disagree
+        if prob is None:
+            return
+        pnames = cal.param_names
+        view.reach = {s: [pnames[i] for i in r] for s, r in zip(names, prob.reach)}
+        view.tensors = {f"loss {s}": str(t.dtype) for s, t in zip(names, tensors)}
+        for i in sorted(set().union(*prob.reach)):
+            view.tensors[pnames[i]] = f"{prob.params[i].dtype} {tuple(prob.params[i].shape)}"
+
     try:
-        sit_out = cal._agreement.check(view, group, cal.timeout)
+        sit_out = cal._agreement.check(view, group, cal.timeout, details)
     except Exception as exc:
         if failure is not None:
             raise exc from failure

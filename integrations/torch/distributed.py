@@ -26,7 +26,8 @@ Two things happen on every step in a process group (``docs/distributed.md``):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -121,6 +122,11 @@ class LocalView:
     (sources with an empty loss are left out); ``tensors``: the dtype and
     shape of each reached parameter and of each loss; ``error``: the local
     error of this rank (``None`` when it is ready).
+
+    ``keys``: precomputed hashes of ``reach`` and ``tensors`` (see
+    :meth:`Agreement.keys`); when given, the readable ``reach`` and
+    ``tensors`` are filled only if the ranks disagree (they cost a string
+    per parameter, too much for every step of a large model).
     """
 
     step: int
@@ -130,16 +136,22 @@ class LocalView:
     tensors: dict[str, str] = field(default_factory=dict)
     options: str = ""
     error: str | None = None
+    keys: tuple[int, int] | None = None
 
     def fingerprint(self) -> list[int]:
+        if self.keys is not None:
+            reach, tensors = self.keys
+        else:
+            reach = _h(sorted((s, sorted(r)) for s, r in self.reach.items()))
+            tensors = _h(sorted(self.tensors.items()))
         return [
             _MAGIC,
             self.step,
             0 if self.error is None else 1,
             _h(sorted(self.names)),
             _h(sorted(self.empty)),
-            _h(sorted((s, sorted(r)) for s, r in self.reach.items())),
-            _h(sorted(self.tensors.items())),
+            reach,
+            tensors,
             _h(self.options),
         ]
 
@@ -215,12 +227,44 @@ class Agreement:
     def __init__(self) -> None:
         #: ``backward`` calls that reached the check (every rank counts the same).
         self.step = 0
+        # id(tensor) -> (tensor, its "index:dtype:shape;" bytes), taken at the tensor's
+        # first step (a parameter keeps its shape and dtype); the tensor is kept so that
+        # its id cannot be reused.
+        self._meta: dict[int, tuple[torch.Tensor, bytes]] = {}
 
-    def check(self, view: LocalView, group: Any, timeout: timedelta | None) -> set[str]:
+    def keys(self, names: Sequence[str], reach: Sequence[Iterable[int]], losses: Sequence[torch.Tensor],
+             params: Sequence[torch.Tensor]) -> tuple[int, int]:
+        """Hashes of what each source reaches and of the dtypes and shapes involved.
+
+        ``reach[k]``: parameter indices that source ``names[k]`` reaches;
+        ``params[i]``: the tensor of parameter ``i``. Equal on two ranks
+        exactly when their readable ``reach`` and ``tensors`` are (up to hash
+        collisions, about 2**-56), at the cost of bytes per parameter only.
+        """
+        hr = hashlib.blake2b(digest_size=7)
+        ht = hashlib.blake2b(digest_size=7)
+        used: set[int] = set()
+        for s, r, l in sorted(zip(names, reach, losses), key=lambda x: x[0]):
+            idx = sorted(r)
+            used.update(idx)
+            hr.update(s.encode() + b"\0" + array("q", idx).tobytes() + b"\0")
+            ht.update(f"loss {s}:{l.dtype};".encode())
+        for i in sorted(used):
+            t = params[i]
+            hit = self._meta.get(id(t))
+            if hit is None or hit[0] is not t:
+                hit = self._meta[id(t)] = (t, f"{i}:{t.dtype}:{tuple(t.shape)};".encode())
+            ht.update(hit[1])
+        return (int.from_bytes(hr.digest(), "little"), int.from_bytes(ht.digest(), "little"))
+
+    def check(self, view: LocalView, group: Any, timeout: timedelta | None,
+              details: Callable[[], None] | None = None) -> set[str]:
         """Sources that sit the step out on every rank; raises the common error if any.
 
         ``view.step`` is overwritten with this calibrator's counter, which
         advances once per call whatever the outcome, on every rank.
+        ``details`` fills ``view.reach`` and ``view.tensors`` when the ranks
+        disagree (with ``view.keys`` set, they may be left empty until then).
         """
         import torch.distributed as dist
 
@@ -236,9 +280,15 @@ class Agreement:
         rows = [tuple(b.tolist()) for b in bufs]
         if all(r == rows[0] for r in rows) and rows[0][2] == 0:
             return set()
+        if details is not None and view.error is None:
+            try:
+                details()
+            except Exception as exc:  # still join the exchange, reported like a local failure
+                view.error = f"{type(exc).__name__}: {exc}"
         views: list[Any] = [None] * world
+        send = {k: v for k, v in view.__dict__.items() if k != "keys"}
         try:
-            dist.all_gather_object(views, view.__dict__, group=group)
+            dist.all_gather_object(views, send, group=group)
         except Exception as exc:
             raise DistributedError(
                 f"GradientCalibrator.backward: the ranks disagree and the details could not be "

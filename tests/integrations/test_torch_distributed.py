@@ -168,6 +168,25 @@ def test_verdict_empty_loss_sits_out_on_every_rank():
     assert msg is not None and "source 'a' reaches different parameters" in msg
 
 
+def test_keys_change_with_reach_dtype_and_shape():
+    from bogc_core.integrations.torch.distributed import Agreement
+
+    w, u = torch.zeros(2, 3), torch.zeros(3)
+    la, lb = torch.zeros(4), torch.zeros(4)
+    base = Agreement().keys(["a", "b"], [{0, 1}, {0}], [la, lb], [w, u])
+    # the order of sources and of parameter indices does not matter; a warm cache neither
+    ag = Agreement()
+    ag.keys(["a", "b"], [{0, 1}, {0}], [la, lb], [w, u])
+    assert ag.keys(["b", "a"], [[0], [1, 0]], [lb, la], [w, u]) == base
+    other_reach = Agreement().keys(["a", "b"], [{0}, {0, 1}], [la, lb], [w, u])
+    other_loss = Agreement().keys(["a", "b"], [{0, 1}, {0}], [la.double(), lb], [w, u])
+    other_shape = Agreement().keys(["a", "b"], [{0, 1}, {0}], [la, lb], [torch.zeros(3, 2), u])
+    other_dtype = Agreement().keys(["a", "b"], [{0, 1}, {0}], [la, lb], [w, u.double()])
+    assert other_reach[0] != base[0] and other_reach[1] == base[1]
+    assert other_loss[0] == base[0] and other_loss[1] != base[1]
+    assert other_shape[1] != base[1] and other_dtype[1] != base[1]
+
+
 def test_single_process_needs_no_group():
     from bogc_core.integrations.torch.distributed import active_group
 
