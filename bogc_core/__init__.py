@@ -1,6 +1,6 @@
 """bogc: Bayesian-Oriented Gradient Calibration on any Array API namespace.
 
-The pipeline of METHOD.md, one module per stage:
+The pipeline of docs/method.md, one module per stage:
 :mod:`~bogc_core.stats` -> :mod:`~bogc_core.posterior` -> :mod:`~bogc_core.evidence`
 -> :mod:`~bogc_core.opinion` -> :mod:`~bogc_core.weights` -> :mod:`~bogc_core.calibrate`.
 """

@@ -41,11 +41,11 @@ class NonFiniteError(BOGCError):
 
 
 class InsufficientSamplesError(BOGCError):
-    """Too few gradient samples to identify a variance (METHOD.md, Stage 1)."""
+    """Too few gradient samples to identify a variance (docs/method.md, Stage 1)."""
 
 
 class TotalConflictError(BOGCError):
-    """Dempster's normaliser ``1 - C`` is at or near zero (METHOD.md, Stage 4)."""
+    """Dempster's normaliser ``1 - C`` is at or near zero (docs/method.md, Stage 4)."""
 
 
 class ConfigError(BOGCError):

@@ -8,7 +8,7 @@
     optimizer.step()
 
 For each source ``k`` and each parameter it reaches, gradient samples give
-``GradientStats`` (METHOD.md, Stage 0); every parameter reached by two or
+``GradientStats`` (docs/method.md, Stage 0); every parameter reached by two or
 more sources is calibrated with :func:`bogc_core.calibrate_tensors` (Stages
 1-5, grouped by ``config.scope``) and ``p.grad`` is set to ``g_hat``. With
 equal evidence everywhere ``g_hat = sum_k lambda_k * grad(loss_k.mean())``.
@@ -91,10 +91,10 @@ class GradientCalibrator:
         The parameters whose gradients are calibrated (names key the
         diagnostics and the state dict; default ``param0``, ``param1``...).
     config : CalibrationConfig
-        Options of METHOD.md (``scope`` groups tensors, ``backend`` picks the
+        Options of docs/method.md (``scope`` groups tensors, ``backend`` picks the
         fused path).
     samples : {"microbatch", "per_example", "laplace", "steps"}
-        Where the gradient samples come from (METHOD.md, sample sources).
+        Where the gradient samples come from (docs/integrations.md, "The four sample sources").
     chunks : int
         Micro-batches per source and step (``samples="microbatch"``).
     rho : float in [0, 1] or None

@@ -1,4 +1,4 @@
-"""Gradient samples of each source, summarised as statistics (METHOD.md, sample sources).
+"""Gradient samples of each source, summarised as statistics (docs/integrations.md, "The four sample sources").
 
 Every function here takes a :class:`Problem` (the step's losses, the
 calibrator's parameters and which of them each loss reaches) and returns, per
