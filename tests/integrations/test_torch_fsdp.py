@@ -72,19 +72,28 @@ CASES = {
 }
 
 
-def train(kwargs: dict, rank: int | None, wrap: str | None = None):
-    """Full gradients of each step (SGD in between); rank None = one process, whole batch."""
+def sharded_net() -> Net:
+    from torch.distributed.fsdp import fully_shard
+
     torch.manual_seed(0)
     net = Net().double()
+    for layer in (net.enc_a, net.enc_b, net.fusion, net.head_a, net.head_b):
+        fully_shard(layer)
+    fully_shard(net)
+    return net
+
+
+def train(kwargs: dict, rank: int | None, wrap: str | None = None, disagree_first: bool = False):
+    """Full gradients of each step (SGD in between); rank None = one process, whole batch.
+
+    ``disagree_first``: before the first step, one step in which rank 1 names
+    a source differently; its outcome (the error message) is returned too.
+    """
+    torch.manual_seed(0)
+    net = sharded_net() if wrap == "fsdp" else Net().double()
     model: nn.Module = net
     hook_calls = [0]
-    if wrap == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in (net.enc_a, net.enc_b, net.fusion, net.head_a, net.head_b):
-            fully_shard(layer)
-        fully_shard(net)
-    elif wrap == "ddp":
+    if wrap == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(net)
@@ -102,6 +111,18 @@ def train(kwargs: dict, rank: int | None, wrap: str | None = None):
     cal = GradientCalibrator(net.named_parameters(), **kw)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     out, layout = [], {}
+    if disagree_first:
+        xa, xb, y = data(0)
+        sl = slice(rank * B // 2, (rank + 1) * B // 2)
+        d = losses(model(xa[sl], xb[sl]), y[sl])
+        if rank == 1:
+            d["c"] = d.pop("b")
+        try:
+            cal.backward(d)
+            layout["disagreement"] = "no error"
+        except Exception as exc:  # checked by the test
+            layout["disagreement"] = f"{type(exc).__name__}: {exc}"
+        layout["untouched"] = all(p.grad is None for p in net.parameters())
     for step in range(STEPS):
         xa, xb, y = data(step)
         if rank is not None:
@@ -129,7 +150,8 @@ def train(kwargs: dict, rank: int | None, wrap: str | None = None):
 
 
 def _fsdp_worker(rank: int, world: int, out: Path) -> None:
-    res = {name: train(kw, rank, "fsdp") for name, (kw, _) in CASES.items()}
+    res = {name: train(kw, rank, "fsdp", disagree_first=name == "per_example")
+           for name, (kw, _) in CASES.items()}
     torch.save(res, out / f"fsdp{rank}.pt")
     dist.destroy_process_group()
 
@@ -173,8 +195,17 @@ def test_fsdp2_equals_single_process(tmp_path):
     print(f"FSDP2 vs single process, largest relative difference: {worst:.3e}")
     for r in range(2):
         for name in CASES:
-            for n, (gp, pp, gshape, pshape) in res[r][name][1].items():
+            for n, entry in res[r][name][1].items():
+                if n in ("disagreement", "untouched"):
+                    continue
+                gp, pp, gshape, pshape = entry
                 assert gp == pp and gshape == pshape, (r, name, n, gp, pp, gshape, pshape)
+    # the per_example run began with a step where the ranks disagreed: every rank raised
+    # the same error, wrote nothing, and the FSDP2 training went on (equal above)
+    msgs = [res[r]["per_example"][1]["disagreement"] for r in range(2)]
+    assert msgs[0] == msgs[1] and msgs[0].startswith("DistributedError"), msgs
+    assert "source names differ" in msgs[0]
+    assert res[0]["per_example"][1]["untouched"] and res[1]["per_example"][1]["untouched"]
 
 
 @pytest.mark.slow
