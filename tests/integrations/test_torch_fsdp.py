@@ -174,17 +174,23 @@ def _ranks_ok(scenario: str, out: Path) -> list:
 
 
 def _compare(res: list, tol: float = 1e-6) -> float:
+    """Largest relative difference to one process over cases, steps and tensors (printed per case)."""
     worst = 0.0
     for name, (_, single_kw) in CASES.items():
         if name not in res[0]:
             continue
         single, _, _ = train(single_kw, None)
+        case_rel, case_abs = 0.0, 0.0
         for step in range(STEPS):
             for n, gs in single[step].items():
                 g0, g1 = res[0][name][0][step][n], res[1][name][0][step][n]
                 assert torch.equal(g0, g1), (name, step, n)
                 torch.testing.assert_close(g0, gs, rtol=tol, atol=tol, msg=f"{name} step {step} {n}")
-                worst = max(worst, float((g0 - gs).abs().max() / gs.abs().max().clamp_min(1e-300)))
+                diff = float((g0 - gs).abs().max())
+                case_abs = max(case_abs, diff)
+                case_rel = max(case_rel, diff / max(float(gs.abs().max()), 1e-300))
+        print(f"{name}: max abs difference {case_abs:.2e}, max relative {case_rel:.2e}")
+        worst = max(worst, case_rel)
     return worst
 
 
