@@ -29,12 +29,14 @@ from torch import nn
 from bogc_core import CalibrationConfig, GradientStats
 from bogc_core.errors import ConfigError, NonFiniteError, ShapeError
 
-from .distributed import active_group, allreduce_stats
+from .collective_step import agree, sample_and_reduce
+from .distributed import Agreement, active_group
 from .graph import walk
 from .microbatch import Microbatch
 from .options import SAMPLES, check_rho, named_parameters, validate_options
 from .per_example import PerExample
 from .samples import Moments, Problem, SourceStats, Stats
+from .sharded import compute_params, layer_type, local_grad
 from .shortcut import LinearTaps, Tap
 from .source import SampleContext, SampleSource
 from .state import StepState
@@ -47,10 +49,6 @@ __all__ = ["GradientCalibrator", "SAMPLES"]
 
 def _checked_one(st: Stats) -> GradientStats:
     return st if isinstance(st, GradientStats) else st.checked()
-
-
-def _checked(stats: SourceStats) -> dict[str, dict[int, GradientStats]]:
-    return {s: {i: _checked_one(st) for i, st in per.items()} for s, per in stats.items()}
 
 
 def _all_finite(scalars: list[torch.Tensor]) -> list[bool]:
@@ -184,6 +182,7 @@ class GradientCalibrator:
         self.chunk_bytes = opts.chunk_bytes
         self.timeout = opts.timeout
         self.process_group = process_group
+        self._agreement = Agreement()  # per-step check in a process group (docs/distributed.md)
         self._state = StepState(self.rho) if self.rho is not None else None
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -340,7 +339,9 @@ class GradientCalibrator:
     def _problem(self, names: list[str], tensors: list[torch.Tensor]) -> Problem:
         cands = self._taps.candidates() if self._taps is not None else []
         node_ids = [id(t.out.grad_fn) for t in cands]
-        reaches = [walk(l, self._index, node_ids) for l in tensors]
+        # FSDP2: the graph reaches the unsharded tensors of sharded parameters.
+        index, compute = compute_params(self._params, self._index)
+        reaches = [walk(l, index, node_ids) for l in tensors]
         in_graph = set().union(*[r.nodes for r in reaches]) if reaches else set()
         # Records outside the current graph (an earlier forward nobody backpropagated) do
         # not count; a layer called twice within the graph cannot use the shortcut.
@@ -361,28 +362,41 @@ class GradientCalibrator:
                 if any(r.fan_in.get(i, 0) != 1 for i in idxs):
                     continue
                 if t.out.shape[0] != tensors[k].shape[0] and (
-                    self.samples == "microbatch" or type(t.module) is not nn.Linear
+                    self.samples == "microbatch" or layer_type(t.module) is not nn.Linear
                 ):
                     continue
                 mine.append(t)
             shortcut.append(mine)
-        return Problem(names, tensors, [p for _, p in self._params], [r.params for r in reaches], shortcut)
+        return Problem(names, tensors, compute, [r.params for r in reaches], shortcut)
 
     def _sample(self, prob: Problem, sink: Any = None) -> SourceStats:
         """This rank's statistics from the sample source (``sink``: see :class:`SampleContext`)."""
         ctx = SampleContext(self.chunk_bytes, self._generator, active_group(self.process_group),
                             self.timeout, sink)
-        return self._source.sample(prob, ctx)
+        try:
+            return self._source.sample(prob, ctx)
+        except RuntimeError as exc:
+            if "backward through the graph a second time" in str(exc):
+                raise ShapeError(
+                    "losses: their graph was already freed by an earlier backward (loss.backward() "
+                    "or another calibrator call); call GradientCalibrator.backward(losses) instead "
+                    "of loss.backward(), or pass retain_graph=True to the earlier backward"
+                ) from exc
+            raise
 
     def _backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any) -> dict[str, Any]:
-        names, tensors = self._check_losses(losses)
+        group = active_group(self.process_group)
+        prob: Problem | None = None
+        if group is None:
+            names, tensors = self._check_losses(losses)
+        else:  # the same sources on every rank, or the same DistributedError on every rank
+            names, tensors, prob = agree(self, losses, group)
         scale = None
         if grad_scaler is not None and getattr(grad_scaler, "is_enabled", lambda: True)():
             # scaler.scale() also initialises the scaler's state for unscale_/step.
             tensors = [grad_scaler.scale(l) for l in tensors]
             scale = float(grad_scaler.get_scale())
         plain_on_nonfinite = self.on_nonfinite == "plain" or scale is not None
-        group = active_group(self.process_group)
         # In a process group a NaN must travel through the all-reduce so that every
         # rank raises (one rank raising alone would leave its peers waiting).
         if not plain_on_nonfinite and group is None:
@@ -393,7 +407,10 @@ class GradientCalibrator:
                         f"loss for overflow, or with AMP pass grad_scaler= (or "
                         f"on_nonfinite='plain') so that the step is skipped"
                     )
-        prob = self._problem(names, tensors)
+        if prob is None:
+            prob = self._problem(names, tensors)
+        else:
+            prob.losses = tensors  # scaled by grad_scaler; the graph walk is unchanged
         sources_of: dict[int, tuple[str, ...]] = {}
         for k, s in enumerate(names):
             for i in sorted(prob.reach[k]):
@@ -402,24 +419,20 @@ class GradientCalibrator:
         # Carried statistics keep references to this step's tensors: those must not be
         # views of the reused buffers, so the sources write into them only without rho.
         sink = self._workspace.sink if self._state is None else None
-        try:
+        reduce_here = group is not None and not self._source.REDUCES_ITSELF
+        stats: SourceStats
+        if reduce_here:
+            # Every rank joins the all-reduce even when its sampling failed, so that all
+            # raise together; the reduced statistics are new tensors (no sink).
+            reduced = sample_and_reduce(self, prob, group)
+            stats = {s: {i: st for i, st in per.items()} for s, per in reduced.items()}
+        else:
             stats = self._sample(prob, sink)
-        except RuntimeError as exc:
-            if "backward through the graph a second time" in str(exc):
-                raise ShapeError(
-                    "losses: their graph was already freed by an earlier backward (loss.backward() "
-                    "or another calibrator call); call GradientCalibrator.backward(losses) instead "
-                    "of loss.backward(), or pass retain_graph=True to the earlier backward"
-                ) from exc
-            raise
         shortcut = sorted({
             self._params[i][0] for taps in prob.shortcut for t in taps
             for i in (t.weight, t.bias) if i is not None
         })
         del prob
-        if group is not None and not self._source.REDUCES_ITSELF:
-            reduced = allreduce_stats(_checked(stats), group, self.timeout)
-            stats = {s: {i: st for i, st in per.items()} for s, per in reduced.items()}
         stats = self._source.after_reduce(stats)
         if scale is not None:
             stats = {
@@ -550,11 +563,13 @@ class GradientCalibrator:
     def _write(self) -> None:
         """Copy the layout's gradient buffers into ``p.grad`` (after every check of the step passed)."""
         pending = [(self._params[i][1], v) for i, v in self._workspace.grad_views()]
-        # Form every new gradient first, so that nothing is written if one fails.
-        fresh = {id(p): v.detach().to(dtype=p.dtype, device=p.device, copy=True)
+        # Form every new gradient first, so that nothing is written if one fails. A sharded
+        # (FSDP2) parameter gets its own shard of the gradient, as a DTensor.
+        fresh = {id(p): local_grad(p, v.detach().to(dtype=p.dtype, device=p.device, copy=True))
                  for p, v in pending if p.grad is None}
-        for p, v in pending:
+        shards = {id(p): local_grad(p, v) for p, v in pending if p.grad is not None}
+        for p, _ in pending:
             if id(p) in fresh:
                 p.grad = fresh[id(p)]
             elif p.grad is not None:
-                p.grad.copy_(v)
+                p.grad.copy_(shards[id(p)])

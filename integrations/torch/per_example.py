@@ -29,6 +29,7 @@ from .samples import (
     stats_from_sums,
     work_dtype,
 )
+from .sharded import layer_type
 from .shortcut import conv_per_example_sums, factors
 from .source import SampleContext, SampleSource
 
@@ -89,7 +90,7 @@ def per_example(prob: Problem, chunk_bytes: int = 1 << 26, sink: Sink = None) ->
         # Popped, so that each layer's output gradients are freed once used.
         tap, ks, G = pending.pop()
         dt = work_dtype(tap.layer_weight)
-        if type(tap.module) is nn.Linear:
+        if layer_type(tap.module) is nn.Linear:
             _linear_stats(prob, tap, ks, G, dt, sink, out)
             continue
         has_w, has_b = tap.weight is not None, tap.bias is not None

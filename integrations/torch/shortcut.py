@@ -37,21 +37,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .sharded import layer_type  # FSDP2 gives fully_shard layers a class of their own
+
 __all__ = ["ForwardRecorder", "LinearTaps", "Tap", "supported", "factors", "per_example_sums", "conv_per_example_sums"]
 
 
 def supported(mod: nn.Module) -> bool:
     """Layers with a shortcut: ``nn.Linear``; ``nn.Conv2d`` with groups=1 and numeric zero padding."""
-    if type(mod) is nn.Linear:
+    if layer_type(mod) is nn.Linear:
         return True
     return (
-        type(mod) is nn.Conv2d and mod.groups == 1 and mod.padding_mode == "zeros"
+        isinstance(mod, nn.Conv2d) and layer_type(mod) is nn.Conv2d and mod.groups == 1 and mod.padding_mode == "zeros"
         and not isinstance(mod.padding, str)
     )
 
 
 def _ranks(mod: nn.Module) -> int:
-    return 2 if type(mod) is nn.Linear else 4
+    return 2 if layer_type(mod) is nn.Linear else 4
 
 
 @dataclass
@@ -158,7 +160,7 @@ def factors(tap: Tap, dtype: torch.dtype, delta: torch.Tensor) -> tuple[torch.Te
     """
     mod = tap.module
     d = delta.to(dtype)
-    if type(mod) is nn.Linear:
+    if layer_type(mod) is nn.Linear:
         return d.unsqueeze(1), tap.x.to(dtype).unsqueeze(1)
     assert isinstance(mod, nn.Conv2d) and not isinstance(mod.padding, str)  # see supported()
     U = F.unfold(tap.x.to(dtype), mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
