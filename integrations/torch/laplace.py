@@ -38,6 +38,7 @@ from bogc_core.errors import ConfigError, InsufficientSamplesError
 from .distributed import allreduce_sum
 from .graph import walk
 from .samples import Moments, Problem, SourceStats, Stats, batched_grads, work_dtype
+from .sharded import compute_tensors, layer_type
 from .shortcut import ForwardRecorder
 from .source import SampleContext, SampleSource
 
@@ -82,7 +83,7 @@ class LaplaceSource(ForwardRecorder, SampleSource):
         # Linear last layers: record (input, output) so that the Fisher diagonal
         # comes from the per-layer identity sum_i g_i^2 = (delta^2)^T (x^2).
         for name, mod in layers.items():
-            if type(mod) is nn.Linear:
+            if layer_type(mod) is nn.Linear:
                 self._watch(mod, str(name))
 
     def _fisher_linear(self, name: str, loss: torch.Tensor, head: list[torch.Tensor]):
@@ -98,12 +99,15 @@ class LaplaceSource(ForwardRecorder, SampleSource):
         except RuntimeError:  # the recorded call is not in this loss's graph
             return None
         mod = self.module_of[name]
-        assert isinstance(mod, nn.Linear)  # only Linear layers are recorded
+        assert isinstance(mod, nn.Linear)  # only Linear layers (FSDP2's included) are recorded
         dt = work_dtype(mod.weight)
         d2, x2 = delta.to(dt).square(), x.to(dt).square()
-        by_id = {id(mod.weight): d2.T @ x2}
-        if mod.bias is not None:
-            by_id[id(mod.bias)] = d2.sum(dim=0)
+        # ``head`` holds the tensors the graph reaches (FSDP2: the unsharded ones).
+        wb = compute_tensors([mod.weight] + ([] if mod.bias is None else [mod.bias]),
+                             f"laplace_layers[{name!r}]")
+        by_id = {id(wb[0]): d2.T @ x2}
+        if len(wb) > 1:
+            by_id[id(wb[1])] = d2.sum(dim=0)
         if any(id(h) not in by_id for h in head):
             return None
         return [by_id[id(h)] for h in head]
@@ -140,7 +144,7 @@ class LaplaceSource(ForwardRecorder, SampleSource):
                     f"losses[{s!r}]: the Laplace posterior needs per-example losses of shape (batch,)"
                 )
         for k, s in enumerate(prob.names):
-            head = self.layers[s]
+            head = compute_tensors(self.layers[s], f"laplace_layers[{s!r}]")
             reached = walk(prob.losses[k], {id(h): j for j, h in enumerate(head)}).params
             if not reached:
                 raise ConfigError(
@@ -151,8 +155,9 @@ class LaplaceSource(ForwardRecorder, SampleSource):
         # Phase 1: Fisher diagonals (summed over ranks: the global batch's posterior).
         fishers = []
         for k, s in enumerate(prob.names):
-            f = self._fisher_linear(s, prob.losses[k], self.layers[s])
-            fishers.append(f if f is not None else self._fisher(prob.losses[k], self.layers[s], chunk_bytes))
+            head = compute_tensors(self.layers[s], f"laplace_layers[{s!r}]")
+            f = self._fisher_linear(s, prob.losses[k], head)
+            fishers.append(f if f is not None else self._fisher(prob.losses[k], head, chunk_bytes))
         batch = [float(prob.batch(k)) for k in range(len(prob.names))]
         if group is not None:
             flat = [f for fs in fishers for f in fs]
@@ -166,7 +171,7 @@ class LaplaceSource(ForwardRecorder, SampleSource):
         results = []
         T = self.draws
         for k, s in enumerate(prob.names):
-            head = self.layers[s]
+            head = compute_tensors(self.layers[s], f"laplace_layers[{s!r}]")
             targets = sorted(prob.reach[k])
             tparams = [prob.params[i] for i in targets]
             inputs, seen = [], set()

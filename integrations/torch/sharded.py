@@ -25,7 +25,7 @@ import torch
 
 from bogc_core.errors import ConfigError
 
-__all__ = ["is_sharded", "compute_params", "local_grad", "layer_type"]
+__all__ = ["is_sharded", "compute_params", "compute_tensors", "local_grad", "layer_type"]
 
 
 def is_sharded(p: torch.Tensor) -> bool:
@@ -91,22 +91,37 @@ def compute_params(
         if not is_sharded(p):
             tensors.append(p)
             continue
-        fp = fsdp.get(id(p))
-        if fp is None:
-            raise ConfigError(
-                f"params ({name!r}): a DTensor parameter that no fully_shard module owns; the "
-                f"calibrator supports FSDP2 (torch.distributed.fsdp.fully_shard) sharding only. "
-                f"Pass the parameters of a fully_shard model, after fully_shard was applied"
-            )
-        u = getattr(fp, "_unsharded_param", None)
-        if u is None:
-            raise ConfigError(
-                f"params ({name!r}): its FSDP2 module has not run forward yet; call backward "
-                f"with losses computed by the sharded model's forward"
-            )
+        u = _unsharded(f"params ({name!r})", p, fsdp)
         full[id(u)] = i
         tensors.append(u)
     return full, tensors
+
+
+def compute_tensors(tensors: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+    """Each tensor as the graph reaches it: a sharded FSDP2 parameter's unsharded tensor,
+    any other tensor itself (``what`` names the tensors in errors)."""
+    if not any(is_sharded(t) for t in tensors):
+        return tensors
+    fsdp = _fsdp_params()
+    return [_unsharded(what, t, fsdp) if is_sharded(t) else t for t in tensors]
+
+
+def _unsharded(what: str, p: torch.Tensor, fsdp: dict[int, Any]) -> torch.Tensor:
+    fp = fsdp.get(id(p))
+    if fp is None:
+        raise ConfigError(
+            f"{what}: a DTensor parameter that no fully_shard module owns; the "
+            f"calibrator supports FSDP2 (torch.distributed.fsdp.fully_shard) sharding only. "
+            f"Pass the parameters of a fully_shard model, after fully_shard was applied"
+        )
+    u = getattr(fp, "_unsharded_param", None)
+    if u is None:
+        raise ConfigError(
+            f"{what}: its FSDP2 module has not run forward yet; call backward "
+            f"with losses computed by the sharded model's forward"
+        )
+    assert isinstance(u, torch.Tensor)
+    return u
 
 
 def local_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

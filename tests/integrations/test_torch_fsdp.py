@@ -4,7 +4,8 @@ Each rank holds half of the global batch. Under FSDP2 the parameters are
 sharded DTensors; the calibrated gradient written into each rank's sharded
 ``p.grad`` must, gathered, equal what one process computes on the global
 batch with the unsharded model (float64, 1e-6 and in practice round-off), for
-``samples="per_example"`` and ``"microbatch"``, over steps with an optimizer
+every sample source (``laplace`` with its Linear Fisher shortcut on
+``fully_shard`` layers), over steps with an optimizer
 in between. Under DDP the calibrator's own all-reduce must be the only one:
 DDP's gradient all-reduce (counted by a communication hook) never runs.
 """
@@ -69,6 +70,10 @@ CASES = {
     "microbatch": (dict(samples="microbatch", chunks=2), dict(samples="microbatch", chunks=4)),
     "microbatch_shortcut": (dict(samples="microbatch", chunks=2, model=True),
                             dict(samples="microbatch", chunks=4, model=True)),
+    # the same seed on every rank: the same draws as one process
+    "laplace": (dict(samples="laplace", laplace_layers=True, draws=4, seed=3),
+                dict(samples="laplace", laplace_layers=True, draws=4, seed=3)),
+    "steps": (dict(samples="steps"), dict(samples="steps")),
 }
 
 
@@ -108,9 +113,15 @@ def train(kwargs: dict, rank: int | None, wrap: str | None = None, disagree_firs
     kw = dict(kwargs)
     if kw.pop("model", False):
         kw["model"] = model
+    if kw.pop("laplace_layers", False):  # each source's last layer (fully_shard ones under FSDP2)
+        kw["laplace_layers"] = {"fusion": net.fusion, "a": net.head_a, "b": net.head_b}
     cal = GradientCalibrator(net.named_parameters(), **kw)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     out, layout = [], {}
+    if cal.samples == "laplace":  # the Linear Fisher shortcut must serve every head, sharded too
+        fallback, full_fisher = [], cal._source._fisher
+        layout["fisher_fallback"] = fallback
+        cal._source._fisher = lambda *a, **k: fallback.append(1) or full_fisher(*a, **k)
     if disagree_first:
         xa, xb, y = data(0)
         sl = slice(rank * B // 2, (rank + 1) * B // 2)
@@ -203,6 +214,9 @@ def test_fsdp2_equals_single_process(tmp_path):
         for name in CASES:
             for n, entry in res[r][name][1].items():
                 if n in ("disagreement", "untouched"):
+                    continue
+                if n == "fisher_fallback":
+                    assert entry == [], (r, name, entry)
                     continue
                 gp, pp, gshape, pshape = entry
                 assert gp == pp and gshape == pshape, (r, name, n, gp, pp, gshape, pshape)
