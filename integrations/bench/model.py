@@ -27,6 +27,7 @@ class MultiModalNet(nn.Module):
 
     def __init__(self, dims: dict[str, int], n_classes: int, hidden: int = 64, feat: int = 32):
         super().__init__()
+        self.last_features: list[torch.Tensor] = []
         if FUSION in dims:
             raise ConfigError(f"dims: a modality may not be named {FUSION!r} (reserved for the "
                               f"fusion loss); rename the x_{FUSION} array")
@@ -43,16 +44,29 @@ class MultiModalNet(nn.Module):
         return (FUSION,) + self.modalities
 
     def forward(
-        self, xs: Sequence[torch.Tensor], drop: Iterable[int] = ()
+        self,
+        xs: Sequence[torch.Tensor],
+        drop: Iterable[int] = (),
+        fill: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``xs[i]``: ``(B, d_i)``. ``drop``: modality indices whose branch is removed
-        (their features enter the fusion head as zeros). Returns fusion logits
-        ``(B, C)`` and the list of unimodal logits ``(B, C)``."""
+        """``xs[i]``: ``(B, d_i)``. ``drop``: modality indices whose branch is removed;
+        their features enter the fusion head as ``fill[i]`` (a ``(feat,)`` vector,
+        e.g. the training mean) or, without ``fill``, as zeros. Returns fusion
+        logits ``(B, C)`` and the list of unimodal logits ``(B, C)``; the encoder
+        features ``h_m`` ``(B, feat)`` are kept in :attr:`last_features`."""
         drop = set(drop)
         feats = [enc(x) for enc, x in zip(self.encoders, xs)]
-        fused_in = [torch.zeros_like(h) if i in drop else h for i, h in enumerate(feats)]
+        self.last_features = feats
+        fused_in = [
+            (torch.zeros_like(h) if fill is None else fill[i].expand_as(h)) if i in drop else h
+            for i, h in enumerate(feats)
+        ]
         z = self.fusion_head(torch.cat(fused_in, dim=1))
         return z, [head(h) for head, h in zip(self.heads, feats)]
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The shared parameters: every encoder's (reached by the fusion loss and one unimodal loss)."""
+        return [p for enc in self.encoders for p in enc.parameters()]
 
     def laplace_layers(self) -> dict[str, nn.Module]:
         """Last layer of each source (for ``samples="laplace"``): fusion head, unimodal heads."""

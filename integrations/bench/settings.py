@@ -1,16 +1,16 @@
 """Benchmark settings: how the training/validation/test arrays are formed from a data set.
 
 - ``standard``: train on the training split minus a validation carve-out.
-- ``missing``: the standard model, evaluated with each modality's branch removed
-  (its features replaced by zeros at the fusion head), one result per modality.
+- ``missing``: the standard model, evaluated with each modality removed at test
+  time under each rule of :data:`.protocol.MISSING_RULES`, one result per modality.
 - ``fewshot``: ``k`` labelled training examples per class (drawn per seed).
 - ``noisy``: one modality's standardised features (train, validation and test)
   corrupted by fixed Gaussian noise of standard deviation ``noise_std``.
 
 The validation split (stratified 20 % of the training split, fixed seed) is
 only used to choose hyper-parameters; the test split is never used for that.
-Features are standardised per modality and feature with training-split
-statistics.
+Features are standardised per modality and feature with the statistics of the
+rows the model is trained on (in few-shot, the few-shot rows only).
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def make_split(data: Dataset, setting: str = "standard", seed: int = 0, shots: i
     out = {"train": [], "val": [], "test": []}
     for m in mods:
         x = data.x[m]
-        mu = x[tr_all].mean(axis=0)
-        sd = x[tr_all].std(axis=0)
+        mu = x[tr].mean(axis=0)
+        sd = x[tr].std(axis=0)
         sd = np.where(sd > 0, sd, 1.0)
         z = ((x - mu) / sd).astype(np.float32)
         for k, rows in (("train", tr), ("val", va), ("test", te)):

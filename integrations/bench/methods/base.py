@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .model import MultiModalNet
+from ..model import MultiModalNet
 
 
 class Method:
@@ -28,6 +28,9 @@ class Method:
     def setup(self, model: MultiModalNet) -> None:
         """Called once per run, before training (create calibrators, state...)."""
         self.model = model
+
+    def start_epoch(self, epoch: int, max_epochs: int) -> None:
+        """Called before each epoch (0-based) of at most ``max_epochs`` (for schedules and windows)."""
 
     def backward(
         self,
