@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="most epochs with early stopping, >= --epochs (default 40; quick 3)")
     p.add_argument("--patience", type=int, default=5,
                    help="early stopping: epochs without a validation gain before stopping (default 5)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="training batch size, >= 1 (default 128)")
     p.add_argument("--setting", choices=SETTING_CHOICES, default="standard",
                    help="standard; missing (one modality removed at test time, three rules); "
                    "fewshot (--shots labelled rows per class); noisy (Gaussian noise of --noise-std "
@@ -99,7 +101,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse values that cannot run, before anything is trained."""
     for name, v in (("--seeds", args.seeds), ("--epochs", args.epochs),
                     ("--max-epochs", args.max_epochs), ("--tune-seeds", args.tune_seeds),
-                    ("--shots", args.shots), ("--threads", args.threads)):
+                    ("--shots", args.shots), ("--threads", args.threads),
+                    ("--batch-size", args.batch_size)):
         _positive(name, v)
     _positive("--patience", args.patience, least=0)
     if not (math.isfinite(args.noise_std) and args.noise_std >= 0):
@@ -300,7 +303,8 @@ def _main(args: argparse.Namespace) -> int:
                           f"{max_epochs}; raise --max-epochs")
     tune_seeds = [100 + i for i in range(args.tune_seeds or (1 if quick else 3))]
     max_train = 512 if quick else None
-    cfg = TrainConfig(max_epochs=max_epochs, patience=args.patience, fixed_epochs=fixed_epochs)
+    cfg = TrainConfig(max_epochs=max_epochs, patience=args.patience, fixed_epochs=fixed_epochs,
+                      batch_size=args.batch_size)
     datasets = args.dataset.split(",") if args.all else [args.dataset]
     loaded = [load_dataset(ds) for ds in datasets]  # refuse a bad name before any training
     t0 = time.perf_counter()

@@ -8,7 +8,8 @@ zero where loss ``k`` does not reach), flattened to one vector of length ``D``::
 
     alpha = argmin_{alpha in simplex} || sum_k alpha_k g_k ||^2
 
-solved in closed form for two losses and by Frank-Wolfe for more, on the Gram
+solved in closed form for two losses and by Frank-Wolfe for more (started from the
+best pair's closed-form point, as the authors' solver does), on the Gram
 matrix ``M_ij = g_i . g_j``. Each Frank-Wolfe step moves towards the vertex
 ``t = argmin_r (M alpha)_r`` with the exact line search of the two-point
 problem::
@@ -54,7 +55,7 @@ def min_norm(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-8) -> torc
     """Simplex weights ``alpha`` ``(S,)`` of the min-norm point of ``conv{g_1..g_S}``.
 
     ``gram``: ``(S, S)`` Gram matrix ``g_i . g_j``. Closed form for ``S = 2``,
-    Frank-Wolfe from the uniform point otherwise (``max_iter`` steps or until
+    Frank-Wolfe from the best two-loss point otherwise (``max_iter`` steps or until
     the weights move less than ``tol``). Computed in float64.
     """
     M = gram.detach().to(torch.float64)
@@ -64,7 +65,17 @@ def min_norm(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-8) -> torc
     if S == 2:
         c = _line(float(M[0, 0]), float(M[0, 1]), float(M[1, 1]))
         return torch.tensor([c, 1.0 - c], dtype=torch.float64)
-    alpha = torch.full((S,), 1.0 / S, dtype=torch.float64)
+    # start from the best two-loss min-norm point, as the authors' solver does
+    best = (float("inf"), 0, 1, 0.5)
+    for i in range(S):
+        for j in range(i + 1, S):
+            c = _line(float(M[i, i]), float(M[i, j]), float(M[j, j]))
+            cost = c * c * float(M[i, i]) + 2 * c * (1 - c) * float(M[i, j]) + (1 - c) ** 2 * float(M[j, j])
+            if cost < best[0]:
+                best = (cost, i, j, c)
+    _, i, j, c = best
+    alpha = torch.zeros(S, dtype=torch.float64)
+    alpha[i], alpha[j] = c, 1.0 - c
     for _ in range(max_iter):
         Ma = M @ alpha
         t = int(torch.argmin(Ma))
