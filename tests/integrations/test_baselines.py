@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pytest
+import scipy.optimize
 import torch
 import torch.nn.functional as F
-import scipy.optimize
 from bogc_core.integrations.bench.methods import build
 from bogc_core.integrations.bench.methods.bogc import BOGC, INVERSE_VARIANCE
 from bogc_core.integrations.bench.methods.mgda import min_norm, min_norm_2
