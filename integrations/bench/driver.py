@@ -214,7 +214,7 @@ def run_one(runner: Runner, setting: str, names: list[str], seeds: list[int], tu
     runs, split_info = runner.run_setting(setting, names, seeds, shots)
     extra = {
         "protocol": {
-            "grid": "learning rate in {0.01, 0.03, 0.1} for every method (own hyper-parameters "
+            "grid": "learning rate in {0.03, 0.1} for every method (own hyper-parameters "
                     "at their published defaults)",
             "tie_rule": "highest mean validation accuracy; on equal means the smaller learning rate",
             "selection": "tuned in the standard setting on the validation split; 'plateau' choices "

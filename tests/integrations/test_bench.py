@@ -208,8 +208,7 @@ def test_all_and_search_with_an_unrelated_results_json_under_out(tmp_path, capsy
     summary = (out / "summary.md").read_text()
     assert "toy / standard" in summary and "toy / missing" in summary and "something" not in summary
     search = json.loads((out / "toy" / "search.json").read_text())
-    assert set(search["variants"]) == {"bogc_ev_precision", "bogc_gamma_anneal", "bogc_smax2",
-                                       "bogc_scope_global", "bogc_rho0.5"}
+    assert set(search["variants"]) == {"bogc_ev_precision", "bogc_gamma_anneal", "bogc_smax2"}
     for rec in search["variants"].values():
         assert [g["params"] for g in rec["grid"]] == [{"lr": search["lr"]}]
     printed = capsys.readouterr().out
