@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bogc_core.integrations.data import SHIPPED, DataError, load_dataset
-from bogc_core.integrations.experiments.settings import make_split
+from bogc_core.integrations.bench.settings import make_split
 
 from bogc_core import BOGCError
 
@@ -49,7 +49,7 @@ def test_shipped_files_are_compact():
 
 
 def test_package_never_reads_the_shared_folder():
-    for folder in ("integrations/data", "integrations/experiments"):
+    for folder in ("integrations/data", "integrations/bench", "integrations/bench/methods"):
         for p in (REPO / folder).glob("*.py"):
             assert "/work/shared" not in p.read_text(), p
 
