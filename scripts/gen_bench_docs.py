@@ -111,7 +111,7 @@ def search_table(searches: dict[str, dict]) -> list[str]:
 
 
 def cost_lines(docs, searches) -> list[str]:
-    L = ["| data set | training CPU-seconds: tuning | evaluation runs (all settings) | search |",
+    L = ["| data set | training seconds, wall-clock: tuning | evaluation runs (all settings) | search |",
          "|---|---|---|---|"]
     by: dict[str, list[float]] = {}
     for ds, folder, doc in docs:
