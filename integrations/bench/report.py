@@ -161,7 +161,9 @@ def pp(x: float) -> str:
 
 
 def diff_text(d: dict | None, bootstrap: bool = True) -> str:
-    """``+1.23 [+0.10, +2.40]`` (t interval over seeds), ``level`` appended when it covers 0."""
+    """``+1.23 [+0.10, +2.40]`` (t interval over seeds; ``/ [..]`` the bootstrap one), then
+    ``level`` when an interval covers 0 (:func:`covers_zero`), else ``*`` when the
+    Holm-adjusted p is below 0.05."""
     if not d:
         return "-"
     if math.isnan(d["ci_low"]):
@@ -170,11 +172,23 @@ def diff_text(d: dict | None, bootstrap: bool = True) -> str:
     if bootstrap and "bootstrap" in d:
         b = d["bootstrap"]
         txt += f" / [{pp(b['ci_low'])}, {pp(b['ci_high'])}]"
-    if d["ci_low"] <= 0.0 <= d["ci_high"]:
+    if covers_zero(d):
         txt += " level"
-    elif d.get("p_holm", 0.0) < 0.05:
+    elif d.get("p_holm", math.nan) < 0.05:
         txt += " *"
     return txt
+
+
+def covers_zero(d: dict) -> bool:
+    """True when the t interval over seeds or the bootstrap interval over test examples covers 0.
+
+    Both are checked: with few seeds whose differences happen to agree, the t
+    interval collapses while the test-sampling uncertainty remains.
+    """
+    if d["ci_low"] <= 0.0 <= d["ci_high"]:
+        return True
+    b = d.get("bootstrap")
+    return bool(b and b["ci_low"] <= 0.0 <= b["ci_high"])
 
 
 def title(doc: dict) -> str:
