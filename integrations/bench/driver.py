@@ -212,7 +212,12 @@ def run_one(runner: Runner, setting: str, names: list[str], seeds: list[int], tu
     from .report import format_table, summarize
 
     runs, split_info = runner.run_setting(setting, names, seeds, shots)
-    extra = {
+    notes = [
+        "paired differences use the same seed (initialisation and batch order) for every method",
+        "hyper-parameters are chosen on a validation split carved from the training data, "
+        "never on the test split",
+    ]
+    extra: dict[str, Any] = {
         "protocol": {
             "grid": "learning rate in {0.03, 0.1} for every method (own hyper-parameters "
                     "at their published defaults)",
@@ -224,14 +229,10 @@ def run_one(runner: Runner, setting: str, names: list[str], seeds: list[int], tu
         },
         "hyperparameters": {n: {sel: runner.params(n, sel) for sel in ("plateau", "fixed")}
                             for n in names},
-        "notes": [
-            "paired differences use the same seed (initialisation and batch order) for every method",
-            "hyper-parameters are chosen on a validation split carved from the training data, "
-            "never on the test split",
-        ],
+        "notes": notes,
     }
     if runner.data.name == "av-digits":
-        extra["notes"].append("av-digits pairs audio and image by class only (AV-MNIST style): "
+        notes.append("av-digits pairs audio and image by class only (AV-MNIST style): "
                               "nothing co-occurs across modalities beyond the label")
     doc = summarize(runner.data.name, runner.data.modalities, setting, runs, seeds,
                     runner.cfg.as_dict(), split_info, runner.described, tuning, extra)

@@ -74,7 +74,8 @@ class MultiModalNet(nn.Module):
 
     def param_groups(self) -> list[tuple[list[nn.Parameter], tuple[str, ...]]]:
         """Parameters grouped by the set of loss sources that reach them."""
-        groups = [(list(enc.parameters()), (FUSION, m)) for enc, m in zip(self.encoders, self.modalities)]
+        groups: list[tuple[list[nn.Parameter], tuple[str, ...]]] = [
+            (list(enc.parameters()), (FUSION, m)) for enc, m in zip(self.encoders, self.modalities)]
         groups.append((list(self.fusion_head.parameters()), (FUSION,)))
         groups += [(list(h.parameters()), (m,)) for h, m in zip(self.heads, self.modalities)]
         return groups

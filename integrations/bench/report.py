@@ -64,10 +64,10 @@ def _selection(data_modalities: tuple[str, ...], setting: str, runs: dict[str, l
                sel: str) -> dict[str, Any]:
     """Per-method entries of one selection (``plateau`` or ``fixed``)."""
     res = {n: [r["results"][sel] for r in rs] for n, rs in runs.items()}
-    base = res.get(BASELINE)
+    base: list[dict[str, Any]] = res.get(BASELINE) or []
     methods: dict[str, Any] = {}
     for n, rr in res.items():
-        is_base = n == BASELINE or base is None
+        is_base = n == BASELINE or not base
         if setting == "missing":
             per_seed = [[float(np.mean(r["missing_correct"]["zero_fill"][m])) for m in data_modalities]
                         for r in rr]

@@ -79,7 +79,7 @@ def make_split(data: Dataset, setting: str = "standard", seed: int = 0, shots: i
         tr = np.sort(np.concatenate(pick))
         info["shots"] = shots
     mods = data.modalities
-    out = {"train": [], "val": [], "test": []}
+    out: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for m in mods:
         x = data.x[m]
         mu = x[tr].mean(axis=0)

@@ -86,7 +86,8 @@ def convert(source: str | Path, out: str | Path) -> dict[str, object]:
     dst = Path(out)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(dst, y=y, test_mask=mask, **xs)
+        arrays: dict[str, np.ndarray] = {"y": y, "test_mask": mask, **xs}
+        np.savez_compressed(dst, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     except OSError as exc:
         raise ConvertError(f"out: cannot write {str(dst)!r} ({exc.strerror or exc}); choose a "
                            f"writable path") from None

@@ -58,7 +58,7 @@ def source_grads(
     losses: dict[str, torch.Tensor], params: list[torch.nn.Parameter]
 ) -> dict[str, list[torch.Tensor | None]]:
     """Gradient of each source's mean loss w.r.t. ``params`` (None where it does not reach)."""
-    out = {}
+    out: dict[str, list[torch.Tensor | None]] = {}
     for s, loss in losses.items():
         out[s] = list(torch.autograd.grad(loss.mean(), params, retain_graph=True, allow_unused=True))
     return out
