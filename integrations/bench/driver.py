@@ -220,7 +220,7 @@ def run_one(runner: Runner, setting: str, names: list[str], seeds: list[int], tu
     extra: dict[str, Any] = {
         "protocol": {
             "grid": "learning rate in {0.03, 0.1} for every method (own hyper-parameters "
-                    "at their published defaults)",
+                    "fixed)",
             "tie_rule": "highest mean validation accuracy; on equal means the smaller learning rate",
             "selection": "tuned in the standard setting on the validation split; 'plateau' choices "
                          "by the best-epoch validation accuracy, 'fixed' choices by the validation "

@@ -7,7 +7,7 @@
   with ``bogc`` on the validation split only (``bogc bench --search``).
 
 Every method is tuned on the same grid, :data:`GRID` (2 learning rates); its
-own hyper-parameters stay at the published defaults (BOGC's are explored in
+own hyper-parameters stay fixed (BOGC's are explored in
 the pre-registered search instead).
 """
 
