@@ -376,3 +376,23 @@ def test_docs_tables_match_the_results_files():
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "gen_bench_docs.py"), "--check"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_docs_check_fails_on_drift(tmp_path):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "docs" / "results" / "bench", results)
+    doc = tmp_path / "benchmarks.md"
+    shutil.copy(REPO / "docs" / "benchmarks.md", doc)
+    script = [sys.executable, str(REPO / "scripts" / "gen_bench_docs.py"), "--results", str(results),
+              "--doc", str(doc)]
+    assert subprocess.run([*script, "--check"], capture_output=True).returncode == 0
+    f = results / "pie" / "standard" / "results.json"
+    d = json.loads(f.read_text())
+    d["methods"]["bogc"]["accuracy_mean"] += 0.01  # one number changes: the page is out of date
+    f.write_text(json.dumps(d))
+    r = subprocess.run([*script, "--check"], capture_output=True, text=True)
+    assert r.returncode == 1 and "out of date" in r.stdout
+    assert subprocess.run(script, capture_output=True).returncode == 0  # regenerating fixes it
+    assert subprocess.run([*script, "--check"], capture_output=True).returncode == 0
