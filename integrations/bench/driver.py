@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the validation search and use learning rate 0.03 for every method")
     p.add_argument("--tune", action="store_true",
                    help="kept for compatibility: tuning on validation is the default")
+    p.add_argument("--reuse-tuning", default=None, metavar="DIR",
+                   help="take the validation choices from DIR/<dataset>/standard/results.json of an "
+                   "earlier --all run instead of tuning again (the record is copied along)")
     p.add_argument("--tune-seeds", type=int, default=None,
                    help="seeds per grid point on validation, >= 1 (default 3; quick 1)")
     p.add_argument("--shots", type=int, default=5, help="labelled examples per class in fewshot (default 5)")
@@ -134,6 +137,21 @@ def _progress(total: int, desc: str, disable: bool):
 
     return tqdm(total=total, desc=desc, unit="run", disable=disable, leave=False,
                 file=sys.stderr, dynamic_ncols=True)
+
+
+def reused_tuning(root: Path, dataset: str, names: list[str]) -> dict[str, Any]:
+    """The ``tuning`` record of ``root/<dataset>/standard/results.json`` for ``names``."""
+    path = root / dataset / "standard" / "results.json"
+    try:
+        tuning = json.loads(path.read_text())["tuning"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"--reuse-tuning: cannot read the tuning record of {str(path)!r} ({exc}); "
+                          f"point it at the --out folder of an earlier --all run") from None
+    missing = [n for n in names if n not in tuning]
+    if missing:
+        raise ConfigError(f"--reuse-tuning: {str(path)!r} has no tuning for {missing}; tune them "
+                          f"(drop --reuse-tuning) or leave them out of --methods")
+    return {n: tuning[n] for n in names}
 
 
 def tune_methods(data, names: list[str], cfg, tune_seeds: list[int], max_train: int | None,
@@ -314,9 +332,11 @@ def _main(args: argparse.Namespace) -> int:
     for data in loaded:
         chosen: dict[str, dict] = {}
         tuning: dict[str, Any] = {}
-        if not args.no_tune:
+        if args.reuse_tuning:
+            tuning = reused_tuning(Path(args.reuse_tuning), data.name, names)
+        elif not args.no_tune:
             tuning = tune_methods(data, names, cfg, tune_seeds, max_train, args.no_progress)
-            chosen = {n: r["chosen"] for n, r in tuning.items()}
+        chosen = {n: r["chosen"] for n, r in tuning.items()}
         if args.search:
             search[data.name] = run_search(data, chosen, cfg, tune_seeds, max_train,
                                            args.no_progress)

@@ -215,6 +215,15 @@ def test_all_and_search_with_an_unrelated_results_json_under_out(tmp_path, capsy
     for p in ("toy/standard/results.json", "toy/missing/results.json", "toy/cost_accuracy.png",
               "toy/search.json", "summary.md"):
         assert (out / p).is_file() and f"wrote {out / p}" in printed
+    # a later run reuses the validation choices instead of tuning again
+    assert main(["--all", "--dataset", str(_toy(tmp_path)), "--settings", "fewshot-5", "--methods", "sum",
+                 "--reuse-tuning", str(out), "--out", str(tmp_path / "again"), *TINY]) == 0
+    first = json.loads((out / "toy" / "standard" / "results.json").read_text())
+    again = json.loads((tmp_path / "again" / "toy" / "fewshot-5" / "results.json").read_text())
+    assert again["tuning"]["sum"] == first["tuning"]["sum"]
+    assert again["hyperparameters"]["sum"] == first["tuning"]["sum"]["chosen"]
+    assert main(["--reuse-tuning", str(tmp_path / "nowhere"), "--dataset", str(_toy(tmp_path)),
+                 "--out", str(tmp_path / "x"), *TINY]) == 2
 
 
 @pytest.mark.parametrize("argv, needle", [
