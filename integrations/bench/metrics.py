@@ -52,8 +52,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict[str, float]:
     """Mean of ``a_i - b_i`` over paired runs, its Student-t interval and paired t-test p-value.
 
-    NaN bounds and p for ``n < 2``; a zero spread gives a zero-width interval and
-    ``p = 1`` if the mean is 0, else ``p = 0``.
+    NaN bounds and p for ``n < 2``; a zero spread (up to rounding) gives a
+    zero-width interval and ``p = 1`` if the mean is 0, else an undefined (NaN) p.
     """
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     n = d.size
@@ -61,8 +61,9 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.9
     if n < 2:
         return {"mean": m, "ci_low": math.nan, "ci_high": math.nan, "p": math.nan, "n": n}
     sd = float(d.std(ddof=1))
-    if sd == 0.0:
-        return {"mean": m, "ci_low": m, "ci_high": m, "p": 1.0 if m == 0 else 0.0, "n": n}
+    if sd <= 1e-12 * max(1.0, abs(m)):
+        # every pair differs by the same amount (up to rounding): the t statistic is undefined
+        return {"mean": m, "ci_low": m, "ci_high": m, "p": 1.0 if m == 0 else math.nan, "n": n}
     lo, hi = scipy.stats.t.interval(level, n - 1, loc=m, scale=sd / math.sqrt(n))
     p = float(scipy.stats.ttest_rel(np.asarray(a, float), np.asarray(b, float)).pvalue)
     return {"mean": m, "ci_low": float(lo), "ci_high": float(hi), "p": p, "n": n}

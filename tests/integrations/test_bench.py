@@ -297,6 +297,8 @@ def test_paired_difference_matches_a_hand_t_interval_and_test():
     assert math.isnan(paired_difference([1.0], [0.5])["ci_low"])
     same = paired_difference([0.5, 0.6], [0.5, 0.6])
     assert same["ci_low"] == same["ci_high"] == 0.0 and same["p"] == 1.0
+    shifted = paired_difference([0.5, 0.6, 0.7], [0.4, 0.5, 0.6])  # equal differences up to rounding
+    assert shifted["ci_low"] == shifted["ci_high"] == pytest.approx(0.1) and math.isnan(shifted["p"])
 
 
 def test_holm_against_the_step_down_definition():
