@@ -139,7 +139,7 @@ def make_step(method: str, model_name: str, model: nn.Module, inputs: tuple, ys)
             jac_to_grad(shared, agg)
         return step
     if method == "mmpareto":
-        from bogc_core.integrations.experiments.mmpareto import mmpareto
+        from bogc_core.integrations.bench.methods.mmpareto import mmpareto
 
         assert isinstance(model, MultiModal)
         params = list(model.parameters())

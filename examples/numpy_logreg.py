@@ -17,7 +17,7 @@ send gradients to the parameters:
 For binary cross-entropy with logit ``z`` the per-example gradient is
 ``(sigmoid(z) - y) * dz/dtheta``, so every source's per-example gradients of
 every parameter come out in closed form. Only the sources that reach a
-parameter take part in its calibration (METHOD.md, Notation).
+parameter take part in its calibration (docs/method.md#calibrated-update).
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from bogc_core import CalibrationConfig, GradientStats, Posterior, posterior
-from bogc_core.calibrate import calibrated_update, resolve_source_weights
+from bogc_core._calibration import calibrated_update
+from bogc_core._inputs import resolve_source_weights
 from bogc_core.errors import (
     ConfigError,
     DTypeError,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from bogc_core import CalibrationConfig, GradientStats, calibrate_tensors
-from bogc_core.diagnostics import summarize
+from bogc_core._diagnostics import summarize
 
 from .workspace import Group
 

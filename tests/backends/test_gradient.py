@@ -187,7 +187,7 @@ def test_every_option_with_segments(path, dtype, name, S, per_dim):
     rng = np.random.default_rng(hash((name, S, per_dim)) % 2**32)
     segments = [7, 1, 30, 2, 20]
     raw = random_raw(rng, S, sum(segments), per_dim=per_dim)
-    check(path, dtype, raw, CONFIGS[name], segments=segments, lambdas=[1.5, -0.5, 2.0][:S])
+    check(path, dtype, raw, CONFIGS[name], segments=segments, lambdas=[1.5, 0.5, 2.0][:S])
 
 
 @pytest.mark.parametrize("name", ["default", "gamma_general", "dempster", "s_max"])

@@ -1,4 +1,4 @@
-"""Baselines of ``bogc bench`` on built-to-order inputs, checked against closed forms."""
+"""Methods of ``bogc bench`` on built-to-order inputs, checked against closed forms and brute force."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import math
 
 import numpy as np
 import pytest
+import scipy.optimize
 import torch
 import torch.nn.functional as F
-from bogc_core.integrations.experiments import build
-from bogc_core.integrations.experiments.bogc_adapter import MicrobatchCalibrator
-from bogc_core.integrations.experiments.bogc_method import INVERSE_VARIANCE
-from bogc_core.integrations.experiments.mgda import min_norm_2
-from bogc_core.integrations.experiments.mmpareto import mmpareto
-from bogc_core.integrations.experiments.model import MultiModalNet
-from bogc_core.integrations.experiments.ogm_ge import OGMGE
-from bogc_core.integrations.experiments.pcgrad import pcgrad
+from bogc_core.integrations.bench.methods import build
+from bogc_core.integrations.bench.methods.bogc import BOGC, INVERSE_VARIANCE
+from bogc_core.integrations.bench.methods.mgda import min_norm, min_norm_2
+from bogc_core.integrations.bench.methods.mmpareto import mmpareto
+from bogc_core.integrations.bench.methods.ogm_ge import OGMGE, OGMGEDominantNoise
+from bogc_core.integrations.bench.methods.pcgrad import pcgrad
+from bogc_core.integrations.bench.model import MultiModalNet
 
 from bogc_core import CalibrationConfig, GradientStats, calibrate
 
@@ -86,10 +86,61 @@ def test_mgda_clips_to_the_shorter_vector():
     assert min_norm_2(g1, g2) == 1.0
 
 
-def test_mgda_on_the_model_uses_the_min_norm_point_per_encoder():
+def _simplex_min_norm(G: np.ndarray) -> float:
+    """Brute force: the smallest ||G^T a||^2 over the simplex, by SLSQP from every vertex and the centre."""
+    S = G.shape[0]
+    best = math.inf
+    for x0 in [np.eye(S)[i] for i in range(S)] + [np.full(S, 1.0 / S)]:
+        r = scipy.optimize.minimize(lambda a: float(np.sum((a @ G) ** 2)), x0, method="SLSQP",
+                                    bounds=[(0, 1)] * S, options={"ftol": 1e-15, "maxiter": 500},
+                                    constraints=[{"type": "eq", "fun": lambda a: a.sum() - 1}])
+        best = min(best, float(np.sum((np.clip(r.x, 0, 1) / np.clip(r.x, 0, 1).sum() @ G) ** 2)))
+    return best
+
+
+@pytest.mark.parametrize("S, seed", [(2, 0), (2, 1), (3, 2), (3, 3), (4, 4), (6, 5)])
+def test_frank_wolfe_min_norm_matches_brute_force(S, seed):
+    rng = np.random.default_rng(seed)
+    G = rng.normal(size=(S, 8))
+    if seed % 2:
+        G[1] = -0.7 * G[0] + 0.05 * G[1]  # strongly conflicting pair
+    alpha = min_norm(torch.tensor(G @ G.T), max_iter=5000, tol=1e-14).numpy()
+    assert alpha.min() >= 0 and alpha.sum() == pytest.approx(1.0)
+    got = float(np.sum((alpha @ G) ** 2))
+    ref = _simplex_min_norm(G)
+    assert got >= ref - 1e-9  # no point of the simplex beats the optimum
+    # plain Frank-Wolfe (as in the paper) converges as O(1/k): close, not exact, on a face
+    assert got == pytest.approx(ref, rel=2e-2, abs=1e-9)
+    if S == 2:  # closed form, exact
+        assert alpha[0] == pytest.approx(min_norm_2(torch.tensor(G[0]), torch.tensor(G[1])))
+
+
+def test_mgda_is_one_min_norm_over_all_shared_parameters_and_losses():
+    model, xs, y = _problem(seed=5, dims={"a": 4, "b": 6, "c": 2})
+    ref = _plain_source_grads(model, xs, y)
+    params = list(model.parameters())
+    shared = [j for j, p in enumerate(params) if any(p is q for q in model.encoder_parameters())]
+    G = torch.stack([torch.cat([(ref[s][j] if ref[s][j] is not None else torch.zeros_like(params[j]))
+                                .reshape(-1) for j in shared]) for s in model.sources]).double()
+    m = build("mgda")
+    m.setup(model)
+    losses, logits = _losses(model, xs, y)
+    d = m.backward(losses, logits, y)
+    alpha = torch.tensor([d[f"alpha/{s}"] for s in model.sources], dtype=torch.float64)
+    # the weights are the simplex min-norm point of the four losses (brute force)
+    assert float(((alpha @ G) ** 2).sum()) == pytest.approx(_simplex_min_norm(G.numpy()), rel=2e-2)
+    got = torch.cat([params[j].grad.reshape(-1) for j in shared]).double()
+    assert torch.allclose(got, alpha @ G, atol=1e-6)
+    for j, p in enumerate(params):  # heads: their own loss's gradient
+        if j not in shared:
+            own = [ref[s][j] for s in model.sources if ref[s][j] is not None]
+            assert len(own) == 1 and torch.allclose(p.grad, own[0], atol=1e-7)
+
+
+def test_mgda_per_encoder_ablation_uses_the_min_norm_point_per_encoder():
     model, xs, y = _problem()
     ref = _plain_source_grads(model, xs, y)
-    m = build("mgda")
+    m = build("mgda_per_encoder")
     m.setup(model)
     losses, logits = _losses(model, xs, y)
     m.backward(losses, logits, y)
@@ -130,24 +181,71 @@ def test_mmpareto_conflict_gives_common_direction_with_sum_magnitude():
 
 
 # ---------------------------------------------------------------- OGM-GE
-def test_ogm_ge_coefficient_and_modulated_gradient():
-    model, xs, y = _problem(seed=3)
-    m = OGMGE(alpha=0.5, noise=False)
-    m.setup(model)
-    losses, logits = _losses(model, xs, y)
-    ref = _plain_source_grads(model, xs, y)
+def _ogm_reference(model, xs, y, alpha):
+    """Coefficients from the fusion head's per-modality shares, as in the official code."""
     with torch.no_grad():
-        s = [torch.softmax(u, 1)[torch.arange(len(y)), y].sum().item() for u in logits[1]]
-    rho = [s[0] / s[1], s[1] / s[0]]
-    k = [1 - math.tanh(0.5 * r) if r > 1 else 1.0 for r in rho]
+        feats = [enc(x) for enc, x in zip(model.encoders, xs)]
+        W, b = model.fusion_head.weight, model.fusion_head.bias
+        s, start = [], 0
+        for h in feats:
+            o = h @ W[:, start:start + h.shape[1]].T + b / len(feats)
+            start += h.shape[1]
+            s.append(torch.softmax(o, 1)[torch.arange(len(y)), y].sum().item())
+    M = len(s)
+    rho = [s[i] / (sum(s[j] for j in range(M) if j != i) / (M - 1)) for i in range(M)]
+    return [1 - math.tanh(alpha * r) if r > 1 else 1.0 for r in rho]
+
+
+@pytest.mark.parametrize("dims", [{"a": 5, "b": 3}, {"a": 4, "b": 6, "c": 2}])
+def test_ogm_ge_official_modulation_noise_and_window(dims):
+    model, xs, y = _problem(seed=3, dims=dims)
+    ref = _plain_source_grads(model, xs, y)
+    k = _ogm_reference(model, xs, y, alpha=0.5)
+    assert min(k) < 1 and max(k) == 1.0
+    m = OGMGE(alpha=0.5)
+    m.setup(model)
+    m.start_epoch(0, 10)  # inside the default window [0, 5)
+    losses, logits = _losses(model, xs, y)
     m.backward(losses, logits, y)
+    gen = torch.Generator().manual_seed(1)  # the method's noise stream, drawn in the same order
     params = list(model.parameters())
     for i, enc in enumerate(model.encoders):
         src = model.modalities[i]
         for p in enc.parameters():
             j = next(t for t, q in enumerate(params) if q is p)
-            assert torch.allclose(p.grad, k[i] * ref["fusion"][j] + ref[src][j], atol=1e-6)
-    assert sorted(k)[0] < 1 and sorted(k)[1] == 1.0
+            gf, gu = ref["fusion"][j], ref[src][j]
+            if p.ndim >= 2:  # weights: damped, plus noise with the undamped gradient's std (every encoder)
+                noise = torch.randn(p.shape, generator=gen) * (gf.std() + 1e-8)
+                assert torch.allclose(p.grad, k[i] * gf + noise + gu, atol=1e-6)
+            else:  # biases untouched
+                assert torch.allclose(p.grad, gf + gu, atol=1e-7)
+    m.start_epoch(5, 10)  # outside the window: the plain sum
+    losses, logits = _losses(model, xs, y)
+    m.backward(losses, logits, y)
+    for j, p in enumerate(params):
+        tot = sum(ref[s][j] for s in model.sources if ref[s][j] is not None)
+        assert torch.allclose(p.grad, tot, atol=1e-6)
+
+
+def test_ogm_ge_dominant_noise_ablation_damps_only_the_dominant_encoder():
+    model, xs, y = _problem(seed=3)
+    m = OGMGEDominantNoise(alpha=0.5)
+    m.setup(model)
+    losses, logits = _losses(model, xs, y)
+    ref = _plain_source_grads(model, xs, y)
+    with torch.no_grad():
+        s = [torch.softmax(u, 1)[torch.arange(len(y)), y].sum().item() for u in logits[1]]
+    k = [1 - math.tanh(0.5 * r) if r > 1 else 1.0 for r in (s[0] / s[1], s[1] / s[0])]
+    m.backward(losses, logits, y)
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    for i, enc in enumerate(model.encoders):
+        for p in enc.parameters():
+            j = next(t for t, q in enumerate(params) if q is p)
+            g = k[i] * ref["fusion"][j]
+            if k[i] < 1:
+                g = g + torch.randn(g.shape, generator=gen) * g.std()
+            assert torch.allclose(p.grad, g + ref[model.modalities[i]][j], atol=1e-6)
 
 
 # ---------------------------------------------------------------- sum / uniform
@@ -179,16 +277,33 @@ def test_inverse_variance_config_is_closed_form_6():
     np.testing.assert_allclose(np.asarray(cal.gradient), expected, rtol=1e-9)
 
 
-def test_fallback_adapter_with_uniform_weights_and_no_scale_is_the_sum():
+def test_bogc_with_uniform_weights_and_no_scale_is_the_sum():
     model, xs, y = _problem(seed=2, dims={"a": 4, "b": 6, "c": 2})
     ref = _plain_source_grads(model, xs, y)
-    cal = MicrobatchCalibrator(model.param_groups(), CalibrationConfig(weights="uniform", scale="none"), 4)
-    losses, _ = _losses(model, xs, y)
-    diag = cal.backward(losses)
+    m = BOGC("b", CalibrationConfig(weights="uniform", scale="none"))
+    m.setup(model)
+    losses, logits = _losses(model, xs, y)
+    d = m.backward(losses, logits, y)
     for j, p in enumerate(model.parameters()):
         tot = sum(ref[s][j] for s in model.sources if ref[s][j] is not None)
         assert torch.allclose(p.grad, tot, atol=1e-6)
-    assert diag["weight/a"] == pytest.approx(0.5)
+    assert d["weight/a"] == pytest.approx(0.5)
+
+
+def test_bogc_normmatched_keeps_bogc_direction_with_the_sum_norm_per_tensor():
+    model, xs, y = _problem(seed=6, B=32)
+    ref = _plain_source_grads(model, xs, y)
+    grads = {}
+    for name in ("bogc", "bogc_normmatched"):
+        m = build(name)
+        m.setup(model)
+        losses, logits = _losses(model, xs, y)
+        m.backward(losses, logits, y)
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+    for j, (a, b) in enumerate(zip(grads["bogc"], grads["bogc_normmatched"])):
+        tot = sum(ref[s][j] for s in model.sources if ref[s][j] is not None)
+        assert torch.allclose(b, a * (tot.norm() / a.norm()), rtol=1e-5, atol=1e-7)
+        assert b.norm() == pytest.approx(tot.norm().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["bogc", "inverse_variance"])

@@ -1,0 +1,372 @@
+"""``bogc bench``: train the same model with BOGC and the baselines under one fair protocol.
+
+Usage::
+
+    bogc bench [--quick] [--dataset NAME_OR_PATH] [--methods LIST] [--seeds N]
+               [--epochs N] [--setting {standard,missing,fewshot,noisy}] [--out DIR]
+
+Every method's learning rate is chosen on the validation split first (same
+grid for every method, ``--tune-seeds`` seeds; ``--no-tune`` skips it), then
+each method is trained on ``--seeds`` seeds with early stopping on validation
+(``--max-epochs``, ``--patience``) and evaluated at the best validation epoch
+and after the fixed budget of ``--epochs`` epochs. ``--all`` runs every
+setting of each data set of ``--dataset`` (a comma list); ``--search`` runs
+the pre-registered validation search over BOGC's variants instead. Every
+file written is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bogc_core.errors import BOGCError, ConfigError
+
+SETTING_CHOICES = ("standard", "missing", "fewshot", "noisy")
+#: the folders of ``--all``: (setting, shots)
+ALL_JOBS = {"standard": ("standard", None), "missing": ("missing", None), "fewshot-5": ("fewshot", 5),
+            "noisy": ("noisy", None), "fewshot-10": ("fewshot", 10)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bogc bench",
+        description="Train one multi-modal model per method (BOGC and baselines), each with its "
+        "learning rate chosen on validation, and compare them paired by seed and test example.",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: methods sum,bogc,pcgrad, 2 seeds, 1 tuning seed, at most 3 "
+                   "epochs, 512 training rows (about a minute)")
+    p.add_argument("--dataset", default="av-digits",
+                   help="shipped data set ('av-digits', 'mfeat') or a .npz path with y, x_<modality> "
+                   "and optional test_mask (default av-digits; with --all or --search a comma list)")
+    p.add_argument("--methods", default=None,
+                   help="comma list of methods, or the groups 'main', 'ablations', 'search', 'all' "
+                   "(default main; sum and bogc are always added)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="evaluation seeds, >= 1 (default 5; quick 2)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="the fixed training budget in epochs, >= 1 (default 10; quick 2)")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="most epochs with early stopping, >= --epochs (default 40; quick 3)")
+    p.add_argument("--patience", type=int, default=5,
+                   help="early stopping: epochs without a validation gain before stopping (default 5)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="training batch size, >= 1 (default 128)")
+    p.add_argument("--setting", choices=SETTING_CHOICES, default="standard",
+                   help="standard; missing (one modality removed at test time, three rules); "
+                   "fewshot (--shots labelled rows per class); noisy (Gaussian noise of --noise-std "
+                   "on --noise-modality) (default standard)")
+    p.add_argument("--out", default="bogc-bench",
+                   help="output folder, checked for writing before any training (default ./bogc-bench)")
+    p.add_argument("--no-tune", action="store_true",
+                   help="skip the validation search and use learning rate 0.03 for every method")
+    p.add_argument("--tune", action="store_true",
+                   help="kept for compatibility: tuning on validation is the default")
+    p.add_argument("--reuse-tuning", default=None, metavar="DIR",
+                   help="take the validation choices from DIR/<dataset>/standard/results.json of an "
+                   "earlier --all run instead of tuning again (the record is copied along)")
+    p.add_argument("--tune-seeds", type=int, default=None,
+                   help="seeds per grid point on validation, >= 1 (default 3; quick 1)")
+    p.add_argument("--shots", type=int, default=5, help="labelled examples per class in fewshot (default 5)")
+    p.add_argument("--noise-std", type=float, default=2.0,
+                   help="standard deviation of the noise, in standardised units, in noisy (default 2)")
+    p.add_argument("--noise-modality", default=None,
+                   help="modality corrupted in noisy (default: the strongest shipped one, or the first)")
+    p.add_argument("--all", action="store_true",
+                   help="every setting (fewshot k=5 and 10) of every data set in --dataset, one "
+                   "sub-folder each, a cost_accuracy.png per data set and summary.md")
+    p.add_argument("--settings", default=",".join(ALL_JOBS),
+                   help="with --all: comma list of the settings to run, in order, from "
+                   f"{', '.join(ALL_JOBS)} (default all)")
+    p.add_argument("--search", action="store_true",
+                   help="also run the pre-registered search: BOGC's variants on the validation "
+                   "split only, at bogc's chosen learning rate; writes search.json")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, >= 1 (default 1: small models)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _positive(name: str, value: int | None, least: int = 1) -> None:
+    if value is not None and value < least:
+        raise ConfigError(f"{name}: must be >= {least}, got {value}; pass {name} {max(least, 1)} "
+                          f"or more (or leave it out for the default)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse values that cannot run, before anything is trained."""
+    for name, v in (("--seeds", args.seeds), ("--epochs", args.epochs),
+                    ("--max-epochs", args.max_epochs), ("--tune-seeds", args.tune_seeds),
+                    ("--shots", args.shots), ("--threads", args.threads),
+                    ("--batch-size", args.batch_size)):
+        _positive(name, v)
+    _positive("--patience", args.patience, least=0)
+    if not (math.isfinite(args.noise_std) and args.noise_std >= 0):
+        raise ConfigError(f"--noise-std: must be a finite number >= 0, got {args.noise_std}")
+    if args.epochs is not None and args.max_epochs is not None and args.max_epochs < args.epochs:
+        raise ConfigError(f"--max-epochs: {args.max_epochs} is below the fixed budget --epochs "
+                          f"{args.epochs}; raise --max-epochs or lower --epochs")
+    for job in args.settings.split(","):
+        if job not in ALL_JOBS:
+            raise ConfigError(f"--settings: unknown {job!r}; choose from {', '.join(ALL_JOBS)}")
+    if args.search and args.no_tune:
+        raise ConfigError("--search: needs bogc's learning rate chosen on validation; drop --no-tune")
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write a probe file in it, or raise :class:`ConfigError`."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".bogc-bench-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot write to {str(out)!r} ({exc.strerror or exc}); choose a "
+                          f"writable folder") from None
+
+
+def _progress(total: int, desc: str, disable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", disable=disable, leave=False,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def reused_tuning(root: Path, dataset: str, names: list[str]) -> dict[str, Any]:
+    """The ``tuning`` record of ``root/<dataset>/standard/results.json`` for ``names``."""
+    path = root / dataset / "standard" / "results.json"
+    try:
+        tuning = json.loads(path.read_text())["tuning"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"--reuse-tuning: cannot read the tuning record of {str(path)!r} ({exc}); "
+                          f"point it at the --out folder of an earlier --all run") from None
+    missing = [n for n in names if n not in tuning]
+    if missing:
+        raise ConfigError(f"--reuse-tuning: {str(path)!r} has no tuning for {missing}; tune them "
+                          f"(drop --reuse-tuning) or leave them out of --methods")
+    return {n: tuning[n] for n in names}
+
+
+def tune_methods(data, names: list[str], cfg, tune_seeds: list[int], max_train: int | None,
+                 disable: bool) -> dict[str, Any]:
+    """Validation search of :data:`registry.GRID` for every method, in the standard setting."""
+    from .methods import registry
+    from .protocol import grid_points, tune
+    from .settings import make_split
+
+    split = make_split(data, "standard", max_train=max_train)
+    records: dict[str, Any] = {}
+    total = len(names) * len(grid_points(registry.GRID))
+    with _progress(total, f"tune {data.name}", disable) as bar:
+        for n in names:
+            bar.set_postfix_str(n)
+            records[n] = tune(split, registry.build(n), cfg, registry.GRID, tune_seeds,
+                              on_point=lambda: bar.update(1))
+    return records
+
+
+class Runner:
+    """Evaluation runs of one data set, cached by (setting, method, parameters, seed)."""
+
+    def __init__(self, data, cfg, chosen: dict[str, dict[str, dict]], max_train: int | None,
+                 args: argparse.Namespace):
+        self.data, self.cfg, self.chosen, self.max_train, self.args = data, cfg, chosen, max_train, args
+        self.cache: dict[tuple, dict] = {}
+        self.described: dict[str, Any] = {}
+
+    def params(self, name: str, sel: str) -> dict:
+        from .methods.registry import FALLBACK_LR
+
+        return dict(self.chosen.get(name, {}).get(sel, {"lr": FALLBACK_LR}))
+
+    def run_setting(self, setting: str, names: list[str], seeds: list[int], shots: int) -> tuple[dict, dict]:
+        from .methods import registry
+        from .protocol import train_run
+        from .settings import make_split
+
+        train_setting = "standard" if setting == "missing" else setting
+        runs: dict[str, list[dict]] = {n: [] for n in names}
+        split_info: dict[str, Any] = {}
+        desc = f"{self.data.name}/{setting}" + (f"-{shots}" if setting == "fewshot" else "")
+        with _progress(len(names) * len(seeds), desc, self.args.no_progress) as bar:
+            for seed in seeds:
+                split = make_split(self.data, train_setting, seed=seed, shots=shots,
+                                   noise_std=self.args.noise_std, noise_modality=self.args.noise_modality,
+                                   max_train=self.max_train)
+                split_info = dict(split.info, n_train=int(split.y_train.size),
+                                  n_val=int(split.y_val.size), n_test=int(split.y_test.size))
+                for n in names:
+                    bar.set_postfix_str(f"{n} seed {seed}")
+                    rec: dict[str, Any] = {}
+                    for sel in ("plateau", "fixed"):
+                        p = self.params(n, sel)
+                        key = (train_setting, shots if train_setting == "fewshot" else None, n,
+                               tuple(sorted(p.items())), seed)
+                        if key not in self.cache:
+                            method = registry.build(n).with_params(**p)
+                            self.cache[key] = train_run(split, method, seed, self.cfg)
+                            self.described[n] = method.describe()
+                        rec[sel] = self.cache[key]
+                    # the headline run carries the curves and cost; the fixed-budget result may
+                    # come from a run at another learning rate
+                    merged = dict(rec["plateau"])
+                    merged["results"] = {"plateau": rec["plateau"]["results"]["plateau"],
+                                         "fixed": rec["fixed"]["results"]["fixed"]}
+                    runs[n].append(merged)
+                    bar.update(1)
+        return runs, split_info
+
+
+def run_one(runner: Runner, setting: str, names: list[str], seeds: list[int], tuning: dict,
+            out: Path, shots: int) -> tuple[dict, list[Path]]:
+    from .plots import plot
+    from .report import format_table, summarize
+
+    runs, split_info = runner.run_setting(setting, names, seeds, shots)
+    notes = [
+        "paired differences use the same seed (initialisation and batch order) for every method",
+        "hyper-parameters are chosen on a validation split carved from the training data, "
+        "never on the test split",
+    ]
+    extra: dict[str, Any] = {
+        "protocol": {
+            "grid": "learning rate in {0.03, 0.1} for every method (own hyper-parameters "
+                    "fixed)",
+            "tie_rule": "highest mean validation accuracy; on equal means the smaller learning rate",
+            "selection": "tuned in the standard setting on the validation split; 'plateau' choices "
+                         "by the best-epoch validation accuracy, 'fixed' choices by the validation "
+                         "accuracy after the fixed budget; reused in every setting",
+            "tuning": "on" if not runner.args.no_tune else "off (learning rate 0.03)",
+        },
+        "hyperparameters": {n: {sel: runner.params(n, sel) for sel in ("plateau", "fixed")}
+                            for n in names},
+        "notes": notes,
+    }
+    if runner.data.name == "av-digits":
+        notes.append("av-digits pairs audio and image by class only (AV-MNIST style): "
+                              "nothing co-occurs across modalities beyond the label")
+    doc = summarize(runner.data.name, runner.data.modalities, setting, runs, seeds,
+                    runner.cfg.as_dict(), split_info, runner.described, tuning, extra)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / name for name in plot(doc, out)]
+    doc["plots"] = [p.name for p in written]
+    with open(out / "results.json", "w") as f:
+        json.dump(doc, f, indent=1)
+    written.insert(0, out / "results.json")
+    print(format_table(doc), flush=True)
+    return doc, written
+
+
+def run_search(data, chosen: dict[str, dict], cfg, tune_seeds: list[int], max_train: int | None,
+               disable: bool) -> dict[str, Any]:
+    """The pre-registered search on one data set: every :data:`registry.SEARCH` variant at
+    ``bogc``'s chosen learning rate, validation only (same seeds as the tuning)."""
+    from .methods import registry
+    from .protocol import tune
+    from .settings import make_split
+
+    split = make_split(data, "standard", max_train=max_train)
+    lr = chosen["bogc"]["plateau"]["lr"]
+    variants = [n for n in registry.SEARCH if n != "bogc"]
+    records: dict[str, Any] = {}
+    with _progress(len(variants), f"search {data.name}", disable) as bar:
+        for n in variants:
+            records[n] = tune(split, registry.build(n), cfg, {"lr": [lr]}, tune_seeds)
+            bar.update(1)
+    return {"lr": lr, "variants": records}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``bogc bench``; returns the exit status (2 on a user error)."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(args)
+    except BOGCError as exc:
+        print(f"bogc bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    check_args(args)
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError("bogc bench needs PyTorch; install it with pip install "
+                          "'bogc[bench]'") from None
+
+    from ..data import load_dataset
+    from .methods import registry
+    from .protocol import TrainConfig
+    from .report import cost_plot, write_summary
+
+    out = Path(args.out)
+    check_writable(out)
+    torch.set_num_threads(args.threads)
+    quick = args.quick
+    names = registry.expand(args.methods) if args.methods or not quick else list(registry.QUICK_METHODS)
+    for must in ("sum", "bogc"):
+        if must not in names:
+            names.insert(0 if must == "sum" else 1, must)
+    seeds = list(range(args.seeds if args.seeds is not None else (2 if quick else 5)))
+    fixed_epochs = args.epochs if args.epochs is not None else (2 if quick else 10)
+    max_epochs = args.max_epochs if args.max_epochs is not None else max(fixed_epochs, 3 if quick else 40)
+    if max_epochs < fixed_epochs:
+        raise ConfigError(f"--epochs: the fixed budget {fixed_epochs} exceeds --max-epochs "
+                          f"{max_epochs}; raise --max-epochs")
+    tune_seeds = [100 + i for i in range(args.tune_seeds or (1 if quick else 3))]
+    max_train = 512 if quick else None
+    cfg = TrainConfig(max_epochs=max_epochs, patience=args.patience, fixed_epochs=fixed_epochs,
+                      batch_size=args.batch_size)
+    datasets = args.dataset.split(",") if args.all else [args.dataset]
+    loaded = [load_dataset(ds) for ds in datasets]  # refuse a bad name before any training
+    t0 = time.perf_counter()
+    written: list[Path] = []
+    search: dict[str, Any] = {}
+    for data in loaded:
+        chosen: dict[str, dict] = {}
+        tuning: dict[str, Any] = {}
+        if args.reuse_tuning:
+            tuning = reused_tuning(Path(args.reuse_tuning), data.name, names)
+        elif not args.no_tune:
+            tuning = tune_methods(data, names, cfg, tune_seeds, max_train, args.no_progress)
+        chosen = {n: r["chosen"] for n, r in tuning.items()}
+        if args.search:
+            search[data.name] = run_search(data, chosen, cfg, tune_seeds, max_train,
+                                           args.no_progress)
+            search[data.name]["bogc"] = tuning["bogc"]
+            path = out / data.name / "search.json" if args.all else out / "search.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(dict(search[data.name], dataset=data.name,
+                                            train_config=cfg.as_dict()), indent=1))
+            written.append(path)
+        runner = Runner(data, cfg, chosen, max_train, args)
+        if not args.all:
+            _, w = run_one(runner, args.setting, names, seeds, tuning, out, args.shots)
+            written += w
+            continue
+        base = out / data.name
+        for folder in args.settings.split(","):
+            setting, k = ALL_JOBS[folder]
+            shots = args.shots if k is None else k
+            doc, w = run_one(runner, setting, names, seeds, tuning, base / folder, shots)
+            written += w
+            if setting == "standard":
+                written.append(cost_plot([doc], base / "cost_accuracy.png"))
+    if args.all:
+        results = [p for p in written if p.name == "results.json"]
+        written.append(write_summary(out, results))
+    for p in written:
+        print(f"wrote {p}", flush=True)
+    print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

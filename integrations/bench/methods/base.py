@@ -1,0 +1,109 @@
+"""The small interface every training method implements, and shared gradient helpers.
+
+A method turns the per-example losses of each source into ``p.grad`` for every
+parameter of a :class:`~.model.MultiModalNet`; the harness then takes the
+optimiser step. ``losses[s]`` has shape ``(B,)``; the source names are
+``"fusion"`` and the modality names.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from ..model import MultiModalNet
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and implement :meth:`backward`."""
+
+    name = "method"
+    #: hyper-parameter grid searched on the validation split (name -> values)
+    grid: dict[str, list[Any]] = {}
+    #: learning rate; None means the harness default (``TrainConfig.lr``)
+    lr: float | None = None
+
+    def setup(self, model: MultiModalNet) -> None:
+        """Called once per run, before training (create calibrators, state...)."""
+        self.model = model
+
+    def start_epoch(self, epoch: int, max_epochs: int) -> None:
+        """Called before each epoch (0-based) of at most ``max_epochs`` (for schedules and windows)."""
+
+    def backward(
+        self,
+        losses: dict[str, torch.Tensor],
+        logits: tuple[torch.Tensor, list[torch.Tensor]],
+        y: torch.Tensor,
+    ) -> dict[str, Any]:
+        """Set ``p.grad`` of every parameter; return diagnostics (may be empty)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "lr": self.lr}
+
+    def with_params(self, **params: Any) -> Method:
+        """A fresh copy with the given attributes set (used by the validation grid search)."""
+        new = copy.copy(self)
+        for k, v in params.items():
+            if not hasattr(self, k):
+                raise AttributeError(f"{self.name}: unknown hyper-parameter {k!r}")
+            setattr(new, k, v)
+        return new
+
+
+def source_grads(
+    losses: dict[str, torch.Tensor], params: list[torch.nn.Parameter]
+) -> dict[str, list[torch.Tensor | None]]:
+    """Gradient of each source's mean loss w.r.t. ``params`` (None where it does not reach)."""
+    out: dict[str, list[torch.Tensor | None]] = {}
+    for s, loss in losses.items():
+        out[s] = list(torch.autograd.grad(loss.mean(), params, retain_graph=True, allow_unused=True))
+    return out
+
+
+def flat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def unflat(v: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, i = [], 0
+    for t in like:
+        out.append(v[i : i + t.numel()].view_as(t))
+        i += t.numel()
+    return out
+
+
+class EncoderRuleMethod(Method):
+    """A method that combines, per encoder, the gradients of its two sources.
+
+    Heads reached by one source get that source's gradient unchanged (every
+    rule below reduces to it for one source). Subclasses implement
+    :meth:`combine` on ``grads[k]`` = list of per-tensor gradients of source
+    ``k`` (sources ordered ``("fusion", modality)``).
+    """
+
+    def backward(self, losses, logits, y):
+        params = list(self.model.parameters())
+        index = {id(p): i for i, p in enumerate(params)}
+        g = source_grads(losses, params)
+        self.context(losses, logits, y)
+        diag: dict[str, Any] = {}
+        for group, srcs in self.model.param_groups():
+            idx = [index[id(p)] for p in group]
+            per_src = [[g[s][i] if g[s][i] is not None else torch.zeros_like(params[i]) for i in idx] for s in srcs]
+            if len(srcs) == 1:
+                new = per_src[0]
+            else:
+                new = self.combine(per_src, srcs, diag)
+            for p, t in zip(group, new):
+                p.grad = t.detach().clone()
+        return diag
+
+    def context(self, losses, logits, y) -> None:
+        """Hook for rules that need batch-level quantities (e.g. OGM-GE's confidences)."""
+
+    def combine(self, grads: list[list[torch.Tensor]], sources: tuple[str, ...], diag: dict) -> list[torch.Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,314 @@
+"""``results.json`` documents, text and markdown tables, the summary and the cost plot.
+
+A document is one data set and one setting. ``methods[m]`` holds the
+headline numbers (the ``plateau`` result: early stopping on validation);
+``fixed_budget[m]`` the same fields after exactly ``fixed_epochs`` epochs.
+Every difference to ``sum`` is paired by seed (``paired_difference``: t
+interval, t-test p and its Holm adjustment across the table's comparisons)
+and by test example (``bootstrap``). In the ``missing`` setting,
+``methods[m]["missing_rules"][rule][modality]`` holds
+``accuracy_mean, accuracy_std, accuracies, accuracy_diff_to_sum``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import example_bootstrap, holm, mean_std, paired_difference
+from .protocol import MISSING_RULES
+
+BASELINE = "sum"
+
+
+def _diff(values: list[float], base: list[float], correct: np.ndarray | None,
+          base_correct: np.ndarray | None) -> dict[str, Any]:
+    d: dict[str, Any] = paired_difference(values, base)
+    if correct is not None and base_correct is not None:
+        d["bootstrap"] = example_bootstrap(correct, base_correct)
+    return d
+
+
+def _block(values: list[float], base: list[float] | None, correct=None, base_correct=None) -> dict[str, Any]:
+    m, s = mean_std(values)
+    out: dict[str, Any] = {"accuracy_mean": m, "accuracy_std": s, "accuracies": [float(v) for v in values]}
+    if base is not None:
+        out["accuracy_diff_to_sum"] = _diff(values, base, correct, base_correct)
+    return out
+
+
+def _curve_mean(curves: list[list[float]]) -> list[float]:
+    """Mean over seeds of curves of unequal length (early stopping): NaN-padded, mean of the present."""
+    n = max((len(c) for c in curves), default=0)
+    if n == 0:
+        return []
+    a = np.full((len(curves), n), np.nan)
+    for i, c in enumerate(curves):
+        a[i, : len(c)] = c
+    with np.errstate(all="ignore"):
+        return [float(v) for v in np.nanmean(a, axis=0)]
+
+
+def _holm_table(entries: list[dict[str, Any]]) -> None:
+    """Add ``p_holm`` to every ``accuracy_diff_to_sum`` in ``entries`` (one table)."""
+    diffs = [e["accuracy_diff_to_sum"] for e in entries if "accuracy_diff_to_sum" in e]
+    for d, p in zip(diffs, holm([d["p"] for d in diffs])):
+        d["p_holm"] = p
+
+
+def _selection(data_modalities: tuple[str, ...], setting: str, runs: dict[str, list[dict]],
+               sel: str) -> dict[str, Any]:
+    """Per-method entries of one selection (``plateau`` or ``fixed``)."""
+    res = {n: [r["results"][sel] for r in rs] for n, rs in runs.items()}
+    base: list[dict[str, Any]] = res.get(BASELINE) or []
+    methods: dict[str, Any] = {}
+    for n, rr in res.items():
+        is_base = n == BASELINE or not base
+        if setting == "missing":
+            per_seed = [[float(np.mean(r["missing_correct"]["zero_fill"][m])) for m in data_modalities]
+                        for r in rr]
+            accs = [float(np.mean(v)) for v in per_seed]
+            b = None if is_base else [float(np.mean([np.mean(r["missing_correct"]["zero_fill"][m])
+                                                     for m in data_modalities])) for r in base]
+            e = _block(accs, b)
+        else:
+            accs = [r["accuracy"] for r in rr]
+            e = _block(accs, None if is_base else [r["accuracy"] for r in base],
+                       np.stack([r["correct"] for r in rr]),
+                       None if is_base else np.stack([r["correct"] for r in base]))
+        f1m, f1s = mean_std([r["macro_f1"] for r in rr])
+        e.update({
+            "macro_f1_mean": f1m, "macro_f1_std": f1s, "macro_f1s": [r["macro_f1"] for r in rr],
+            "full_accuracy_mean": float(np.mean([r["accuracy"] for r in rr])),
+            "unimodal_accuracy": {m: [r["unimodal_accuracy"][m] for r in rr] for m in data_modalities},
+            "unimodal_accuracy_mean": {m: float(np.mean([r["unimodal_accuracy"][m] for r in rr]))
+                                       for m in data_modalities},
+        })
+        if setting == "missing":
+            rules: dict[str, Any] = {}
+            for rule in MISSING_RULES:
+                rules[rule] = {}
+                for m in data_modalities:
+                    c = np.stack([r["missing_correct"][rule][m] for r in rr])
+                    bc = None if is_base else np.stack([r["missing_correct"][rule][m] for r in base])
+                    rules[rule][m] = _block(c.mean(axis=1).tolist(),
+                                            None if bc is None else bc.mean(axis=1).tolist(), c, bc)
+            e["missing_rules"] = rules
+            e["removed_modality"] = rules["zero_fill"]
+        methods[n] = e
+    _holm_table(list(methods.values()))
+    if setting == "missing":
+        for rule in MISSING_RULES:
+            _holm_table([methods[n]["missing_rules"][rule][m] for n in methods for m in data_modalities])
+    return methods
+
+
+def summarize(dataset: str, modalities: tuple[str, ...], setting: str, runs: dict[str, list[dict]],
+              seeds: list[int], train_config: dict, split_info: dict, described: dict,
+              tuning: dict, extra: dict) -> dict[str, Any]:
+    """The ``results.json`` document for one data set and setting.
+
+    ``runs[m][i]``: the run record(s) of method ``m`` and seed ``seeds[i]``, with
+    ``results["plateau"]`` and ``results["fixed"]`` (see :func:`.protocol.train_run`).
+    """
+    methods = _selection(modalities, setting, runs, "plateau")
+    fixed = _selection(modalities, setting, runs, "fixed")
+    base_sec = float(np.mean([r["seconds"] for r in runs[BASELINE]])) if BASELINE in runs else math.nan
+    for n, rs in runs.items():
+        e = methods[n]
+        sec = float(np.mean([r["seconds"] for r in rs]))
+        epochs = [r["epochs_run"] for r in rs]
+        e.update({
+            "seconds_per_run": sec,
+            "seconds_per_epoch": float(np.mean([r["seconds"] / r["epochs_run"] for r in rs])),
+            "seconds_ratio_to_sum": sec / base_sec if base_sec > 0 else math.nan,
+            "epochs_run_mean": float(np.mean(epochs)),
+            "best_epoch_mean": float(np.mean([r["best_epoch"] for r in rs])),
+            "val_accuracy_mean": float(np.mean([r["val_accuracy"]["plateau"] for r in rs])),
+            "config": described.get(n, {}),
+            "test_curve_mean": _curve_mean([r["test_curve"] for r in rs]),
+            "val_curve_mean": _curve_mean([r["val_curve"] for r in rs]),
+        })
+        diags = [r["diagnostics"] for r in rs]
+        keys = sorted({k for d in diags for ep in d for k in ep})
+        if keys:
+            e["diagnostics_curve_mean"] = {
+                k: _curve_mean([[ep.get(k, math.nan) for ep in d] for d in diags]) for k in keys
+            }
+    doc = {
+        "dataset": dataset,
+        "setting": setting,
+        "modalities": list(modalities),
+        "seeds": seeds,
+        "epochs": train_config["fixed_epochs"],
+        "train_config": train_config,
+        "split": split_info,
+        "methods": methods,
+        "fixed_budget": fixed,
+        "tuning": tuning,
+    }
+    doc.update(extra)
+    return doc
+
+
+# ------------------------------------------------------------------ formatting
+def pp(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def diff_text(d: dict | None, bootstrap: bool = True) -> str:
+    """``+1.23 [+0.10, +2.40]`` (t interval over seeds; ``/ [..]`` the bootstrap one), then
+    ``level`` when an interval covers 0 (:func:`covers_zero`), else ``*`` when the
+    Holm-adjusted p is below 0.05."""
+    if not d:
+        return "-"
+    if math.isnan(d["ci_low"]):
+        return pp(d["mean"])
+    txt = f"{pp(d['mean'])} [{pp(d['ci_low'])}, {pp(d['ci_high'])}]"
+    if bootstrap and "bootstrap" in d:
+        b = d["bootstrap"]
+        txt += f" / [{pp(b['ci_low'])}, {pp(b['ci_high'])}]"
+    if covers_zero(d):
+        txt += " level"
+    elif d.get("p_holm", math.nan) < 0.05:
+        txt += " *"
+    return txt
+
+
+def covers_zero(d: dict) -> bool:
+    """True when the t interval over seeds or the bootstrap interval over test examples covers 0.
+
+    Both are checked: with few seeds whose differences happen to agree, the t
+    interval collapses while the test-sampling uncertainty remains.
+    """
+    if d["ci_low"] <= 0.0 <= d["ci_high"]:
+        return True
+    b = d.get("bootstrap")
+    return bool(b and b["ci_low"] <= 0.0 <= b["ci_high"])
+
+
+def title(doc: dict) -> str:
+    head = f"{doc['dataset']} / {doc['setting']}"
+    if doc["split"].get("shots"):
+        head += f" k={doc['split']['shots']}"
+    if doc["split"].get("noise_modality"):
+        head += f" (noise std {doc['split']['noise_std']} on {doc['split']['noise_modality']})"
+    return head
+
+
+def format_table(doc: dict) -> str:
+    """Plain-text table of the headline (early-stopped) and the fixed-budget accuracy."""
+    tc = doc["train_config"]
+    lines = [f"{title(doc)}, {len(doc['seeds'])} seeds; early stopping (patience {tc['patience']}, "
+             f"max {tc['max_epochs']} epochs) and a fixed budget of {tc['fixed_epochs']} epochs",
+             f"{'method':<22} {'accuracy':>15} {'diff to sum [95% t CI]':>32} "
+             f"{'fixed budget':>14} {'diff':>8} {'time/sum':>8}"]
+    for n, e in doc["methods"].items():
+        f = doc["fixed_budget"][n]
+        fd = f.get("accuracy_diff_to_sum")
+        lines.append(
+            f"{n:<22} {100 * e['accuracy_mean']:>8.2f} ± {100 * e['accuracy_std']:<4.2f} "
+            f"{diff_text(e.get('accuracy_diff_to_sum'), bootstrap=False):>32} "
+            f"{100 * f['accuracy_mean']:>14.2f} {pp(fd['mean']) if fd else '-':>8} "
+            f"{e['seconds_ratio_to_sum']:>8.2f}")
+    if doc["setting"] == "missing":
+        mods = doc["modalities"]
+        for rule in MISSING_RULES:
+            lines.append(f"accuracy with one modality removed, rule {rule}:")
+            lines.append(f"{'method':<22} " + " ".join(f"{'-' + m:>10}" for m in mods))
+            for n, e in doc["methods"].items():
+                lines.append(f"{n:<22} " + " ".join(
+                    f"{100 * e['missing_rules'][rule][m]['accuracy_mean']:>10.2f}" for m in mods))
+    return "\n".join(lines)
+
+
+def markdown_tables(doc: dict) -> list[str]:
+    """Markdown lines for one document (headline, fixed budget, imbalance lens, missing rules)."""
+    tc = doc["train_config"]
+    L = [f"**{title(doc)}**: {len(doc['seeds'])} seeds; early stopping on validation (patience "
+         f"{tc['patience']}, at most {tc['max_epochs']} epochs); fixed budget {tc['fixed_epochs']} "
+         f"epochs.", "",
+         "| method | accuracy % | diff to sum, pp [95% t over seeds] / [95% bootstrap over test examples] "
+         "| fixed budget % | fixed-budget diff, pp [95% t] | epochs | time / sum |",
+         "|---|---|---|---|---|---|---|"]
+    for n, e in doc["methods"].items():
+        f = doc["fixed_budget"][n]
+        L.append(f"| {n} | {100 * e['accuracy_mean']:.2f} ± {100 * e['accuracy_std']:.2f} | "
+                 f"{diff_text(e.get('accuracy_diff_to_sum'))} | "
+                 f"{100 * f['accuracy_mean']:.2f} ± {100 * f['accuracy_std']:.2f} | "
+                 f"{diff_text(f.get('accuracy_diff_to_sum'), bootstrap=False)} | "
+                 f"{e['epochs_run_mean']:.1f} | {e['seconds_ratio_to_sum']:.2f} |")
+    mods = doc["modalities"]
+    L += ["", "Imbalance lens: test accuracy % of each modality's own head after joint training:", "",
+          "| method | " + " | ".join(mods) + " |", "|---|" + "---|" * len(mods)]
+    for n, e in doc["methods"].items():
+        L.append(f"| {n} | " + " | ".join(f"{100 * e['unimodal_accuracy_mean'][m]:.2f}"
+                                          for m in mods) + " |")
+    if doc["setting"] == "missing":
+        for rule in MISSING_RULES:
+            L += ["", f"Modality removed at test time, rule `{rule}`: accuracy %, and the diff to "
+                  "sum in pp [95% t over seeds]:", "",
+                  "| method | " + " | ".join(f"without {m}" for m in mods) + " |",
+                  "|---|" + "---|" * len(mods)]
+            for n, e in doc["methods"].items():
+                cells = []
+                for m in mods:
+                    b = e["missing_rules"][rule][m]
+                    d = b.get("accuracy_diff_to_sum")
+                    cells.append(f"{100 * b['accuracy_mean']:.2f}"
+                                 + (f" ({diff_text(d, bootstrap=False)})" if d else ""))
+                L.append(f"| {n} | " + " | ".join(cells) + " |")
+    L.append("")
+    return L
+
+
+def is_results_doc(doc: Any) -> bool:
+    """True for a document written by this harness (the ``--all`` summary skips anything else)."""
+    return (isinstance(doc, dict) and isinstance(doc.get("methods"), dict)
+            and isinstance(doc.get("fixed_budget"), dict) and "train_config" in doc
+            and isinstance(doc.get("split"), dict))
+
+
+def write_summary(root: Path, paths: list[Path]) -> Path:
+    """Collect the ``results.json`` files ``paths`` (written under ``root``) into ``summary.md``."""
+    lines = ["# bogc bench summary", ""]
+    for p in paths:
+        try:
+            doc = json.loads(Path(p).read_text())
+        except (OSError, ValueError):
+            continue
+        if not is_results_doc(doc):
+            continue
+        lines += [f"## {title(doc)}", "", f"`{Path(p).parent.relative_to(root)}`", ""]
+        lines += markdown_tables(doc)
+    out = root / "summary.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def cost_plot(docs: list[dict], out: Path) -> Path:
+    """Accuracy against wall-clock per run relative to ``sum``, one panel per data set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(docs), figsize=(5 * len(docs), 4), squeeze=False)
+    for ax, doc in zip(axes[0], docs):
+        for n, e in doc["methods"].items():
+            x, y = e["seconds_ratio_to_sum"], 100 * e["accuracy_mean"]
+            ax.errorbar(x, y, yerr=100 * e["accuracy_std"], fmt="o", capsize=3)
+            ax.annotate(n, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("wall-clock per run / sum's")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{doc['dataset']} / {doc['setting']}: accuracy vs cost", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,101 @@
+"""Benchmark settings: how the training/validation/test arrays are formed from a data set.
+
+- ``standard``: train on the training split minus a validation carve-out.
+- ``missing``: the standard model, evaluated with each modality removed at test
+  time under each rule of :data:`.protocol.MISSING_RULES`, one result per modality.
+- ``fewshot``: ``k`` labelled training examples per class (drawn per seed).
+- ``noisy``: one modality's standardised features (train, validation and test)
+  corrupted by fixed Gaussian noise of standard deviation ``noise_std``.
+
+The validation split (stratified 20 % of the training split, fixed seed) is
+only used to choose hyper-parameters; the test split is never used for that.
+Features are standardised per modality and feature with the statistics of the
+rows the model is trained on (in few-shot, the few-shot rows only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bogc_core.errors import ConfigError
+
+from ..data import Dataset
+
+SETTINGS = ("standard", "missing", "fewshot", "noisy")
+#: modality corrupted in the ``noisy`` setting of the shipped data (the strongest one)
+NOISE_MODALITY = {"av-digits": "audio", "mfeat": "fac"}
+
+
+@dataclass
+class Split:
+    """Float32 arrays per modality for train/val/test, labels, and the setting's metadata."""
+
+    modalities: tuple[str, ...]
+    train: list[np.ndarray]
+    y_train: np.ndarray
+    val: list[np.ndarray]
+    y_val: np.ndarray
+    test: list[np.ndarray]
+    y_test: np.ndarray
+    n_classes: int
+    info: dict
+
+
+def _val_carve(y: np.ndarray, frac: float = 0.2, seed: int = 12345) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    val = np.zeros(y.size, dtype=bool)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        val[idx[: max(1, int(round(frac * idx.size)))]] = True
+    return val
+
+
+def make_split(data: Dataset, setting: str = "standard", seed: int = 0, shots: int = 5,
+               noise_std: float = 1.0, noise_modality: str | None = None,
+               max_train: int | None = None) -> Split:
+    """Build the arrays of one run. ``seed`` draws the few-shot subset (and nothing else).
+
+    ``max_train`` keeps only the first (stratified-shuffled) rows of training, for smoke runs.
+    """
+    if setting not in SETTINGS:
+        raise ConfigError(f"setting: must be one of {SETTINGS}, got {setting!r}")
+    tr_all = np.flatnonzero(~data.test_mask)
+    te = np.flatnonzero(data.test_mask)
+    vmask = _val_carve(data.y[tr_all])
+    tr, va = tr_all[~vmask], tr_all[vmask]
+    info: dict = {"setting": setting}
+    if max_train is not None and tr.size > max_train:
+        tr = np.random.default_rng(0).permutation(tr)[:max_train]
+    if setting == "fewshot":
+        if shots < 1:
+            raise ConfigError(f"shots: must be >= 1, got {shots}")
+        rng = np.random.default_rng(1000 + seed)
+        pick = []
+        for c in range(data.n_classes):
+            idx = tr[data.y[tr] == c]
+            pick.append(rng.choice(idx, size=min(shots, idx.size), replace=False))
+        tr = np.sort(np.concatenate(pick))
+        info["shots"] = shots
+    mods = data.modalities
+    out: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for m in mods:
+        x = data.x[m]
+        mu = x[tr].mean(axis=0)
+        sd = x[tr].std(axis=0)
+        sd = np.where(sd > 0, sd, 1.0)
+        z = ((x - mu) / sd).astype(np.float32)
+        for k, rows in (("train", tr), ("val", va), ("test", te)):
+            out[k].append(z[rows])
+    if setting == "noisy":
+        nm = noise_modality or NOISE_MODALITY.get(data.name, mods[0])
+        if nm not in mods:
+            raise ConfigError(f"noise_modality: {nm!r} is not one of the modalities {mods}")
+        i = mods.index(nm)
+        rng = np.random.default_rng(777)  # fixed corruption: part of the data, same for every seed
+        for k in out:
+            out[k][i] = out[k][i] + rng.normal(0.0, noise_std, out[k][i].shape).astype(np.float32)
+        info.update(noise_modality=nm, noise_std=noise_std)
+    return Split(mods, out["train"], data.y[tr], out["val"], data.y[va], out["test"], data.y[te],
+                 data.n_classes, info)
