@@ -1,0 +1,346 @@
+"""Compiled loops for the gradient-only path on the CPU (optional: needs ``numba``).
+
+One compiled loop per pass of :mod:`._gradient` for its common case: float32
+statistics, one count per source, ``kappa0 = 0``, ``2 gamma`` in
+``{1/2, 1, 2, 4}``, evidence or uniform weights, belief scale without
+``s_max`` (or no scale), and every scalar of the power form a normal float32
+number (the engine's ``fast32`` conditions). Anything else, or a block of
+statistics whose ratios ``r = |mu| / sqrt(beta)`` are not normal float32
+numbers, returns ``False`` and the caller runs the array engine.
+
+Passes, each walking the segments ``[starts[g], ends[g])`` inside compiled
+code (``docs/method.md``, Stages 1-5):
+
+A. ``sum M2`` per source and segment (float64): ``beta0 = alpha0 vbar``.
+B. ``sum log r`` over the non-zero means of each source and segment, without
+   a log per element: the ratios are multiplied into eight float64 running
+   products, four factors each per round, renormalised by ``frexp`` when one
+   leaves ``2^-400 .. 2^400`` (a float32 normal ratio lies within
+   ``2^-126 .. 2^128``, so no product can leave float64's normal range);
+   ``log`` is taken once per lane at the end. A zero mean contributes the
+   factor 1 (its score ``-inf`` takes no part in ``ref``) and is counted.
+C. Per element: ``e = clip(|m| / (sqrt(beta) K^(-1/p)))^p`` (``p = 2 gamma``; a
+   square root replaces the log and exp), ``Q = prod_k(1 + e_k/W) - 1``,
+   ``B = Q/(1+Q)``, ``g' = sum_k e_k lambda_k m_k / sum_k e_k`` and
+   ``out = c B g'``; ``sum B`` per segment (float64).
+D. In place: ``out *= S / (c mean_g(B))``.
+
+Float32 arithmetic as the reference's own; sums in float64. ``fastmath`` is
+limited to ``nsz``, ``arcp``, ``contract`` and ``reassoc`` (round-off only):
+never ``nnan``/``ninf``, so infinities and zeros stay exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from bogc_core._types import CalibrationConfig
+
+__all__ = ["AVAILABLE", "ENABLED", "gradient"]
+
+try:
+    import numba
+except ImportError:  # the optional extra [fast] is not installed
+    numba = None
+
+AVAILABLE = numba is not None
+# ENABLED[0]: whether callers try the compiled loops (tests switch it off to
+# exercise the array engine on a machine with numba).
+ENABLED = [AVAILABLE]
+
+_FM = {"nsz", "arcp", "contract", "reassoc"}
+_POW_CODE = {0.5: 0, 1.0: 1, 2.0: 2, 4.0: 3}
+# Elements per source processed in one step of pass C (three float32 scratch
+# vectors of this length stay in L1).
+_BL = 2048
+
+
+def _jit(fn: Any) -> Any:
+    if numba is None:
+        return fn
+    return numba.njit(cache=True, fastmath=_FM, nogil=True)(fn)
+
+
+def _m2_sums(m2: Any, starts: Any, ends: Any, out: Any) -> None:
+    for g in range(starts.shape[0]):
+        acc = 0.0
+        for i in range(starts[g], ends[g]):
+            acc += np.float64(m2[i])
+        out[g] = acc
+
+
+def _log_sums(
+    m: Any, m2: Any, beta0: Any, tiny: Any, big: Any, starts: Any, ends: Any,
+    sums: Any, nzs: Any,
+) -> int:
+    """Per segment ``sum log r`` over non-zero means, and the number of zero means.
+
+    Returns the number of ratios that are not normal float32 numbers (the
+    caller then takes the array engine's separate logs).
+    """
+    one = np.float32(1.0)
+    half = np.float32(0.5)
+    zero = np.float32(0.0)
+    bad = 0
+    prod = np.ones(8, dtype=np.float64)
+    for g in range(starts.shape[0]):
+        a, e = starts[g], ends[g]
+        b0 = beta0[g]
+        for j in range(8):
+            prod[j] = 1.0
+        expo = 0
+        nz = 0
+        tail = 0.0
+        i = a
+        while i + 32 <= e:
+            for r4 in range(4):
+                for j in range(8):
+                    idx = i + 8 * r4 + j
+                    mv = m[idx]
+                    beta = max(m2[idx] * half + b0, tiny)
+                    r = abs(mv) / math.sqrt(beta)
+                    isz = mv == zero
+                    r1 = one if isz else r
+                    nz += isz
+                    bad += (r1 < tiny) | (r1 > big)
+                    prod[j] *= np.float64(r1)
+            for j in range(8):
+                p = prod[j]
+                if p > 2.0**400 or p < 2.0**-400:
+                    fr, ex = math.frexp(p)
+                    prod[j] = fr
+                    expo += ex
+            i += 32
+        while i < e:
+            mv = m[i]
+            beta = max(m2[i] * half + b0, tiny)
+            r = abs(mv) / math.sqrt(beta)
+            isz = mv == zero
+            r1 = one if isz else r
+            nz += isz
+            bad += (r1 < tiny) | (r1 > big)
+            tail += math.log(np.float64(r1))
+            i += 1
+        tot = tail + expo * math.log(2.0)
+        for j in range(8):
+            tot += math.log(prod[j])
+        sums[g] = tot
+        nzs[g] = nz
+    return bad
+
+
+def _evidence_out(
+    ms: Any, m2s: Any, lams: Any, beta0: Any, invk: Any, eq: Any, starts: Any, ends: Any,
+    tiny: Any, lo_t: Any, hi_t: Any, inv_w: Any, big: Any, pcode: int, snr: bool,
+    uniform: bool, belief: bool, c_b: Any, n_src: Any, floor_beta: bool, out: Any,
+    bsum: Any,
+) -> None:
+    """Pass C: ``out = c B g'`` (belief) or ``S g'``; ``bsum[g] = sum B``."""
+    S = len(ms)
+    half = np.float32(0.5)
+    one = np.float32(1.0)
+    Q = np.empty(_BL, dtype=np.float32)
+    num = np.empty(_BL, dtype=np.float32)
+    den = np.empty(_BL, dtype=np.float32)
+    for g in range(starts.shape[0]):
+        eqv = eq[g]
+        acc = 0.0
+        a0 = starts[g]
+        while a0 < ends[g]:
+            n = min(_BL, ends[g] - a0)
+            for k in range(S):
+                m = ms[k]
+                m2 = m2s[k]
+                b0 = beta0[k, g]
+                ik = invk[k, g]
+                lam = lams[k]
+                first = k == 0
+                for j in range(n):
+                    mv = m[a0 + j]
+                    beta = m2[a0 + j] * half + b0
+                    if floor_beta:
+                        beta = max(beta, tiny)
+                    t = math.sqrt(beta) * ik
+                    t = abs(mv) / t if snr else one / t
+                    t = min(max(t, lo_t), hi_t)
+                    if pcode == 0:
+                        ev = math.sqrt(t)
+                    elif pcode == 1:
+                        ev = t
+                    elif pcode == 2:
+                        ev = t * t
+                    else:
+                        ev = t * t
+                        ev = ev * ev
+                    ev = ev * (one - eqv) + eqv
+                    x = ev * inv_w
+                    lm = lam * mv
+                    if first:
+                        Q[j] = x
+                        num[j] = lm if uniform else ev * lm
+                        den[j] = ev
+                    else:
+                        q = Q[j]
+                        Q[j] = q + x + q * x
+                        num[j] += lm if uniform else ev * lm
+                        den[j] += ev
+            for j in range(n):
+                q = min(Q[j], big)
+                bv = q / (one + q)
+                gp = num[j] / n_src if uniform else num[j] / den[j]
+                if belief:
+                    out[a0 + j] = (c_b * bv) * gp
+                    acc += np.float64(bv)
+                else:
+                    out[a0 + j] = n_src * gp
+            a0 += n
+        bsum[g] = acc
+
+
+def _scale(out: Any, starts: Any, ends: Any, inv: Any) -> None:
+    for g in range(starts.shape[0]):
+        f = inv[g]
+        for i in range(starts[g], ends[g]):
+            out[i] = np.float32(np.float64(out[i]) * f)
+
+
+_m2_sums_c = _jit(_m2_sums)
+_log_sums_c = _jit(_log_sums)
+_evidence_out_c = _jit(_evidence_out)
+_scale_c = _jit(_scale)
+
+
+def _belief_bound(e: float, W: float, S: int) -> float:
+    x = e / W
+    if x == math.inf:
+        return 1.0
+    q = math.expm1(S * math.log1p(x)) if S * math.log1p(x) < 700 else math.inf
+    return 1.0 if q == math.inf else q / (1.0 + q)
+
+
+def gradient(
+    names: Sequence[str],
+    means: Sequence[np.ndarray],
+    m2s: Sequence[np.ndarray],
+    counts: Sequence[Any],
+    lambdas: Sequence[float],
+    config: CalibrationConfig,
+    out: np.ndarray,
+    segments: Sequence[int] | None,
+    diagnostics: dict[str, Any] | None = None,
+) -> bool:
+    """Write ``calibrate(...).gradient`` into the flat float32 ``out`` with the compiled
+    loops; ``False`` (``out`` possibly written) where the case is not theirs.
+
+    ``means``/``m2s``: flat ``(D,)`` NumPy arrays; ``counts``: one Python
+    float per source (anything else returns ``False``).
+    """
+    if not (AVAILABLE and ENABLED[0]):
+        return False
+    prior = config.prior
+    gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
+    p = 2.0 * gamma
+    belief = config.scale == "belief"
+    f32 = np.float32
+    if not (
+        p in _POW_CODE
+        and prior.kappa0 == 0
+        and config.weights in ("evidence", "uniform")
+        and config.s_max is None
+        and out.dtype == f32
+        and all(isinstance(n, float) for n in counts)
+        and all(x.dtype == f32 and x.flags.c_contiguous for x in (*means, *m2s))
+        and out.flags.c_contiguous
+    ):
+        return False
+    fi = np.finfo(f32)
+    tiny = float(fi.smallest_normal)
+    S = len(means)
+    D = int(means[0].shape[0])
+    lengths = np.asarray([D] if segments is None else list(segments), dtype=np.int64)
+    G = int(lengths.size)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    lens_f = lengths.astype(np.float64)
+    ns = [float(n) for n in counts]
+
+    # ---- pass A
+    beta0 = np.zeros((S, G))
+    zero_var = np.zeros((S, G), dtype=bool)
+    if prior.beta0 is not None:
+        beta0[:] = float(prior.beta0)
+    else:
+        if not all(n >= 2 for n in ns):
+            return False
+        tot = np.empty(G)
+        for k in range(S):
+            _m2_sums_c(m2s[k], starts, ends, tot)
+            beta0[k] = float(prior.alpha0) * (tot / ns[k] / lens_f)
+            zero_var[k] = ~(tot > 0)
+    seg_equal = np.any(zero_var, axis=0) if prior.beta0 is None else np.zeros(G, dtype=bool)
+    C = np.asarray(
+        [math.log(max(prior.alpha0 + 0.5 * n, tiny)) + math.log(max(prior.kappa0 + n, tiny)) for n in ns]
+    )
+    beta0_32 = beta0.astype(f32)
+
+    # ---- pass B
+    ref = np.zeros(G)
+    if not bool(np.all(seg_equal)):
+        snr = config.evidence_from == "snr"
+        if not snr:
+            return False  # precision scores take the array engine's logs
+        sums = np.empty((S, G))
+        nzs = np.empty((S, G), dtype=np.int64)
+        for k in range(S):
+            bad = _log_sums_c(
+                means[k], m2s[k], beta0_32[k], f32(tiny), f32(fi.max), starts, ends, sums[k], nzs[k]
+            )
+            if bad:
+                return False
+        cnts = lens_f[None, :] - nzs
+        total = np.sum(2.0 * sums + C[:, None] * cnts, axis=0)
+        ref = total / np.maximum(np.sum(cnts, axis=0), 1.0)
+
+    # ---- pass C: the engine's fast32 conditions
+    lk = gamma * (C[:, None] - ref[None, :])
+    lo, hi = math.exp(-L), math.exp(L)
+    max_lk = float(np.max(np.abs(lk)))
+    if not (
+        p * 65.0 + max_lk / math.log(10.0) < 290.0
+        and max_lk / p < 15.0 * math.log(10.0)
+        and L / p < math.log(float(fi.max)) - 1.0
+        and tiny < lo / W
+        and hi / W < float(fi.max)
+        and tiny < W < float(fi.max)
+    ):
+        return False
+    b_lo, b_hi = _belief_bound(lo, W, S), _belief_bound(hi, W, S)
+    if not (b_lo > 0.0 and b_hi / b_lo < 1e8):
+        return False
+    c_b = 1.0 / (math.sqrt(b_lo) * math.sqrt(b_hi))
+    invk = np.exp(-lk / p).astype(f32)
+    floor_beta = not bool(np.all(beta0 >= tiny))
+    bsum = np.zeros(G)
+    _evidence_out_c(
+        tuple(means), tuple(m2s), np.asarray(lambdas, dtype=f32), beta0_32, invk,
+        seg_equal.astype(f32), starts, ends, f32(tiny), f32(lo ** (1.0 / p)),
+        f32(hi ** (1.0 / p)), f32(1.0 / W), f32(fi.max), _POW_CODE[p],
+        config.evidence_from == "snr", config.weights == "uniform", belief, f32(c_b),
+        f32(S), floor_beta, out, bsum,
+    )
+
+    # ---- pass D
+    if belief:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            inv = float(S) / (c_b * (bsum / lens_f))
+        _scale_c(out, starts, ends, inv)
+    if diagnostics is not None:
+        diagnostics["zero_variance_sources"] = [
+            names[k] for k in range(S) if prior.beta0 is None and bool(zero_var[k].any())
+        ]
+        diagnostics["kernel"] = "numba"
+    return True
