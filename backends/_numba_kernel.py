@@ -57,12 +57,15 @@ _POW_CODE = {0.5: 0, 1.0: 1, 2.0: 2, 4.0: 3}
 # Elements per source processed in one step of pass C (three float32 scratch
 # vectors of this length stay in L1).
 _BL = 2048
+# Ratios per log in pass B: a product of this many mantissas in [1, 2) stays
+# below 2^1000.
+_BL_B = 1000
 
 
 def _jit(fn: Any) -> Any:
     if numba is None:
         return fn
-    return numba.njit(cache=True, fastmath=_FM, nogil=True)(fn)
+    return numba.njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")(fn)
 
 
 def _m2_sums(m2: Any, starts: Any, ends: Any, out: Any) -> None:
@@ -74,60 +77,55 @@ def _m2_sums(m2: Any, starts: Any, ends: Any, out: Any) -> None:
 
 
 def _log_sums(
-    m: Any, m2: Any, beta0: Any, tiny: Any, big: Any, starts: Any, ends: Any,
+    m: Any, m2: Any, beta0: Any, tiny: Any, starts: Any, ends: Any, rb: Any, mb: Any,
     sums: Any, nzs: Any,
 ) -> int:
     """Per segment ``sum log r`` over non-zero means, and the number of zero means.
 
-    Returns the number of ratios that are not normal float32 numbers (the
-    caller then takes the array engine's separate logs).
+    ``rb``/``mb``: float32 scratch of length ``_BL``. A ratio ``r = 2^E f``
+    (``f`` in ``[1, 2)``) is split by its bits: the exponents are summed as
+    integers, the mantissas multiplied in float64 (a product of ``_BL <= 1000``
+    of them cannot overflow), one log per block. Returns the number of ratios
+    that are not normal float32 numbers (the caller then takes the array
+    engine's separate logs).
     """
     one = np.float32(1.0)
     half = np.float32(0.5)
     zero = np.float32(0.0)
+    ri = rb.view(np.int32)
+    mi = mb.view(np.int32)
     bad = 0
-    prod = np.ones(8, dtype=np.float64)
+    ln2 = math.log(2.0)
     for g in range(starts.shape[0]):
-        a, e = starts[g], ends[g]
-        b0 = beta0[g]
-        for j in range(8):
-            prod[j] = 1.0
-        expo = 0
         nz = 0
-        tail = 0.0
-        i = a
-        while i + 32 <= e:
-            for r4 in range(4):
-                for j in range(8):
-                    idx = i + 8 * r4 + j
-                    mv = m[idx]
-                    beta = max(m2[idx] * half + b0, tiny)
-                    r = abs(mv) / math.sqrt(beta)
-                    isz = mv == zero
-                    r1 = one if isz else r
-                    nz += isz
-                    bad += (r1 < tiny) | (r1 > big)
-                    prod[j] *= np.float64(r1)
-            for j in range(8):
-                p = prod[j]
-                if p > 2.0**400 or p < 2.0**-400:
-                    fr, ex = math.frexp(p)
-                    prod[j] = fr
-                    expo += ex
-            i += 32
-        while i < e:
-            mv = m[i]
-            beta = max(m2[i] * half + b0, tiny)
-            r = abs(mv) / math.sqrt(beta)
-            isz = mv == zero
-            r1 = one if isz else r
-            nz += isz
-            bad += (r1 < tiny) | (r1 > big)
-            tail += math.log(np.float64(r1))
-            i += 1
-        tot = tail + expo * math.log(2.0)
-        for j in range(8):
-            tot += math.log(prod[j])
+        tot = 0.0
+        a0 = starts[g]
+        while a0 < ends[g]:
+            n = min(rb.shape[0], ends[g] - a0)
+            mm = m[a0 : a0 + n]
+            vv = m2[a0 : a0 + n]
+            b0 = beta0[g]
+            for j in range(n):
+                mv = mm[j]
+                beta = max(vv[j] * half + b0, tiny)
+                isz = mv == zero
+                nz += isz
+                # r = 0 exactly where the mean is zero: r + 1 is the factor 1.
+                rb[j] = abs(mv) / np.sqrt(beta) + np.float32(isz)
+            ex = 0
+            nb = 0
+            for j in range(n):
+                bits = ri[j]
+                ef = (bits >> 23) & 255
+                nb += (ef == 0) | (ef == 255)
+                ex += ef - 127
+                mi[j] = (bits & 0x7FFFFF) | 0x3F800000
+            pr = 1.0
+            for j in range(n):
+                pr *= np.float64(mb[j])
+            bad += nb
+            tot += math.log(pr) + ex * ln2
+            a0 += n
         sums[g] = tot
         nzs[g] = nz
     return bad
@@ -143,60 +141,81 @@ def _evidence_out(
     S = len(ms)
     half = np.float32(0.5)
     one = np.float32(1.0)
+    tiny_b = tiny if floor_beta else np.float32(0.0)
     Q = np.empty(_BL, dtype=np.float32)
     num = np.empty(_BL, dtype=np.float32)
     den = np.empty(_BL, dtype=np.float32)
+    E = np.empty(_BL, dtype=np.float32)
     for g in range(starts.shape[0]):
         eqv = eq[g]
+        keep = one - eqv
         acc = 0.0
         a0 = starts[g]
         while a0 < ends[g]:
             n = min(_BL, ends[g] - a0)
             for k in range(S):
-                m = ms[k]
-                m2 = m2s[k]
+                m = ms[k][a0 : a0 + n]
+                m2 = m2s[k][a0 : a0 + n]
                 b0 = beta0[k, g]
                 ik = invk[k, g]
                 lam = lams[k]
-                first = k == 0
-                for j in range(n):
-                    mv = m[a0 + j]
-                    beta = m2[a0 + j] * half + b0
-                    if floor_beta:
-                        beta = max(beta, tiny)
-                    t = math.sqrt(beta) * ik
-                    t = abs(mv) / t if snr else one / t
-                    t = min(max(t, lo_t), hi_t)
-                    if pcode == 0:
-                        ev = math.sqrt(t)
-                    elif pcode == 1:
-                        ev = t
-                    elif pcode == 2:
-                        ev = t * t
+                if snr:
+                    for j in range(n):
+                        t = abs(m[j]) / (np.sqrt(max(m2[j] * half + b0, tiny_b)) * ik)
+                        E[j] = min(max(t, lo_t), hi_t)
+                else:
+                    for j in range(n):
+                        t = one / (np.sqrt(max(m2[j] * half + b0, tiny_b)) * ik)
+                        E[j] = min(max(t, lo_t), hi_t)
+                if pcode == 0:
+                    for j in range(n):
+                        E[j] = np.sqrt(E[j])
+                elif pcode == 2:
+                    for j in range(n):
+                        E[j] = E[j] * E[j]
+                elif pcode == 3:
+                    for j in range(n):
+                        t = E[j] * E[j]
+                        E[j] = t * t
+                if eqv != 0:
+                    for j in range(n):
+                        E[j] = E[j] * keep + eqv
+                if k == 0:
+                    for j in range(n):
+                        Q[j] = E[j] * inv_w
+                        den[j] = E[j]
+                    if uniform:
+                        for j in range(n):
+                            num[j] = lam * m[j]
                     else:
-                        ev = t * t
-                        ev = ev * ev
-                    ev = ev * (one - eqv) + eqv
-                    x = ev * inv_w
-                    lm = lam * mv
-                    if first:
-                        Q[j] = x
-                        num[j] = lm if uniform else ev * lm
-                        den[j] = ev
-                    else:
+                        for j in range(n):
+                            num[j] = E[j] * (lam * m[j])
+                elif uniform:
+                    for j in range(n):
+                        x = E[j] * inv_w
                         q = Q[j]
                         Q[j] = q + x + q * x
-                        num[j] += lm if uniform else ev * lm
-                        den[j] += ev
-            for j in range(n):
-                q = min(Q[j], big)
-                bv = q / (one + q)
-                gp = num[j] / n_src if uniform else num[j] / den[j]
-                if belief:
-                    out[a0 + j] = (c_b * bv) * gp
-                    acc += np.float64(bv)
+                        num[j] += lam * m[j]
                 else:
-                    out[a0 + j] = n_src * gp
+                    for j in range(n):
+                        x = E[j] * inv_w
+                        q = Q[j]
+                        Q[j] = q + x + q * x
+                        num[j] += E[j] * (lam * m[j])
+                        den[j] += E[j]
+            o = out[a0 : a0 + n]
+            if uniform:
+                for j in range(n):
+                    den[j] = n_src
+            if belief:
+                for j in range(n):
+                    q = min(Q[j], big)
+                    bv = q / (one + q)
+                    o[j] = (c_b * bv) * (num[j] / den[j])
+                    acc += np.float64(bv)
+            else:
+                for j in range(n):
+                    o[j] = n_src * (num[j] / den[j])
             a0 += n
         bsum[g] = acc
 
@@ -295,10 +314,9 @@ def gradient(
             return False  # precision scores take the array engine's logs
         sums = np.empty((S, G))
         nzs = np.empty((S, G), dtype=np.int64)
+        rb, mb = np.empty(_BL_B, dtype=f32), np.empty(_BL_B, dtype=f32)
         for k in range(S):
-            bad = _log_sums_c(
-                means[k], m2s[k], beta0_32[k], f32(tiny), f32(fi.max), starts, ends, sums[k], nzs[k]
-            )
+            bad = _log_sums_c(means[k], m2s[k], beta0_32[k], f32(tiny), starts, ends, rb, mb, sums[k], nzs[k])
             if bad:
                 return False
         cnts = lens_f[None, :] - nzs
