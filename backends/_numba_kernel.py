@@ -26,8 +26,10 @@ C. Per element: ``e = clip(|m| / (sqrt(beta) K^(-1/p)))^p`` (``p = 2 gamma``; a
 D. In place: ``out *= S / (c mean_g(B))``.
 
 Float32 arithmetic as the reference's own; sums in float64. ``fastmath`` is
-limited to ``nsz``, ``arcp``, ``contract`` and ``reassoc`` (round-off only):
-never ``nnan``/``ninf``, so infinities and zeros stay exact.
+limited to ``nsz`` and ``contract`` (round-off only), with ``reassoc`` in the
+pure sums and products: never ``nnan``/``ninf``/``arcp``, so infinities and
+zeros stay exact and no reciprocal under- or overflows where a quotient
+would not.
 """
 
 from __future__ import annotations
@@ -52,7 +54,11 @@ AVAILABLE = numba is not None
 # exercise the array engine on a machine with numba).
 ENABLED = [AVAILABLE]
 
-_FM = {"nsz", "arcp", "contract", "reassoc"}
+# Flags that change round-off only. Reassociation (which could regroup
+# c * B * (num / den) into an overflow) is allowed only in the pure sums and
+# products below, where it merely reorders the terms.
+_FM = {"nsz", "contract"}
+_FM_SUM = {"nsz", "contract", "reassoc"}
 _POW_CODE = {0.5: 0, 1.0: 1, 2.0: 2, 4.0: 3}
 # Elements per source processed in one step of pass C (three float32 scratch
 # vectors of this length stay in L1).
@@ -62,18 +68,37 @@ _BL = 2048
 _BL_B = 1000
 
 
-def _jit(fn: Any) -> Any:
+def _jit(fn: Any, flags: set[str] = _FM) -> Any:
     if numba is None:
         return fn
-    return numba.njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")(fn)
+    # error_model="numpy": a float division by zero gives inf/nan (no check
+    # per element, which would also keep the loop from being vectorised).
+    return numba.njit(cache=True, fastmath=flags, nogil=True, error_model="numpy")(fn)
+
+
+def _sum64(x: Any) -> float:
+    """Sum of a float32 vector in float64 (any order)."""
+    acc = 0.0
+    for j in range(x.shape[0]):
+        acc += np.float64(x[j])
+    return acc
+
+
+def _prod64(x: Any) -> float:
+    """Product of a float32 vector in float64 (any order)."""
+    acc = 1.0
+    for j in range(x.shape[0]):
+        acc *= np.float64(x[j])
+    return acc
+
+
+_sum64_c = _jit(_sum64, _FM_SUM)
+_prod64_c = _jit(_prod64, _FM_SUM)
 
 
 def _m2_sums(m2: Any, starts: Any, ends: Any, out: Any) -> None:
     for g in range(starts.shape[0]):
-        acc = 0.0
-        for i in range(starts[g], ends[g]):
-            acc += np.float64(m2[i])
-        out[g] = acc
+        out[g] = _sum64_c(m2[starts[g] : ends[g]])
 
 
 def _log_sums(
@@ -120,9 +145,7 @@ def _log_sums(
                 nb += (ef == 0) | (ef == 255)
                 ex += ef - 127
                 mi[j] = (bits & 0x7FFFFF) | 0x3F800000
-            pr = 1.0
-            for j in range(n):
-                pr *= np.float64(mb[j])
+            pr = _prod64_c(mb[:n])
             bad += nb
             tot += math.log(pr) + ex * ln2
             a0 += n
@@ -212,7 +235,8 @@ def _evidence_out(
                     q = min(Q[j], big)
                     bv = q / (one + q)
                     o[j] = (c_b * bv) * (num[j] / den[j])
-                    acc += np.float64(bv)
+                    Q[j] = bv
+                acc += _sum64_c(Q[:n])
             else:
                 for j in range(n):
                     o[j] = n_src * (num[j] / den[j])
