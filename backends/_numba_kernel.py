@@ -12,13 +12,12 @@ Passes, each walking the segments ``[starts[g], ends[g])`` inside compiled
 code (``docs/method.md``, Stages 1-5):
 
 A. ``sum M2`` per source and segment (float64): ``beta0 = alpha0 vbar``.
-B. ``sum log r`` over the non-zero means of each source and segment, without
-   a log per element: the ratios are multiplied into eight float64 running
-   products, four factors each per round, renormalised by ``frexp`` when one
-   leaves ``2^-400 .. 2^400`` (a float32 normal ratio lies within
-   ``2^-126 .. 2^128``, so no product can leave float64's normal range);
-   ``log`` is taken once per lane at the end. A zero mean contributes the
-   factor 1 (its score ``-inf`` takes no part in ``ref``) and is counted.
+B. ``sum log r`` (``r = |m| / sqrt(beta)``, float32) over the non-zero means
+   of each source and segment, without a log per element: each ratio is
+   split by its bits into ``2^E f`` (``f`` in ``[1, 2)``), the exponents are
+   summed as integers and the mantissas multiplied in float64, one log per
+   ``_BL_B`` ratios. A zero mean gives ``r = 0`` and adds the factor
+   ``r + 1 = 1`` (its score ``-inf`` takes no part in ``ref``); it is counted.
 C. Per element: ``e = clip(|m| / (sqrt(beta) K^(-1/p)))^p`` (``p = 2 gamma``; a
    square root replaces the log and exp), ``Q = prod_k(1 + e_k/W) - 1``,
    ``B = Q/(1+Q)``, ``g' = sum_k e_k lambda_k m_k / sum_k e_k`` and
@@ -44,6 +43,7 @@ from bogc_core._types import CalibrationConfig
 
 __all__ = ["AVAILABLE", "ENABLED", "gradient"]
 
+numba: Any
 try:
     import numba
 except ImportError:  # the optional extra [fast] is not installed
@@ -107,14 +107,13 @@ def _log_sums(
 ) -> int:
     """Per segment ``sum log r`` over non-zero means, and the number of zero means.
 
-    ``rb``/``mb``: float32 scratch of length ``_BL``. A ratio ``r = 2^E f``
+    ``rb``/``mb``: float32 scratch of length ``_BL_B``. A ratio ``r = 2^E f``
     (``f`` in ``[1, 2)``) is split by its bits: the exponents are summed as
-    integers, the mantissas multiplied in float64 (a product of ``_BL <= 1000``
-    of them cannot overflow), one log per block. Returns the number of ratios
-    that are not normal float32 numbers (the caller then takes the array
-    engine's separate logs).
+    integers, the mantissas multiplied in float64 (a product of ``_BL_B``
+    of them stays below ``2^1000``), one log per block. Returns the number of
+    ratios that are not normal float32 numbers (the caller then takes the
+    array engine's separate logs).
     """
-    one = np.float32(1.0)
     half = np.float32(0.5)
     zero = np.float32(0.0)
     ri = rb.view(np.int32)
