@@ -14,7 +14,9 @@ dimensions, one count per source, 10% exactly-zero means):
   ``(2S + 3, D)`` buffer whose last three rows are zeroed: reads ``2S``
   arrays and writes ``2S + 3``, what a full ``calibrate`` must at least do.
 - ``numpy-grad`` / ``torch-grad``: the fast path's ``calibrate_gradient``
-  (gradient only, into a preallocated ``out``);
+  (gradient only, into a preallocated ``out``); with ``numba`` installed
+  (extra ``[fast]``) this runs the compiled loops, and
+  ``numpy-grad-engine`` / ``torch-grad-engine`` the array engine alone;
 - ``numpy-full`` / ``torch-full``: the fast path's ``calibrate`` (every output);
 - ``numpy-before`` / ``torch-before``: ``bogc_core.calibrate(stats).gradient``,
   the way a caller got the gradient before ``calibrate_gradient`` existed
@@ -169,6 +171,22 @@ def case(
             )
         except Exception as exc:  # noqa: BLE001 - CuPy is optional on a GPU machine
             print(f"cupy-grad skipped: {type(exc).__name__}: {exc}", flush=True)
+    from bogc_core.backends import _numba_kernel
+
+    if device == "cpu" and _numba_kernel.AVAILABLE:
+        # The default rows run the compiled loops; these rows the array engine.
+        def engine(fn: Callable[[], Any]) -> Callable[[], Any]:
+            def run() -> Any:
+                _numba_kernel.ENABLED[0] = False
+                try:
+                    return fn()
+                finally:
+                    _numba_kernel.ENABLED[0] = True
+
+            return run
+
+        fns["numpy-grad-engine"] = engine(fns["numpy-grad"])
+        fns["torch-grad-engine"] = engine(fns["torch-grad"])
     t = interleaved(fns, rounds, device)
     item = np.dtype(dtype).itemsize
     row: dict[str, Any] = {"D": D, "S": S, "dtype": dtype, "device": device, "time_s": t}
@@ -225,6 +243,14 @@ def plot(rows_d: list[dict], rows_s: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def _numba_version() -> str | None:
+    try:
+        import numba
+    except ImportError:
+        return None
+    return str(numba.__version__)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer rounds and shorter sweeps")
@@ -238,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", action="store_true", help="write docs/img/kernel_scaling.png")
     p.add_argument("--out", default=str(HERE / "results" / "kernel.json"))
     a = p.parse_args(argv)
+    load_start = os.getloadavg()
 
     import torch
 
@@ -268,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "rounds": rounds,
+        "numba": _numba_version(),
+        "loadavg_at_start": load_start,
         "loadavg_at_end": os.getloadavg(),
         "argv": sys.argv[1:] if argv is None else argv,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -34,6 +34,8 @@ class Path:
     lib: str
     device: str = "cpu"
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Whether the compiled (numba) loops may run; False: the array engine.
+    numba: bool = False
 
     def mod(self) -> Any:
         return importlib.import_module(f"bogc_core.backends.{self.module}")
@@ -58,10 +60,23 @@ class Path:
         return np.asarray(x, dtype=np.float64)
 
     def run(self, stats, lambdas, config, **kw):
+        from bogc_core.backends import _numba_kernel
+
         space = resolve(*[s.mean for s in stats])
         names = [f"s{k}" for k in range(len(stats))]
         lambdas = [1.0] * len(stats) if lambdas is None else [float(v) for v in lambdas]
-        return self.mod().calibrate_gradient(space, names, stats, lambdas, config, **kw, **self.kwargs)
+        saved = _numba_kernel.ENABLED[0]
+        _numba_kernel.ENABLED[0] = self.numba
+        try:
+            return self.mod().calibrate_gradient(space, names, stats, lambdas, config, **kw, **self.kwargs)
+        finally:
+            _numba_kernel.ENABLED[0] = saved
+
+
+def _numba() -> str | None:
+    from bogc_core.backends import _numba_kernel
+
+    return None if _numba_kernel.AVAILABLE else "numba not installed (optional extra [fast])"
 
 
 def _paths() -> list[Any]:
@@ -69,6 +84,8 @@ def _paths() -> list[Any]:
     for path, why in [
         (Path("numpy_fused", "numpy"), None),
         (Path("torch_fused", "torch"), _torch_cpu()),
+        (Path("numpy_fused", "numpy", numba=True), _numba()),
+        (Path("torch_fused", "torch", numba=True), _torch_cpu() or _numba()),
         # The tensor engine (CUDA's code path), run on the CPU.
         (Path("torch_fused", "torch", kwargs={"native": True}), _torch_cpu()),
         (Path("torch_fused", "torch", "cuda"), _cuda_torch()),
@@ -76,6 +93,7 @@ def _paths() -> list[Any]:
     ]:
         marks = [pytest.mark.skip(reason=why)] if why else []
         ident = f"{path.module}-{path.device}" + ("-native" if path.kwargs else "")
+        ident += "-numba" if path.numba else ""
         out.append(pytest.param(path, marks=marks, id=ident))
     return out
 
@@ -348,3 +366,31 @@ def test_threads_split_blocks(dtype, threads, monkeypatch):
         check(Path("numpy_fused", "numpy"), dtype, random_raw(rng, 2, 150), CONFIGS["s_max"])
     finally:
         numpy_fused.set_threads(1)
+
+
+@pytest.mark.skipif(_numba() is not None, reason=str(_numba()))
+@pytest.mark.parametrize("name", ["default", "gamma1", "gamma025", "gamma2", "uniform", "scale_none", "beta0"])
+@pytest.mark.parametrize("segments", [None, [2500, 1, 2048, 2049, 7]])
+def test_numba_loops_taken_and_equal(name, segments):
+    """float32, one count: the compiled loops run (segments longer than their
+    blocks) and agree with the reference and with the array engine."""
+    from bogc_core.backends import _numba_kernel
+
+    path = Path("numpy_fused", "numpy", numba=True)
+    rng = np.random.default_rng(7)
+    D = 6605 if segments is None else sum(segments)
+    raw = random_raw(rng, 3, D)
+    check(path, "float32", raw, CONFIGS[name], segments=segments, lambdas=[1.5, -0.5, 2.0])
+    stats = make(path, "float32", raw)
+    diag: dict[str, Any] = {}
+    got = path.to_numpy(path.run(stats, None, CONFIGS[name], segments=segments, diagnostics=diag))
+    assert diag["kernel"] == "numba"
+    engine = Path("numpy_fused", "numpy", numba=False)
+    diag2: dict[str, Any] = {}
+    want = engine.to_numpy(engine.run(stats, None, CONFIGS[name], segments=segments, diagnostics=diag2))
+    assert "kernel" not in diag2
+    assert diag["zero_variance_sources"] == diag2["zero_variance_sources"]
+    # Sums of means of either sign cancel: an absolute share of the largest value.
+    rtol = RTOL["float32"]
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * 1e-3 * float(np.abs(want).max()))
+    assert _numba_kernel.ENABLED[0] == _numba_kernel.AVAILABLE
