@@ -46,7 +46,7 @@ from ._blocked import decline_reason
 from ._gradient import Shim, gauss_legendre01, gradient
 from .numpy_fused import check_gradient_call
 
-__all__ = ["NAME", "accepts", "calibrate", "calibrate_gradient", "CupyShim", "run"]
+__all__ = ["NAME", "accepts", "calibrate", "calibrate_gradient", "CupyShim"]
 
 NAME = "cupy-fused"
 
@@ -200,14 +200,14 @@ def accepts(space: Any) -> bool:
     return bool(array_api_compat.is_cupy_namespace(space.xp))
 
 
-def run(
+def _full(
     space: Any,
     names: Sequence[str],
     stats: Sequence[Any],
     lambdas: Sequence[float],
     config: CalibrationConfig,
 ) -> Calibration | str:
-    """Legacy runner: the full result, or the reason to decline (float32/float64 CuPy arrays)."""
+    """The full result, or the reason to decline (float32/float64 CuPy arrays)."""
     problem = decline_reason(space, stats, config)
     if problem:
         return problem
@@ -286,7 +286,7 @@ def calibrate(
     config: CalibrationConfig,
 ) -> Calibration:
     """The full :class:`Calibration` of one group (float32/float64 CuPy arrays)."""
-    res = run(space, names, stats, lambdas, config)
+    res = _full(space, names, stats, lambdas, config)
     if isinstance(res, str):
         raise Decline(res)
     return res

@@ -33,7 +33,6 @@ __all__ = [
     "BLOCK",
     "GRADIENT_BLOCK",
     "set_threads",
-    "run",
     "CHUNK",
 ]
 
@@ -271,18 +270,3 @@ def calibrate_gradient(
     if diagnostics is not None:
         diagnostics["path"] = NAME
     return target
-
-
-def run(
-    space: Any,
-    names: Sequence[str],
-    stats: Sequence[Any],
-    lambdas: Sequence[float],
-    config: CalibrationConfig,
-) -> Calibration | str:
-    """Legacy runner: :func:`calibrate` with a decline returned as its reason."""
-    try:
-        return calibrate(space, names, stats, lambdas, config)
-    except Decline as d:
-        return d.reason
-

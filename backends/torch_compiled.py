@@ -45,7 +45,7 @@ from bogc_core._types import Calibration, CalibrationConfig, Decline
 from ._blocked import decline_reason, hugepage_buffer
 from .numpy_fused import check_gradient_call
 
-__all__ = ["NAME", "accepts", "calibrate", "calibrate_gradient", "compiled_stages", "run"]
+__all__ = ["NAME", "accepts", "calibrate", "calibrate_gradient", "compiled_stages"]
 
 NAME = "torch-compiled"
 
@@ -208,14 +208,14 @@ def _eb_beta0(m2: torch.Tensor, n: torch.Tensor, alpha0: float) -> tuple[float, 
     return alpha0 * vbar, bool((m2 > 0).any())
 
 
-def run(
+def _full(
     space: Any,
     names: Sequence[str],
     stats: Sequence[Any],
     lambdas: Sequence[float],
     config: CalibrationConfig,
 ) -> Calibration | str:
-    """Legacy runner: the full result, or a ``str``, the reason to decline."""
+    """The full result, or a ``str``, the reason to decline."""
     dtype = space.dtype
     if config.weights == "dempster":
         return "weights='dempster' is not compiled (use torch-fused)"
@@ -339,7 +339,7 @@ def calibrate(
     config: CalibrationConfig,
 ) -> Calibration:
     """The full :class:`Calibration` of one group through the compiled stages."""
-    res = run(space, names, stats, lambdas, config)
+    res = _full(space, names, stats, lambdas, config)
     if isinstance(res, str):
         raise Decline(res)
     return res

@@ -42,7 +42,6 @@ __all__ = [
     "set_block",
     "block_for",
     "DEFAULT_BLOCK",
-    "run",
     "set_chunk",
     "chunk_for",
     "DEFAULT_CHUNK",
@@ -338,17 +337,3 @@ def calibrate_gradient(
     if diagnostics is not None:
         diagnostics["path"] = NAME
     return target
-
-
-def run(
-    space: Any,
-    names: Sequence[str],
-    stats: Sequence[Any],
-    lambdas: Sequence[float],
-    config: CalibrationConfig,
-) -> Calibration | str:
-    """Legacy runner: :func:`calibrate` with a decline returned as its reason."""
-    try:
-        return calibrate(space, names, stats, lambdas, config)
-    except Decline as d:
-        return d.reason

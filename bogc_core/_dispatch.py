@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -60,8 +59,7 @@ Runner = Callable[
     "Calibration | str",
 ]
 
-# Fast paths given to register_fast_path(): name -> (accepts, runner). Modules of the
-# table that still register a runner on import land here too.
+# Fast paths given to register_fast_path(): name -> (accepts, runner).
 _REGISTRY: dict[str, tuple[Callable[[Space], bool], Runner]] = {}
 # type -> library name (or "" for a library without fast paths).
 _LIBRARY_OF_TYPE: dict[type, str] = {}
@@ -82,9 +80,6 @@ def register_fast_path(
     _REGISTRY[name] = (accepts, runner)
     _LOADED.pop(name, None)
 
-
-# The name fast-path modules written for the first dispatcher call on import.
-register = register_fast_path
 
 
 @dataclass(frozen=True)
@@ -119,12 +114,9 @@ def _from_module(name: str, module: ModuleType) -> FastPath:
             module.calibrate,
             getattr(module, "calibrate_gradient", None),
         )
-    if name in _REGISTRY:  # a module that registers an old-style runner on import
-        accepts, runner = _REGISTRY[name]
-        return FastPath(name, accepts, runner, None)
     raise FastPathError(
-        f"fast_path: module {module.__name__} defines neither calibrate() nor registers "
-        f"{name!r}; reinstall bogc, or pass fast_path='reference'"
+        f"fast_path: module {module.__name__} does not define calibrate(); reinstall bogc, "
+        f"or pass fast_path='reference'"
     )
 
 
@@ -140,12 +132,7 @@ def _load(name: str) -> FastPath:
         fp = FastPath(name, accepts, runner, None)
     else:
         try:
-            with warnings.catch_warnings():
-                # Fast-path modules written against the old module paths
-                # (bogc_core.dispatch, bogc_core.weights) are part of bogc: their
-                # imports are not the user's to fix.
-                warnings.filterwarnings("ignore", r"bogc_core\.", DeprecationWarning)
-                module = importlib.import_module(module_name)
+            module = importlib.import_module(module_name)
         except Exception as exc:  # noqa: BLE001 - any failure here is a broken install
             raise FastPathError(
                 f"fast_path: {name!r} ({module_name}) failed to import although its array "

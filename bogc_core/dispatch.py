@@ -14,4 +14,6 @@ warn_moved("bogc_core.dispatch", "bogc_core (fast_paths, register_fast_path)")
 
 
 def __getattr__(name: str) -> Any:
+    if name == "register":  # the first spelling of register_fast_path
+        return _target.register_fast_path
     return getattr(_target, name)
