@@ -339,7 +339,7 @@ def test_bench_without_torch_names_the_extras(tmp_path: Path) -> None:
         f"sys.exit(main(['bench', '--quick', '--out', {str(tmp_path / 'o')!r}]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, cwd=tmp_path)
     assert_one_line_error(proc.returncode, proc.stderr, "'torch'",
                           'pip install "bogc[torch,bench]"')
     assert proc.stdout == ""
@@ -406,8 +406,8 @@ def test_the_installed_command_runs(tmp_path: Path) -> None:
     bad.write_text("not an archive")
     for cmd in ([exe], [sys.executable, "-m", "bogc_core.integrations.cli"]):
         ok = subprocess.run([*cmd, "data", "check", "mfeat"], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=120, cwd=tmp_path)
         assert ok.returncode == 0 and "10 classes" in ok.stdout, ok.stderr
         proc = subprocess.run([*cmd, "data", "check", str(bad)], capture_output=True, text=True,
-                              timeout=120)
+                              timeout=120, cwd=tmp_path)
         assert_one_line_error(proc.returncode, proc.stderr, "bad.npz", "not a .npz")

@@ -208,7 +208,7 @@ def test_cli_dispatches_validate(capsys: pytest.CaptureFixture[str]) -> None:
     assert "all checks passed" in capsys.readouterr().out
 
 
-def test_python_dash_m_runs() -> None:
+def test_python_dash_m_runs(tmp_path) -> None:
     assert importlib.util.find_spec("bogc_core.validate") is not None
     proc = subprocess.run(
         [
@@ -225,6 +225,7 @@ def test_python_dash_m_runs() -> None:
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=tmp_path,  # outside the checkout: the installed package runs
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "numpy (float32)" in proc.stdout and "numpy (float64)" in proc.stdout

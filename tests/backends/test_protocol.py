@@ -36,7 +36,7 @@ def test_module_protocol(module):
     assert set(mod.__all__) <= set(dir(mod))
 
 
-def test_package_imports_nothing():
+def test_package_imports_nothing(tmp_path):
     """Importing the package, or the NumPy fast path, imports no other array library."""
     code = (
         "import sys, bogc_core.backends, bogc_core.backends.numpy_fused as m;"
@@ -47,7 +47,10 @@ def test_package_imports_nothing():
         "m.calibrate_gradient(resolve(st[0].mean), ['a','b'], st, [1.0, 1.0], CalibrationConfig());"
         "print(sorted(x for x in ('torch', 'cupy', 'jax') if x in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # Run outside the checkout, so that the installed package is imported.
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 

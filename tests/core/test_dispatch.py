@@ -152,7 +152,7 @@ def test_unknown_and_wrong_library_names(table):
         bc.calibrate(_stats(), bc.CalibrationConfig(fast_path="torch-fused"))
 
 
-def test_a_numpy_call_imports_no_other_array_library():
+def test_a_numpy_call_imports_no_other_array_library(tmp_path):
     code = textwrap.dedent(
         """
         import sys
@@ -168,11 +168,13 @@ def test_a_numpy_call_imports_no_other_array_library():
         print(",".join(bad))
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     assert out.stdout.strip() == ""
 
 
-def test_old_module_paths_warn_and_function_names_are_not_shadowed():
+def test_old_module_paths_warn_and_function_names_are_not_shadowed(tmp_path):
     code = textwrap.dedent(
         """
         import warnings
@@ -205,6 +207,6 @@ def test_old_module_paths_warn_and_function_names_are_not_shadowed():
         print("ok")
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr + out.stdout
     assert out.stdout.strip() == "ok"

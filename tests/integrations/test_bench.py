@@ -358,7 +358,7 @@ def test_converter_checks_sha256_and_writes_a_stratified_split(tmp_path, monkeyp
 
 def test_converter_runs_as_a_module(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bogc_core.integrations.data.convert", "--help"],
-                       capture_output=True, text=True, check=True)
+                       capture_output=True, text=True, check=True, cwd=tmp_path)
     assert "sha256" in r.stdout
 
 

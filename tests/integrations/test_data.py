@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bogc_core.integrations.data import SHIPPED, DataError, load_dataset
 from bogc_core.integrations.bench.settings import make_split
+from bogc_core.integrations.data import SHIPPED, DataError, load_dataset
 
 from bogc_core import BOGCError
 
