@@ -393,9 +393,7 @@ def gradient(
     if not (AVAILABLE and ENABLED[0]):
         return False
     prior = config.prior
-    gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
-    p = 2.0 * gamma
-    belief = config.scale == "belief"
+    p = 2.0 * float(config.gamma)
     f32 = np.float32
     if not (
         p in _POW_CODE

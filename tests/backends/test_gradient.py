@@ -470,8 +470,9 @@ def test_numba_threads_bit_identical(segments):
 
 @pytest.mark.skipif(_numba() is not None, reason=str(_numba()))
 def test_numba_set_threads_rejects_bad_counts():
-    from bogc_core import BOGCError
     from bogc_core.backends import _numba_kernel
+
+    from bogc_core import BOGCError
 
     for bad in (0, -1, 1.5, "2"):
         with pytest.raises(BOGCError, match="set_threads"):
