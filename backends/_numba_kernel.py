@@ -34,14 +34,16 @@ would not.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from bogc_core._types import CalibrationConfig
+from bogc_core.errors import ConfigError
 
-__all__ = ["AVAILABLE", "ENABLED", "gradient"]
+__all__ = ["AVAILABLE", "ENABLED", "gradient", "set_threads", "get_threads"]
 
 numba: Any
 try:
@@ -66,14 +68,35 @@ _BL = 2048
 # Ratios per log in pass B: a product of this many mantissas in [1, 2) stays
 # below 2^1000.
 _BL_B = 1000
+# Elements per work item: every segment is cut into items of this length
+# (the last one shorter), whatever the thread count. Threads share out the
+# items; each item's partial sums are computed by the same serial code and
+# reduced in item order afterwards, so every result is bit-identical for any
+# thread count (and across ranks).
+_ITEM = 16 * _BL
+# Threads of the compiled loops on NumPy inputs; None: numba's default (the
+# machine's cores, or NUMBA_NUM_THREADS). Torch inputs (zero-copy views of
+# CPU tensors) take torch.get_num_threads().
+_THREADS: list[int | None] = [None]
 
 
-def _jit(fn: Any, flags: set[str] = _FM) -> Any:
+def _jit(fn: Any, flags: set[str] = _FM, parallel: bool = False) -> Any:
     if numba is None:
         return fn
     # error_model="numpy": a float division by zero gives inf/nan (no check
     # per element, which would also keep the loop from being vectorised).
-    return numba.njit(cache=True, fastmath=flags, nogil=True, error_model="numpy")(fn)
+    return numba.njit(
+        cache=True, fastmath=flags, nogil=True, error_model="numpy", parallel=parallel
+    )(fn)
+
+
+def _prange(n: int) -> Any:
+    return range(n)
+
+
+# ``prange`` where numba is installed; plain ``range`` for the uncompiled
+# functions otherwise (never called then).
+prange: Any = numba.prange if numba is not None else _prange
 
 
 def _sum64(x: Any) -> float:
@@ -96,164 +119,250 @@ _sum64_c = _jit(_sum64, _FM_SUM)
 _prod64_c = _jit(_prod64, _FM_SUM)
 
 
-def _m2_sums(m2: Any, starts: Any, ends: Any, out: Any) -> None:
-    for g in range(starts.shape[0]):
-        out[g] = _sum64_c(m2[starts[g] : ends[g]])
+def _m2_sums(m2: Any, istart: Any, iend: Any, part: Any) -> None:
+    """Pass A: ``part[i] = sum M2`` over work item ``i`` (float64)."""
+    for i in prange(istart.shape[0]):
+        part[i] = _sum64_c(m2[istart[i] : iend[i]])
 
 
-def _log_sums(
-    m: Any, m2: Any, beta0: Any, tiny: Any, starts: Any, ends: Any, rb: Any, mb: Any,
-    sums: Any, nzs: Any,
-) -> int:
-    """Per segment ``sum log r`` over non-zero means, and the number of zero means.
+def _reduce_items(part: Any, iseg: Any, out: Any) -> None:
+    """``out[g] = sum of part[i]`` over the items of segment ``g``, in item
+    order: the fixed order that keeps the sums equal for any thread count."""
+    for g in range(out.shape[0]):
+        out[g] = 0.0
+    for i in range(part.shape[0]):
+        out[iseg[i]] += part[i]
 
-    ``rb``/``mb``: float32 scratch of length ``_BL_B``. A ratio ``r = 2^E f``
-    (``f`` in ``[1, 2)``) is split by its bits: the exponents are summed as
-    integers, the mantissas multiplied in float64 (a product of ``_BL_B``
-    of them stays below ``2^1000``), one log per block. Returns the number of
-    ratios that are not normal float32 numbers (the caller then takes the
-    array engine's separate logs).
-    """
+
+def _log_block(
+    mm: Any, vv: Any, b0: Any, tiny: Any, n: int, rb: Any, mb: Any, square: bool
+) -> tuple[float, int, int]:
+    """``sum log r`` over ``n`` ratios (``2 sum log r`` with ``square``: from
+    ``r^2 = m^2 / beta``, no square root), the zero means and the ratios that
+    are not normal float32 numbers."""
     half = np.float32(0.5)
     zero = np.float32(0.0)
     ri = rb.view(np.int32)
     mi = mb.view(np.int32)
-    bad = 0
-    ln2 = math.log(2.0)
-    for g in range(starts.shape[0]):
-        nz = 0
+    nz = 0
+    if square:
+        for j in range(n):
+            mv = mm[j]
+            beta = max(vv[j] * half + b0, tiny)
+            isz = mv == zero
+            nz += isz
+            # r = 0 exactly where the mean is zero: r + 1 is the factor 1.
+            rb[j] = (mv * mv) / beta + np.float32(isz)
+    else:
+        for j in range(n):
+            mv = mm[j]
+            beta = max(vv[j] * half + b0, tiny)
+            isz = mv == zero
+            nz += isz
+            rb[j] = abs(mv) / np.sqrt(beta) + np.float32(isz)
+    ex = 0
+    nb = 0
+    for j in range(n):
+        bits = ri[j]
+        ef = (bits >> 23) & 255
+        nb += (ef == 0) | (ef == 255)
+        ex += ef - 127
+        mi[j] = (bits & 0x7FFFFF) | 0x3F800000
+    pr = _prod64_c(mb[:n])
+    return math.log(pr) + ex * math.log(2.0), nz, nb
+
+
+_log_block_c = _jit(_log_block)
+
+
+def _log_sums(
+    m: Any, m2: Any, beta0: Any, tiny: Any, istart: Any, iend: Any, iseg: Any,
+    part: Any, nzp: Any, badp: Any,
+) -> None:
+    """Pass B per work item ``i``: ``part[i] = sum log r`` over its non-zero
+    means, ``nzp[i]`` its zero means, ``badp[i]`` its ratios that are not
+    normal float32 numbers (the caller then takes the array engine's logs).
+
+    A ratio ``r = 2^E f`` (``f`` in ``[1, 2)``) is split by its bits: the
+    exponents are summed as integers, the mantissas multiplied in float64 (a
+    product of ``_BL_B`` of them stays below ``2^1000``), one log per block.
+    Each block first takes ``r^2 = m^2 / beta`` (a division, no square root);
+    a block where some ``r^2`` is not a normal number (``m^2`` under- or
+    overflows, ``|m| < 1.1e-19``) is taken again from ``r`` itself.
+    """
+    for i in prange(istart.shape[0]):
+        rb = np.empty(_BL_B, dtype=np.float32)
+        mb = np.empty(_BL_B, dtype=np.float32)
+        b0 = beta0[iseg[i]]
         tot = 0.0
-        a0 = starts[g]
-        while a0 < ends[g]:
-            n = min(rb.shape[0], ends[g] - a0)
+        nz = 0
+        bad = 0
+        a0 = istart[i]
+        while a0 < iend[i]:
+            n = min(_BL_B, iend[i] - a0)
             mm = m[a0 : a0 + n]
             vv = m2[a0 : a0 + n]
-            b0 = beta0[g]
-            for j in range(n):
-                mv = mm[j]
-                beta = max(vv[j] * half + b0, tiny)
-                isz = mv == zero
-                nz += isz
-                # r = 0 exactly where the mean is zero: r + 1 is the factor 1.
-                rb[j] = abs(mv) / np.sqrt(beta) + np.float32(isz)
-            ex = 0
-            nb = 0
-            for j in range(n):
-                bits = ri[j]
-                ef = (bits >> 23) & 255
-                nb += (ef == 0) | (ef == 255)
-                ex += ef - 127
-                mi[j] = (bits & 0x7FFFFF) | 0x3F800000
-            pr = _prod64_c(mb[:n])
-            bad += nb
-            tot += math.log(pr) + ex * ln2
+            t2, z, nb = _log_block_c(mm, vv, b0, tiny, n, rb, mb, True)
+            if nb == 0:
+                tot += 0.5 * t2
+            else:
+                t, z, nb = _log_block_c(mm, vv, b0, tiny, n, rb, mb, False)
+                tot += t
+                bad += nb
+            nz += z
             a0 += n
-        sums[g] = tot
-        nzs[g] = nz
-    return bad
+        part[i] = tot
+        nzp[i] = nz
+        badp[i] = bad
 
 
-def _evidence_out(
-    ms: Any, m2s: Any, lams: Any, beta0: Any, invk: Any, eq: Any, starts: Any, ends: Any,
-    tiny: Any, lo_t: Any, hi_t: Any, inv_w: Any, big: Any, pcode: int, snr: bool,
-    uniform: bool, belief: bool, c_b: Any, n_src: Any, floor_beta: bool, out: Any,
-    bsum: Any,
-) -> None:
-    """Pass C: ``out = c B g'`` (belief) or ``S g'``; ``bsum[g] = sum B``."""
+def _evidence_block(
+    ms: Any, m2s: Any, lams: Any, beta0: Any, invk: Any, g: int, eqv: Any, a0: int, n: int,
+    tiny_b: Any, lo_t: Any, hi_t: Any, inv_w: Any, big: Any, pcode: int, snr: bool,
+    uniform: bool, belief: bool, c_b: Any, n_src: Any, out: Any, Q: Any, num: Any,
+    den: Any, E: Any,
+) -> float:
+    """Pass C over ``[a0, a0 + n)`` of segment ``g`` (``n <= _BL``); returns ``sum B``."""
     S = len(ms)
     half = np.float32(0.5)
     one = np.float32(1.0)
-    tiny_b = tiny if floor_beta else np.float32(0.0)
-    Q = np.empty(_BL, dtype=np.float32)
-    num = np.empty(_BL, dtype=np.float32)
-    den = np.empty(_BL, dtype=np.float32)
-    E = np.empty(_BL, dtype=np.float32)
-    for g in range(starts.shape[0]):
-        eqv = eq[g]
-        keep = one - eqv
-        acc = 0.0
-        a0 = starts[g]
-        while a0 < ends[g]:
-            n = min(_BL, ends[g] - a0)
-            for k in range(S):
-                m = ms[k][a0 : a0 + n]
-                m2 = m2s[k][a0 : a0 + n]
-                b0 = beta0[k, g]
-                ik = invk[k, g]
-                lam = lams[k]
-                if snr:
-                    for j in range(n):
-                        t = abs(m[j]) / (np.sqrt(max(m2[j] * half + b0, tiny_b)) * ik)
-                        E[j] = min(max(t, lo_t), hi_t)
-                else:
-                    for j in range(n):
-                        t = one / (np.sqrt(max(m2[j] * half + b0, tiny_b)) * ik)
-                        E[j] = min(max(t, lo_t), hi_t)
-                if pcode == 0:
-                    for j in range(n):
-                        E[j] = np.sqrt(E[j])
-                elif pcode == 2:
-                    for j in range(n):
-                        E[j] = E[j] * E[j]
-                elif pcode == 3:
-                    for j in range(n):
-                        t = E[j] * E[j]
-                        E[j] = t * t
-                if eqv != 0:
-                    for j in range(n):
-                        E[j] = E[j] * keep + eqv
-                if k == 0:
-                    for j in range(n):
-                        Q[j] = E[j] * inv_w
-                        den[j] = E[j]
-                    if uniform:
-                        for j in range(n):
-                            num[j] = lam * m[j]
-                    else:
-                        for j in range(n):
-                            num[j] = E[j] * (lam * m[j])
-                elif uniform:
-                    for j in range(n):
-                        x = E[j] * inv_w
-                        q = Q[j]
-                        Q[j] = q + x + q * x
-                        num[j] += lam * m[j]
-                else:
-                    for j in range(n):
-                        x = E[j] * inv_w
-                        q = Q[j]
-                        Q[j] = q + x + q * x
-                        num[j] += E[j] * (lam * m[j])
-                        den[j] += E[j]
-            o = out[a0 : a0 + n]
+    keep = one - eqv
+    for k in range(S):
+        m = ms[k][a0 : a0 + n]
+        m2 = m2s[k][a0 : a0 + n]
+        b0 = beta0[k, g]
+        ik = invk[k, g]
+        lam = lams[k]
+        if snr:
+            for j in range(n):
+                t = abs(m[j]) / (np.sqrt(max(m2[j] * half + b0, tiny_b)) * ik)
+                E[j] = min(max(t, lo_t), hi_t)
+        else:
+            for j in range(n):
+                t = one / (np.sqrt(max(m2[j] * half + b0, tiny_b)) * ik)
+                E[j] = min(max(t, lo_t), hi_t)
+        if pcode == 0:
+            for j in range(n):
+                E[j] = np.sqrt(E[j])
+        elif pcode == 2:
+            for j in range(n):
+                E[j] = E[j] * E[j]
+        elif pcode == 3:
+            for j in range(n):
+                t = E[j] * E[j]
+                E[j] = t * t
+        if eqv != 0:
+            for j in range(n):
+                E[j] = E[j] * keep + eqv
+        if k == 0:
+            for j in range(n):
+                Q[j] = E[j] * inv_w
+                den[j] = E[j]
             if uniform:
                 for j in range(n):
-                    den[j] = n_src
-            if belief:
-                for j in range(n):
-                    q = min(Q[j], big)
-                    bv = q / (one + q)
-                    o[j] = (c_b * bv) * (num[j] / den[j])
-                    Q[j] = bv
-                acc += _sum64_c(Q[:n])
+                    num[j] = lam * m[j]
             else:
                 for j in range(n):
-                    o[j] = n_src * (num[j] / den[j])
+                    num[j] = E[j] * (lam * m[j])
+        elif uniform:
+            for j in range(n):
+                x = E[j] * inv_w
+                q = Q[j]
+                Q[j] = q + x + q * x
+                num[j] += lam * m[j]
+        else:
+            for j in range(n):
+                x = E[j] * inv_w
+                q = Q[j]
+                Q[j] = q + x + q * x
+                num[j] += E[j] * (lam * m[j])
+                den[j] += E[j]
+    o = out[a0 : a0 + n]
+    if uniform:
+        for j in range(n):
+            den[j] = n_src
+    if belief:
+        for j in range(n):
+            q = min(Q[j], big)
+            bv = q / (one + q)
+            o[j] = (c_b * bv) * (num[j] / den[j])
+            Q[j] = bv
+        return _sum64_c(Q[:n])
+    for j in range(n):
+        o[j] = n_src * (num[j] / den[j])
+    return 0.0
+
+
+_evidence_block_c = _jit(_evidence_block)
+
+
+def _evidence_out(
+    ms: Any, m2s: Any, lams: Any, beta0: Any, invk: Any, eq: Any, istart: Any, iend: Any,
+    iseg: Any, tiny: Any, lo_t: Any, hi_t: Any, inv_w: Any, big: Any, pcode: int, snr: bool,
+    uniform: bool, belief: bool, c_b: Any, n_src: Any, floor_beta: bool, out: Any,
+    part: Any,
+) -> None:
+    """Pass C: ``out = c B g'`` (belief) or ``S g'``; ``part[i] = sum B`` over item ``i``."""
+    tiny_b = tiny if floor_beta else np.float32(0.0)
+    for i in prange(istart.shape[0]):
+        # Four float32 scratch vectors of _BL elements per item stay in L1.
+        Q = np.empty(_BL, dtype=np.float32)
+        num = np.empty(_BL, dtype=np.float32)
+        den = np.empty(_BL, dtype=np.float32)
+        E = np.empty(_BL, dtype=np.float32)
+        g = iseg[i]
+        acc = 0.0
+        a0 = istart[i]
+        while a0 < iend[i]:
+            n = min(_BL, iend[i] - a0)
+            acc += _evidence_block_c(
+                ms, m2s, lams, beta0, invk, g, eq[g], a0, n, tiny_b, lo_t, hi_t, inv_w, big,
+                pcode, snr, uniform, belief, c_b, n_src, out, Q, num, den, E,
+            )
             a0 += n
-        bsum[g] = acc
+        part[i] = acc
 
 
-def _scale(out: Any, starts: Any, ends: Any, inv: Any) -> None:
-    for g in range(starts.shape[0]):
-        f = inv[g]
-        for i in range(starts[g], ends[g]):
-            out[i] = np.float32(np.float64(out[i]) * f)
+def _scale(out: Any, istart: Any, iend: Any, iseg: Any, inv: Any) -> None:
+    for i in prange(istart.shape[0]):
+        f = inv[iseg[i]]
+        for j in range(istart[i], iend[i]):
+            out[j] = np.float32(np.float64(out[j]) * f)
 
 
-_m2_sums_c = _jit(_m2_sums)
-_log_sums_c = _jit(_log_sums)
-_evidence_out_c = _jit(_evidence_out)
-_scale_c = _jit(_scale)
+_m2_sums_c = _jit(_m2_sums, parallel=True)
+_reduce_items_c = _jit(_reduce_items)
+_log_sums_c = _jit(_log_sums, parallel=True)
+_evidence_out_c = _jit(_evidence_out, parallel=True)
+_scale_c = _jit(_scale, parallel=True)
+
+
+def set_threads(n: int | None) -> None:
+    """Threads of the compiled loops on NumPy inputs (``None``: numba's default).
+
+    Results are bit-identical for any count. Torch inputs follow
+    ``torch.get_num_threads()`` instead.
+    """
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ConfigError(f"set_threads: n must be a positive int or None (numba's default), got {n!r}")
+    _THREADS[0] = n
+
+
+def get_threads() -> int | None:
+    """The thread setting for NumPy inputs (``None``: numba's default)."""
+    return _THREADS[0]
+
+
+def _threads_for(x: np.ndarray) -> int:
+    """Threads for a call on ``x``: torch's intra-op count for a view of a CPU
+    tensor, the module setting otherwise; at most numba's pool size."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x.base, torch.Tensor):
+        n: int | None = int(torch.get_num_threads())
+    else:
+        n = _THREADS[0]
+    pool = int(numba.config.NUMBA_NUM_THREADS)
+    return pool if n is None else max(1, min(n, pool))
 
 
 def _belief_bound(e: float, W: float, S: int) -> float:
@@ -284,9 +393,7 @@ def gradient(
     if not (AVAILABLE and ENABLED[0]):
         return False
     prior = config.prior
-    gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
-    p = 2.0 * gamma
-    belief = config.scale == "belief"
+    p = 2.0 * float(config.gamma)
     f32 = np.float32
     if not (
         p in _POW_CODE
@@ -299,14 +406,54 @@ def gradient(
         and out.flags.c_contiguous
     ):
         return False
+    threads = _threads_for(means[0])
+    saved = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        done = _run(means, m2s, counts, lambdas, config, out, segments, diagnostics, names)
+    finally:
+        numba.set_num_threads(saved)
+    return done
+
+
+def _items(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Work items of at most ``_ITEM`` elements over the segments: ``(start,
+    end, segment)`` per item, in order (a segment of length 0 has none)."""
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    nch = -(-lengths // _ITEM)
+    iseg = np.repeat(np.arange(lengths.size, dtype=np.int64), nch)
+    first = np.cumsum(nch) - nch
+    off = np.arange(iseg.size, dtype=np.int64) - np.repeat(first, nch)
+    istart = starts[iseg] + off * _ITEM
+    iend = np.minimum(istart + _ITEM, ends[iseg])
+    return istart, iend, iseg
+
+
+def _run(
+    means: Sequence[np.ndarray],
+    m2s: Sequence[np.ndarray],
+    counts: Sequence[Any],
+    lambdas: Sequence[float],
+    config: CalibrationConfig,
+    out: np.ndarray,
+    segments: Sequence[int] | None,
+    diagnostics: dict[str, Any] | None,
+    names: Sequence[str],
+) -> bool:
+    prior = config.prior
+    gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
+    p = 2.0 * gamma
+    belief = config.scale == "belief"
+    f32 = np.float32
     fi = np.finfo(f32)
     tiny = float(fi.smallest_normal)
     S = len(means)
     D = int(means[0].shape[0])
     lengths = np.asarray([D] if segments is None else list(segments), dtype=np.int64)
     G = int(lengths.size)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
+    istart, iend, iseg = _items(lengths)
+    part = np.empty(istart.size)
     lens_f = lengths.astype(np.float64)
     ns = [float(n) for n in counts]
 
@@ -320,7 +467,8 @@ def gradient(
             return False
         tot = np.empty(G)
         for k in range(S):
-            _m2_sums_c(m2s[k], starts, ends, tot)
+            _m2_sums_c(m2s[k], istart, iend, part)
+            _reduce_items_c(part, iseg, tot)
             beta0[k] = float(prior.alpha0) * (tot / ns[k] / lens_f)
             zero_var[k] = ~(tot > 0)
     seg_equal = np.any(zero_var, axis=0) if prior.beta0 is None else np.zeros(G, dtype=bool)
@@ -337,11 +485,16 @@ def gradient(
             return False  # precision scores take the array engine's logs
         sums = np.empty((S, G))
         nzs = np.empty((S, G), dtype=np.int64)
-        rb, mb = np.empty(_BL_B, dtype=f32), np.empty(_BL_B, dtype=f32)
+        nzp = np.empty(istart.size, dtype=np.int64)
+        badp = np.empty(istart.size, dtype=np.int64)
         for k in range(S):
-            bad = _log_sums_c(means[k], m2s[k], beta0_32[k], f32(tiny), starts, ends, rb, mb, sums[k], nzs[k])
-            if bad:
+            _log_sums_c(
+                means[k], m2s[k], beta0_32[k], f32(tiny), istart, iend, iseg, part, nzp, badp
+            )
+            if badp.any():
                 return False
+            _reduce_items_c(part, iseg, sums[k])
+            nzs[k] = np.bincount(iseg, weights=nzp, minlength=G).astype(np.int64)
         cnts = lens_f[None, :] - nzs
         total = np.sum(2.0 * sums + C[:, None] * cnts, axis=0)
         ref = total / np.maximum(np.sum(cnts, axis=0), 1.0)
@@ -368,17 +521,18 @@ def gradient(
     bsum = np.zeros(G)
     _evidence_out_c(
         tuple(means), tuple(m2s), np.asarray(lambdas, dtype=f32), beta0_32, invk,
-        seg_equal.astype(f32), starts, ends, f32(tiny), f32(lo ** (1.0 / p)),
+        seg_equal.astype(f32), istart, iend, iseg, f32(tiny), f32(lo ** (1.0 / p)),
         f32(hi ** (1.0 / p)), f32(1.0 / W), f32(fi.max), _POW_CODE[p],
         config.evidence_from == "snr", config.weights == "uniform", belief, f32(c_b),
-        f32(S), floor_beta, out, bsum,
+        f32(S), floor_beta, out, part,
     )
+    _reduce_items_c(part, iseg, bsum)
 
     # ---- pass D
     if belief:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             inv = float(S) / (c_b * (bsum / lens_f))
-        _scale_c(out, starts, ends, inv)
+        _scale_c(out, istart, iend, iseg, inv)
     if diagnostics is not None:
         diagnostics["zero_variance_sources"] = [
             names[k] for k in range(S) if prior.beta0 is None and bool(zero_var[k].any())

@@ -256,10 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer rounds and shorter sweeps")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads and the compiled loops' threads (default 1)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (median)")
     p.add_argument("--big", action="store_true", help="add D = 1e8 to the D sweep")
     p.add_argument("--native", action="store_true", help="also time the tensor engine on the CPU")
+    p.add_argument("--grad-only", action="store_true",
+                   help="D = 1e7 case: only the calibrate_gradient rows and their floors")
     p.add_argument("--no-sweep", action="store_true", help="only the D = 1e7, S = 3 case")
     p.add_argument("--plot", action="store_true", help="write docs/img/kernel_scaling.png")
     p.add_argument("--out", default=str(HERE / "results" / "kernel.json"))
@@ -269,9 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
+    from bogc_core.backends import _numba_kernel
+
+    if _numba_kernel.AVAILABLE:
+        # NumPy inputs take the module setting, torch inputs torch's count.
+        _numba_kernel.set_threads(a.threads)
     rounds = a.rounds or (3 if a.quick else 7)
-    main_row = case(10**7, 3, a.dtype, a.device, rounds, True and a.device == "cpu",
-                    a.device == "cpu", a.native)
+    cpu_rows = a.device == "cpu" and not a.grad_only
+    main_row = case(10**7, 3, a.dtype, a.device, rounds, cpu_rows, cpu_rows, a.native)
     print(json.dumps(main_row, indent=1), flush=True)
     rows_d: list[dict] = []
     rows_s: list[dict] = []
@@ -294,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "numpy": np.__version__,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "numba_threads_numpy": _numba_kernel.get_threads() if _numba_kernel.AVAILABLE else None,
         "rounds": rounds,
         "numba": _numba_version(),
         "loadavg_at_start": load_start,

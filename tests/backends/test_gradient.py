@@ -408,3 +408,116 @@ def test_numba_loops_taken_and_equal(name, segments):
     rtol = RTOL["float32"]
     np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * 1e-3 * float(np.abs(want).max()))
     assert _numba_kernel.ENABLED[0] == _numba_kernel.AVAILABLE
+
+
+def _numba_pool() -> str | None:
+    if _numba() is not None:
+        return _numba()
+    import numba
+
+    if int(numba.config.NUMBA_NUM_THREADS) < 2:
+        return "numba's thread pool has one thread on this machine"
+    return None
+
+
+@pytest.mark.skipif(_numba_pool() is not None, reason=str(_numba_pool()))
+@pytest.mark.parametrize("segments", [None, "items"])
+def test_numba_threads_bit_identical(segments):
+    """1 and 2 threads give the same bits (NumPy through set_threads, torch through
+    torch.set_num_threads): the partial sums of the fixed work items are reduced
+    in item order, whatever thread ran them."""
+    from bogc_core.backends import _numba_kernel
+
+    item = _numba_kernel._ITEM
+    # Segments that end inside, at and across work items; more items than threads.
+    segs = None if segments is None else [item + 5, 3, item, 2 * item + 1, 17]
+    D = 4 * item + 77 if segs is None else sum(segs)
+    rng = np.random.default_rng(11)
+    raw = random_raw(rng, 3, D)
+    lambdas = [1.5, 0.5, 2.0]
+    path = Path("numpy_fused", "numpy", numba=True)
+    stats = make(path, "float32", raw)
+    got = {}
+    saved = _numba_kernel.get_threads()
+    try:
+        for n in (1, 2, 1):
+            _numba_kernel.set_threads(n)
+            assert _numba_kernel._threads_for(path.to_numpy(stats[0].mean)) == n
+            diag: dict[str, Any] = {}
+            got[n] = path.to_numpy(path.run(stats, lambdas, CalibrationConfig(), segments=segs, diagnostics=diag)).copy()
+            assert diag["kernel"] == "numba"
+    finally:
+        _numba_kernel.set_threads(saved)
+    assert got[1].view(np.uint32).tolist() == got[2].view(np.uint32).tolist()
+    check(path, "float32", raw, CalibrationConfig(), segments=segs, lambdas=lambdas)
+    if _torch_cpu() is None:
+        import torch
+
+        tpath = Path("torch_fused", "torch", numba=True)
+        tstats = make(tpath, "float32", raw)
+        t_saved = torch.get_num_threads()
+        tgot = {}
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                assert _numba_kernel._threads_for(tstats[0].mean.numpy()) == n
+                tgot[n] = tpath.to_numpy(tpath.run(tstats, lambdas, CalibrationConfig(), segments=segs)).copy()
+        finally:
+            torch.set_num_threads(t_saved)
+        assert tgot[1].view(np.uint32).tolist() == tgot[2].view(np.uint32).tolist()
+        assert tgot[1].view(np.uint32).tolist() == got[1].view(np.uint32).tolist()
+
+
+@pytest.mark.skipif(_numba() is not None, reason=str(_numba()))
+def test_numba_set_threads_rejects_bad_counts():
+    from bogc_core.backends import _numba_kernel
+
+    from bogc_core import BOGCError
+
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(BOGCError, match="set_threads"):
+            _numba_kernel.set_threads(bad)  # type: ignore[arg-type]
+    assert _numba_kernel.get_threads() is None
+
+
+@pytest.mark.skipif(_numba() is not None, reason=str(_numba()))
+@pytest.mark.parametrize("mag", [1e-20, 1e-30, 3e19])
+def test_numba_log_sums_square_and_fallback_blocks(mag):
+    """Pass B's sum of log r per item against float64 logs taken one by one:
+    blocks whose m^2 under- or overflows (|m| = mag) are taken again from r,
+    the others from r^2 = m^2 / beta; zero means are counted and left out."""
+    from bogc_core.backends import _numba_kernel as nk
+
+    rng = np.random.default_rng(3)
+    D = 3 * nk._BL_B + 500
+    m = (rng.normal(size=D) * rng.uniform(0.1, 3.0, size=D)).astype(np.float32)
+    m[rng.random(D) < 0.2] = 0.0
+    m[nk._BL_B + 10 : nk._BL_B + 40] = np.float32(mag)  # one block needs the fallback
+    m2 = (rng.gamma(1.5, size=D) * 7).astype(np.float32)
+    b0 = np.asarray([0.7], dtype=np.float32)
+    tiny = np.float32(np.finfo(np.float32).smallest_normal)
+    istart = np.asarray([0, 1700], dtype=np.int64)
+    iend = np.asarray([1700, D], dtype=np.int64)
+    iseg = np.asarray([0, 0], dtype=np.int64)
+    part = np.empty(2)
+    nzp = np.empty(2, dtype=np.int64)
+    badp = np.empty(2, dtype=np.int64)
+    nk._log_sums_c(m, m2, b0, tiny, istart, iend, iseg, part, nzp, badp)
+    beta = np.maximum(m2 * np.float32(0.5) + b0[0], tiny).astype(np.float64)
+    for i in range(2):
+        a, b = istart[i], iend[i]
+        mm = m[a:b].astype(np.float64)
+        nzmask = mm != 0
+        want = np.sum(np.log(np.abs(mm[nzmask]) / np.sqrt(beta[a:b][nzmask])))
+        assert nzp[i] == int(np.sum(~nzmask))
+        assert badp[i] == 0
+        # float32 ratios: a relative error of ~1e-7 per term, summed.
+        assert abs(part[i] - want) <= 1e-6 * np.sum(np.abs(np.log(np.abs(mm[nzmask])))) + 1e-3
+    # The whole path agrees with the reference and takes the compiled loops.
+    raw = random_raw(rng, 2, D)
+    raw[0][1][nk._BL_B + 10 : nk._BL_B + 40] = mag
+    path = Path("numpy_fused", "numpy", numba=True)
+    check(path, "float32", raw, CalibrationConfig())
+    diag: dict[str, Any] = {}
+    path.run(make(path, "float32", raw), None, CalibrationConfig(), diagnostics=diag)
+    assert diag["kernel"] == "numba"
