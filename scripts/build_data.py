@@ -1,8 +1,11 @@
-"""Build the data sets shipped in ``bogc_core.integrations.data`` from ``/work/shared/data``.
+"""Build the data sets shipped in ``bogc_core.integrations.data`` from the raw public downloads.
 
 Run once, by a maintainer, after checking the source files' sha256 sums::
 
-    python scripts/build_data.py [--src /work/shared/data] [--dst integrations/data]
+    python scripts/build_data.py --src RAW_DATA_DIR [--dst integrations/data]
+
+``RAW_DATA_DIR`` holds the downloads in folders ``uci_mfeat_handwritten/``,
+``fsdd/`` and ``mnist_t10k/`` (see ``integrations/data/README.md``).
 
 Writes two compressed ``.npz`` files in the user-data format of API.md
 (``y``, ``x_<modality>``, boolean ``test_mask``):
@@ -21,7 +24,7 @@ Writes two compressed ``.npz`` files in the user-data format of API.md
     clip given a distinct image of its digit drawn without replacement with
     ``numpy.random.default_rng(20261129)``.
 
-The package never reads ``/work/shared`` at run time; only this script does.
+The package never reads the raw downloads at run time; only this script does.
 """
 
 from __future__ import annotations
@@ -150,7 +153,7 @@ def build_mfeat(src: Path) -> dict[str, np.ndarray]:
 def main(argv: list[str] | None = None) -> None:
     here = Path(__file__).resolve().parent.parent
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--src", type=Path, default=Path("/work/shared/data"))
+    p.add_argument("--src", type=Path, required=True, help="folder of the raw downloads")
     p.add_argument("--dst", type=Path, default=here / "integrations" / "data")
     args = p.parse_args(argv)
     expected = {
