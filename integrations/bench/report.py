@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,10 @@ def _curve_mean(curves: list[list[float]]) -> list[float]:
     a = np.full((len(curves), n), np.nan)
     for i, c in enumerate(curves):
         a[i, : len(c)] = c
-    with np.errstate(all="ignore"):
+    # A column where every curve is NaN (a metric never recorded) stays NaN,
+    # without numpy's "Mean of empty slice" warning.
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         return [float(v) for v in np.nanmean(a, axis=0)]
 
 
