@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bogc_core._types import Calibration, CalibrationConfig
+from bogc_core._types import Calibration, CalibrationConfig, Decline
 
 from ._gradient import gauss_legendre01
 
@@ -237,11 +237,11 @@ def run_blocked(
     lambdas: Sequence[float],
     config: CalibrationConfig,
     block: int,
-) -> Calibration | str:
+) -> Calibration:
     """The fused pipeline on validated inputs; a ``str`` is a reason to decline."""
     problem = decline_reason(space, stats, config)
     if problem:
-        return problem
+        raise Decline(problem)
     shape = tuple(stats[0].shape)
     D = math.prod(shape)
     S = len(stats)
@@ -263,7 +263,7 @@ def run_blocked(
             continue
         if isinstance(src.n, float):
             if not src.n >= 2:
-                return "fewer than 2 samples in every dimension (the reference raises)"
+                raise Decline("fewer than 2 samples in every dimension (the reference raises)")
             total = ops.to_float(ops.acc_sum(ops.zero_acc(), src.m2))
             vbar = total / src.n / D
             any_var = total > 0
@@ -283,7 +283,7 @@ def run_blocked(
                 acc_m2 = ops.acc_sum(acc_m2, src.m2[a:b])
             n_valid = ops.to_float(acc_n)
             if not n_valid > 0:
-                return "fewer than 2 samples in every dimension (the reference raises)"
+                raise Decline("fewer than 2 samples in every dimension (the reference raises)")
             vbar = ops.to_float(acc_v) / n_valid
             any_var = ops.to_float(acc_m2) > 0
         src.beta0 = float(prior.alpha0) * vbar

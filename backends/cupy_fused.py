@@ -206,11 +206,11 @@ def _full(
     stats: Sequence[Any],
     lambdas: Sequence[float],
     config: CalibrationConfig,
-) -> Calibration | str:
-    """The full result, or the reason to decline (float32/float64 CuPy arrays)."""
+) -> Calibration:
+    """The full result (float32/float64 CuPy arrays); raises :class:`Decline` to decline."""
     problem = decline_reason(space, stats, config)
     if problem:
-        return problem
+        raise Decline(problem)
     dtype = np.dtype(space.dtype)
     shape = tuple(stats[0].shape)
     D, S = math.prod(shape), len(stats)
@@ -228,11 +228,11 @@ def _full(
             n_b = cp.broadcast_to(n, shape)
             n_valid = float(_eb_count(n_b))
             if not n_valid > 0:
-                return "fewer than 2 samples in every dimension (the reference raises)"
+                raise Decline("fewer than 2 samples in every dimension (the reference raises)")
             vbar = float(_eb_sum(n_b, s.m2)) / n_valid
         else:
             if not float(n) >= 2:
-                return "fewer than 2 samples in every dimension (the reference raises)"
+                raise Decline("fewer than 2 samples in every dimension (the reference raises)")
             vbar = float(cp.sum(s.m2, dtype=cp.float64)) / float(n) / D
         beta0s.append(float(prior.alpha0) * vbar)
         if not bool(cp.any(s.m2 > 0)):
@@ -286,10 +286,7 @@ def calibrate(
     config: CalibrationConfig,
 ) -> Calibration:
     """The full :class:`Calibration` of one group (float32/float64 CuPy arrays)."""
-    res = _full(space, names, stats, lambdas, config)
-    if isinstance(res, str):
-        raise Decline(res)
-    return res
+    return _full(space, names, stats, lambdas, config)
 
 
 class CupyShim(Shim):

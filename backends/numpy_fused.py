@@ -179,10 +179,7 @@ def calibrate(
     dtype = np.dtype(space.dtype)
     # 1/Q for Q = 0 and 1/(1 + inf) are intended (they give B = 0 and U = 0).
     with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
-        res = run_blocked(NumpyOps(dtype), NAME, space, names, stats, lambdas, config, BLOCK)
-    if isinstance(res, str):
-        raise Decline(res)
-    return res
+        return run_blocked(NumpyOps(dtype), NAME, space, names, stats, lambdas, config, BLOCK)
 
 
 def flat_counts(stats: Sequence[Any], shape: tuple[int, ...]) -> list[Any]:

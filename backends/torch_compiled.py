@@ -190,19 +190,19 @@ def accepts(space: Any) -> bool:
     return bool(array_api_compat.is_torch_namespace(space.xp))
 
 
-def _eb_beta0(m2: torch.Tensor, n: torch.Tensor, alpha0: float) -> tuple[float, bool] | str:
+def _eb_beta0(m2: torch.Tensor, n: torch.Tensor, alpha0: float) -> tuple[float, bool]:
     """Empirical-Bayes ``beta0`` and ``any(M2 > 0)`` of one flattened source."""
     D = m2.numel()
     if n.dim() == 0:
         nv = float(n)
         if not nv >= 2:
-            return "fewer than 2 samples in every dimension (the reference raises)"
+            raise Decline("fewer than 2 samples in every dimension (the reference raises)")
         total = float(m2.sum())
         return alpha0 * (total / nv / D), total > 0
     valid = n >= 2
     n_valid = float(valid.sum())
     if not n_valid > 0:
-        return "fewer than 2 samples in every dimension (the reference raises)"
+        raise Decline("fewer than 2 samples in every dimension (the reference raises)")
     var = torch.where(valid, m2 / torch.clamp(n, min=2.0), 0.0)
     vbar = float(var.sum()) / n_valid
     return alpha0 * vbar, bool((m2 > 0).any())
@@ -214,14 +214,14 @@ def _full(
     stats: Sequence[Any],
     lambdas: Sequence[float],
     config: CalibrationConfig,
-) -> Calibration | str:
-    """The full result, or a ``str``, the reason to decline."""
+) -> Calibration:
+    """The full result; raises :class:`Decline` to decline."""
     dtype = space.dtype
     if config.weights == "dempster":
-        return "weights='dempster' is not compiled (use torch-fused)"
+        raise Decline("weights='dempster' is not compiled (use torch-fused)")
     problem = decline_reason(space, stats, config)
     if problem:
-        return problem
+        raise Decline(problem)
     shape = tuple(stats[0].shape)
     D, S = math.prod(shape), len(stats)
     prior = config.prior
@@ -233,17 +233,19 @@ def _full(
     )
     key = (opts, S, dtype)
     if key in _BROKEN:
-        return _BROKEN[key]
+        raise Decline(_BROKEN[key])
     try:
         with torch.no_grad():
             return _run(space, names, stats, lambdas, config, opts, shape, D, S, dtype)
+    except Decline:
+        raise
     except Exception as exc:  # noqa: BLE001 - compile/runtime failure: the reference runs
         reason = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}"
         _BROKEN[key] = reason
-        return reason
+        raise Decline(reason) from exc
 
 
-def _run(space, names, stats, lambdas, config, opts, shape, D, S, dtype) -> Calibration | str:
+def _run(space, names, stats, lambdas, config, opts, shape, D, S, dtype) -> Calibration:
     prior = config.prior
     tiny, big = space.tiny, space.max
     dev = stats[0].mean.device
@@ -260,11 +262,9 @@ def _run(space, names, stats, lambdas, config, opts, shape, D, S, dtype) -> Cali
         if prior.beta0 is not None:
             beta0s.append(float(prior.beta0))
             continue
-        res = _eb_beta0(m2, n, float(prior.alpha0))
-        if isinstance(res, str):
-            return res
-        beta0s.append(res[0])
-        if not res[1]:
+        source_beta0, any_var = _eb_beta0(m2, n, float(prior.alpha0))
+        beta0s.append(source_beta0)
+        if not any_var:
             zero_var.append(name)
     # Constant part of each score for one count: log(alpha) + log(kappa).
     consts = []
@@ -339,10 +339,7 @@ def calibrate(
     config: CalibrationConfig,
 ) -> Calibration:
     """The full :class:`Calibration` of one group through the compiled stages."""
-    res = _full(space, names, stats, lambdas, config)
-    if isinstance(res, str):
-        raise Decline(res)
-    return res
+    return _full(space, names, stats, lambdas, config)
 
 
 def calibrate_gradient(

@@ -25,7 +25,7 @@ import array_api_compat
 import numpy as np
 import torch
 
-from bogc_core._types import Calibration, CalibrationConfig, Decline
+from bogc_core._types import Calibration, CalibrationConfig
 from bogc_core.errors import ConfigError
 
 from ._blocked import Ops, hugepage_buffer, run_blocked
@@ -258,12 +258,9 @@ def calibrate(
     """The full :class:`Calibration` of one group (float32/float64 tensors, any device)."""
     device = torch.device(space.device)
     with torch.no_grad():
-        res = run_blocked(
+        return run_blocked(
             TorchOps(space.dtype, device), NAME, space, names, stats, lambdas, config, block_for(device)
         )
-    if isinstance(res, str):
-        raise Decline(res)
-    return res
 
 
 def calibrate_gradient(
