@@ -47,6 +47,29 @@ def _torch_cpu() -> str | None:
     return None
 
 
+
+def lib_array(lib: str, device: str, x: Any, dtype: str) -> Any:
+    """A fresh ``dtype`` array of library ``lib`` on ``device`` (tests check inputs stay unmodified)."""
+    x = np.array(x, dtype=dtype)
+    if lib == "torch":
+        import torch
+
+        return torch.from_numpy(x).to(device)
+    if lib == "cupy":
+        import cupy
+
+        return cupy.asarray(x)
+    return x
+
+
+def float64_numpy(lib: str, x: Any) -> np.ndarray:
+    """``x`` of library ``lib`` as a float64 NumPy array."""
+    if lib == "torch":
+        return x.detach().cpu().numpy().astype(np.float64)
+    if lib == "cupy":
+        return x.get().astype(np.float64)
+    return np.asarray(x, dtype=np.float64)
+
 @dataclass
 class Fused:
     """One fused path: how to move NumPy test data onto it and back."""
@@ -56,23 +79,10 @@ class Fused:
     device: str = "cpu"
 
     def asarray(self, x: Any, dtype: str) -> Any:
-        x = np.array(x, dtype=dtype)  # a fresh copy: tests check inputs stay unmodified
-        if self.lib == "torch":
-            import torch
-
-            return torch.from_numpy(x).to(self.device)
-        if self.lib == "cupy":
-            import cupy
-
-            return cupy.asarray(x)
-        return x
+        return lib_array(self.lib, self.device, x, dtype)
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        if self.lib == "torch":
-            return x.detach().cpu().numpy().astype(np.float64)
-        if self.lib == "cupy":
-            return x.get().astype(np.float64)
-        return np.asarray(x, dtype=np.float64)
+        return float64_numpy(self.lib, x)
 
 
 def _params() -> list[Any]:

@@ -30,7 +30,7 @@ from bogc_core import (
 from bogc_core._namespace import resolve
 from bogc_core._types import Decline
 
-from .conftest import RTOL, _cuda_torch, _cupy, _torch_cpu
+from .conftest import RTOL, _cuda_torch, _cupy, _torch_cpu, float64_numpy, lib_array
 
 
 @dataclass
@@ -48,23 +48,10 @@ class Path:
         return importlib.import_module(f"bogc_core.backends.{self.module}")
 
     def asarray(self, x: Any, dtype: str) -> Any:
-        x = np.array(x, dtype=dtype)
-        if self.lib == "torch":
-            import torch
-
-            return torch.from_numpy(x).to(self.device)
-        if self.lib == "cupy":
-            import cupy
-
-            return cupy.asarray(x)
-        return x
+        return lib_array(self.lib, self.device, x, dtype)
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        if self.lib == "torch":
-            return x.detach().cpu().numpy().astype(np.float64)
-        if self.lib == "cupy":
-            return x.get().astype(np.float64)
-        return np.asarray(x, dtype=np.float64)
+        return float64_numpy(self.lib, x)
 
     def run(self, stats, lambdas, config, **kw):
         from bogc_core.backends import _numba_kernel
