@@ -22,6 +22,9 @@ D. One ``ElementwiseKernel`` turns ``B`` into ``s = B/mean(B)`` (clipped at
 Recomputing ``l`` in C costs arithmetic, which a GPU has to spare, instead of
 an ``(S, D)`` write and read.
 
+The kernel sources are in :mod:`._cuda_kernels` (importable without CuPy),
+which the ``nvcc`` and ``cuda_host`` tests compile and run without a GPU.
+
 ``calibrate_gradient`` runs the gradient engine of :mod:`._gradient` on CuPy
 arrays, one block per call (whole-array kernels; segment sums by
 ``cupyx.scatter_add``). Not yet run on a GPU: ``benchmarks/gpu_check.sh``
