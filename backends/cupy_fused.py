@@ -54,10 +54,17 @@ __all__ = ["NAME", "accepts", "calibrate", "calibrate_gradient", "CupyShim"]
 
 NAME = "cupy-fused"
 
+
 def _reduction(k: kernels.Reduction) -> cp.ReductionKernel:
     return cp.ReductionKernel(
-        k.in_params, k.out_params, k.map_expr, k.reduce_expr, k.post_map_expr, k.identity,
-        k.name, preamble=k.preamble,
+        k.in_params,
+        k.out_params,
+        k.map_expr,
+        k.reduce_expr,
+        k.post_map_expr,
+        k.identity,
+        k.name,
+        preamble=k.preamble,
     )
 
 

@@ -140,9 +140,22 @@ def nvcc_compile(entries: list[Entry], arch: str, workdir: Path) -> NvccResult:
     cu.write_text(src)
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [nvcc, f"-arch={arch}", "-cubin", "-std=c++17", "-I", str(HEADERS),
-         "-Xptxas", "-v", "-o", str(workdir / f"kernels_{arch}.cubin"), str(cu)],
-        capture_output=True, text=True, timeout=600,
+        [
+            nvcc,
+            f"-arch={arch}",
+            "-cubin",
+            "-std=c++17",
+            "-I",
+            str(HEADERS),
+            "-Xptxas",
+            "-v",
+            "-o",
+            str(workdir / f"kernels_{arch}.cubin"),
+            str(cu),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     seconds = time.perf_counter() - t0
     return NvccResult(arch, proc.returncode, proc.stdout + proc.stderr, seconds, ranges)
@@ -179,8 +192,18 @@ def _launcher(i: int, e: Entry) -> str:
     )
 
 
-GXX_FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror",
-             "-Wno-unused-parameter", "-fno-fast-math", "-ffp-contract=off"]
+GXX_FLAGS = [
+    "-std=c++17",
+    "-O1",
+    "-fPIC",
+    "-shared",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-Wno-unused-parameter",
+    "-fno-fast-math",
+    "-ffp-contract=off",
+]
 
 
 class HostKernels:
@@ -197,7 +220,9 @@ class HostKernels:
         t0 = time.perf_counter()
         proc = subprocess.run(
             [gxx, *GXX_FLAGS, "-I", str(HEADERS), "-o", str(so), str(cpp)],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         self.seconds = time.perf_counter() - t0
         self.log = proc.stdout + proc.stderr
@@ -213,8 +238,9 @@ class HostKernels:
         #: Reductions: threads per block (CuPy's default 512).
         self.reduce_block = 512
 
-    def _launch(self, e: Entry, values: dict[str, Any], loop_shape: tuple[int, ...],
-                grid: int, block: int) -> None:
+    def _launch(
+        self, e: Entry, values: dict[str, Any], loop_shape: tuple[int, ...], grid: int, block: int
+    ) -> None:
         assert self.lib is not None
         args, meta, keep = [], [], []
         size = int(np.prod(loop_shape))
@@ -236,8 +262,9 @@ class HostKernels:
         c_args = (ctypes.c_void_p * len(args))(*args)
         c_meta = (ctypes.c_longlong * max(1, len(meta)))(*meta)
         fn = getattr(self.lib, f"launch_{e.unit.kernel}")
-        rc = fn(ctypes.c_uint(grid), ctypes.c_uint(block), ctypes.c_int(self.reverse),
-                c_args, c_meta)
+        rc = fn(
+            ctypes.c_uint(grid), ctypes.c_uint(block), ctypes.c_int(self.reverse), c_args, c_meta
+        )
         if rc != 0:
             raise RuntimeError(f"{e.unit.kernel}: a __syncthreads() not reached by every thread")
 

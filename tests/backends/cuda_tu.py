@@ -109,9 +109,7 @@ def elementwise_unit(
         for t, name in parse_params(plist):
             c = _ctype(t, T)
             if is_out or name in arrays:
-                params.append(
-                    Param("array", c, name, ndim, name not in strided, const=not is_out)
-                )
+                params.append(Param("array", c, name, ndim, name not in strided, const=not is_out))
                 ref = f"{c} &" if is_out else f"const {c} &"
                 loads.append(f"{ref}{name} = _raw_{name}[_ind.get()];")
             else:
@@ -123,9 +121,7 @@ def elementwise_unit(
         f"{k.preamble}\n"
         f'extern "C" __global__ void {kernel}({", ".join(map(_param_decl, params))}) {{\n'
         "  CUPY_FOR(i, _ind.size()) {\n"
-        "    _ind.set(i);\n"
-        + "".join(f"    {line}\n" for line in loads)
-        + f"    {k.operation};\n"
+        "    _ind.set(i);\n" + "".join(f"    {line}\n" for line in loads) + f"    {k.operation};\n"
         "  }\n"
         "}\n"
     )

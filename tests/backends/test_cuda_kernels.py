@@ -24,8 +24,12 @@ Both skip, saying so, when the compiler is not on ``PATH``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -253,13 +257,23 @@ def host_full(
         mean_b = float(np.sum(Bs, dtype=np.float64)) / D
         s_max = config.s_max
         hk.elementwise(
-            K.SCALE, T(mean_b), T(s_max if s_max is not None else 0.0),
-            np.int32(s_max is not None), Bs, G,
+            K.SCALE,
+            T(mean_b),
+            T(s_max if s_max is not None else 0.0),
+            np.int32(s_max is not None),
+            Bs,
+            G,
         )
     else:
         Bs.fill(1)
-    return {"gradient": G, "weights": Wt, "uncertainty": U, "belief_scale": Bs,
-            "evidence": E, "zero_variance_sources": zero_var}
+    return {
+        "gradient": G,
+        "weights": Wt,
+        "uncertainty": U,
+        "belief_scale": Bs,
+        "evidence": E,
+        "zero_variance_sources": zero_var,
+    }
 
 
 def _raw(rng, S, shape, dtype, n=8.0, var_scale=1.0, per_dim=False, zeros=False):
@@ -267,7 +281,7 @@ def _raw(rng, S, shape, dtype, n=8.0, var_scale=1.0, per_dim=False, zeros=False)
     for k in range(S):
         m = rng.normal(size=shape) * (k + 1) * rng.uniform(0.1, 3.0, size=shape)
         if zeros:
-            m.reshape(-1)[k :: 3] = 0.0
+            m.reshape(-1)[k::3] = 0.0
         m2 = rng.gamma(1.5, size=shape) * var_scale * (k + 1) ** 2 * 7
         cnt: Any = np.asarray(n, dtype=dtype)
         if per_dim:
@@ -292,10 +306,12 @@ def check_against_reference(hk: HostKernels, raw, config: CalibrationConfig, lam
         np.testing.assert_allclose(got[f], w[f], rtol=rtol, atol=tiny, err_msg=f)
     # The gradient is a signed sum: bound its error by the sum of its terms' magnitudes.
     k0, mu0 = config.prior.kappa0, config.prior.mu0
-    mus = np.stack([
-        np.broadcast_to((k0 * mu0 + n * m.astype(np.float64)) / (k0 + n) if k0 else m, m.shape)
-        for n, m, _ in raw
-    ])
+    mus = np.stack(
+        [
+            np.broadcast_to((k0 * mu0 + n * m.astype(np.float64)) / (k0 + n) if k0 else m, m.shape)
+            for n, m, _ in raw
+        ]
+    )
     lam_b = np.asarray(lam).reshape((S,) + (1,) * (mus.ndim - 1))
     scale = S * w["belief_scale"] * np.sum(w["weights"] * np.abs(lam_b * mus), axis=0)
     err = np.abs(got["gradient"] - w["gradient"])
@@ -365,3 +381,35 @@ def test_host_launch_shape_does_not_change_bits(hk: HostKernels) -> None:
     again = host_full(hk, raw, [1.0, 2.0, 3.0], config)
     for f in FIELDS:
         np.testing.assert_array_equal(again[f], base[f], err_msg=f)
+
+
+def test_cupy_fused_builds_its_kernels_from_these_sources() -> None:
+    """``cupy_fused`` hands CuPy exactly the sources checked here (a stand-in ``cupy``
+    records the kernel objects it builds; run in a subprocess to keep it out of this one)."""
+    code = textwrap.dedent(
+        """
+        import json, sys, types
+        made = []
+        cp = types.ModuleType("cupy")
+        cp.ReductionKernel = lambda *a, **k: made.append(["reduction", list(a), k])
+        cp.ElementwiseKernel = lambda *a, **k: made.append(["elementwise", list(a), k])
+        sys.modules["cupy"], sys.modules["cupyx"] = cp, types.ModuleType("cupyx")
+        from bogc_core.backends import cupy_fused
+        for S in (1, 3):
+            for w in ("evidence", "uniform", "dempster"):
+                cupy_fused._fuse_kernel(S, w)
+        print(json.dumps(made))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    made = json.loads(proc.stdout)
+    want = []
+    for k in (K.SCORE_SUM, K.SCORE_COUNT, K.EB_SUM, K.EB_COUNT):
+        args = [k.in_params, k.out_params, k.map_expr, k.reduce_expr, k.post_map_expr]
+        want.append(["reduction", [*args, k.identity, k.name], {"preamble": k.preamble}])
+    fuses = [K.fuse(S, w) for S in (1, 3) for w in K.WEIGHTS]
+    for k in [K.SCALE, *fuses]:
+        args = [k.in_params, k.out_params, k.operation, k.name]
+        want.append(["elementwise", args, {"preamble": k.preamble}])
+    assert made == want
