@@ -13,7 +13,12 @@ from bogc_core.integrations.bench.methods import build
 from bogc_core.integrations.bench.methods.bogc import BOGC, INVERSE_VARIANCE
 from bogc_core.integrations.bench.methods.mgda import min_norm, min_norm_2
 from bogc_core.integrations.bench.methods.mmpareto import mmpareto
-from bogc_core.integrations.bench.methods.ogm_ge import OGMGE, OGMGEDominantNoise, coefficients, in_window
+from bogc_core.integrations.bench.methods.ogm_ge import (
+    OGMGE,
+    OGMGEDominantNoise,
+    coefficients,
+    in_window,
+)
 from bogc_core.integrations.bench.methods.pcgrad import pcgrad
 from bogc_core.integrations.bench.model import MultiModalNet
 
@@ -210,10 +215,9 @@ def _fusion_only_reference(model, xs, y):
     heads = [None if p.grad is None else p.grad.clone() for p in params]
     model.zero_grad(set_to_none=True)
     out = []
-    for j, p in enumerate(params):
-        enc_or_fusion = trunk[j] is not None
-        assert enc_or_fusion != (heads[j] is not None)  # each tensor is reached by one of the two
-        out.append(trunk[j] if enc_or_fusion else heads[j])
+    for t, h in zip(trunk, heads):
+        assert (t is None) != (h is None)  # each tensor is reached by exactly one of the two
+        out.append(t if t is not None else h)
     return out
 
 
