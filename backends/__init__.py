@@ -4,7 +4,7 @@ Importing this package imports nothing: the core imports a fast-path module
 by name, on demand, once it knows the array type (a NumPy call never imports
 PyTorch or CuPy). Every module has the same protocol:
 
-- ``NAME``: the fast path's name (``CalibrationConfig(backend=NAME)``);
+- ``NAME``: the fast path's name (``CalibrationConfig(fast_path=NAME)``);
 - ``accepts(space) -> bool``: whether it takes arrays of this namespace and device;
 - ``calibrate(space, names, stats, lambdas, config) -> Calibration``;
 - ``calibrate_gradient(space, names, stats, lambdas, config, *, out=None,

@@ -33,14 +33,11 @@ __all__ = [
     "BLOCK",
     "GRADIENT_BLOCK",
     "set_threads",
-    "CHUNK",
 ]
 
 NAME = "numpy-fused"
 # 16 Ki elements: a few such float64 buffers fit in a 1-2 MiB L2 cache.
 BLOCK = 1 << 14
-#: Deprecated name of :data:`BLOCK` (a "chunk" is a micro-batch elsewhere).
-CHUNK = BLOCK
 # The gradient engine keeps ~10 float64 temporaries of a block live.
 GRADIENT_BLOCK = 1 << 15
 _THREADS = [1]

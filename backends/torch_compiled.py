@@ -1,6 +1,6 @@
-"""Opt-in ``torch.compile``d fused path (``CalibrationConfig(backend="torch-compiled")``).
+"""Opt-in ``torch.compile``d fused path (``CalibrationConfig(fast_path="torch-compiled")``).
 
-The pipeline of :func:`bogc_core.calibrate.reference_calibrate` as a few
+The pipeline of :func:`bogc_core._calibration.reference_calibrate` as a few
 compiled stages, each one Inductor loop over the ``D`` dimensions:
 
 A. (empirical-Bayes prior only, eager) ``sum_d M2_kd`` per source (masked by
@@ -22,7 +22,7 @@ Every value option is passed as a tensor, so one compilation (dynamic in
 form of :mod:`._blocked` (``Q = prod(1 + e/W) - 1``, ``U = 1/(1+Q)``,
 ``B = Q U``). ``weights="dempster"`` declines (the reference runs), as does
 any failure of ``torch.compile``: the user's call never fails because of it.
-``backend="auto"`` never picks this path (``torch-fused`` comes first).
+``fast_path="auto"`` never picks this path (``torch-fused`` comes first).
 
 ``calibrate_gradient`` runs the same compiled stages and returns the
 gradient (copied into ``out`` when given); it is not a separate

@@ -17,7 +17,6 @@ CPU too, which is how its code path is tested without a GPU.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,17 +41,12 @@ __all__ = [
     "set_block",
     "block_for",
     "DEFAULT_BLOCK",
-    "set_chunk",
-    "chunk_for",
-    "DEFAULT_CHUNK",
 ]
 
 NAME = "torch-fused"
 # CPU: 2^16 float32 = 256 KiB per buffer, so a step's operands stay in L2.
 # CUDA: large enough that the ~40 launches per block amortise.
 DEFAULT_BLOCK = {"cpu": 1 << 16, "cuda": 1 << 22}
-#: Deprecated name of :data:`DEFAULT_BLOCK`.
-DEFAULT_CHUNK = DEFAULT_BLOCK
 _BLOCK = dict(DEFAULT_BLOCK)
 
 
@@ -75,18 +69,6 @@ def block_for(device: torch.device) -> int:
     if device.type == "cpu":
         return _BLOCK["cpu"] * max(1, torch.get_num_threads())
     return _BLOCK.get(device.type, _BLOCK["cuda"])
-
-
-def set_chunk(device_type: str, elements: int) -> None:
-    """Deprecated alias of :func:`set_block`."""
-    warnings.warn("set_chunk is deprecated; use set_block", DeprecationWarning, stacklevel=2)
-    set_block(device_type, elements)
-
-
-def chunk_for(device: torch.device) -> int:
-    """Deprecated alias of :func:`block_for`."""
-    warnings.warn("chunk_for is deprecated; use block_for", DeprecationWarning, stacklevel=2)
-    return block_for(device)
 
 
 class TorchOps(Ops):

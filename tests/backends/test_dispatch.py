@@ -44,9 +44,8 @@ def test_unknown_or_mismatched_backend_is_a_config_error(fused):
     stats = make_sources(fused, "float64", random_raw(np.random.default_rng(0), 2, (4,)))
     with pytest.raises(ConfigError, match="fast_path"):
         calibrate(stats, CalibrationConfig(fast_path="no-such-backend"))
-    with pytest.warns(DeprecationWarning, match="fast_path"):
-        old = CalibrationConfig(backend=fused.name)
-    assert old.fast_path == fused.name and calibrate(stats, old).flags["path"] == fused.name
+    named = CalibrationConfig(fast_path=fused.name)
+    assert calibrate(stats, named).flags["path"] == fused.name
     other = "numpy-fused" if fused.name != "numpy-fused" else "torch-fused"
     if other in available():
         with pytest.raises(ConfigError, match="fast_path"):
