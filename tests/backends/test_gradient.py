@@ -70,7 +70,7 @@ class Path:
 def _numba() -> str | None:
     from bogc_core.backends import _numba_kernel
 
-    return None if _numba_kernel.AVAILABLE else "numba not installed (optional extra [fast])"
+    return None if _numba_kernel.AVAILABLE else "numba not installed (it comes with the torch extra, or [fast])"
 
 
 def _paths() -> list[Any]:
