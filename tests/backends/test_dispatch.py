@@ -194,7 +194,7 @@ def test_closed_form_inverse_variance(fused):
 
 
 def test_evidence_range_reason_is_precise():
-    from bogc_core.backends._blocked import evidence_range_problem
+    from bogc_core.backends._adapter import evidence_range_problem
 
     f32 = np.finfo(np.float32)
     assert evidence_range_problem(CalibrationConfig(), float(f32.tiny), float(f32.max)) is None

@@ -18,7 +18,6 @@ from .conftest import _cupy, _torch_cpu
 MODULES = {
     "numpy_fused": ("numpy-fused", None),
     "torch_fused": ("torch-fused", _torch_cpu()),
-    "torch_compiled": ("torch-compiled", _torch_cpu()),
     "cupy_fused": ("cupy-fused", _cupy()),
 }
 
@@ -75,16 +74,3 @@ def test_decline_is_raised_not_returned():
     for fn in (numpy_fused.calibrate, numpy_fused.calibrate_gradient):
         with pytest.raises(Decline, match="dtype"):
             fn(space, ["a"], st, [1.0], CalibrationConfig())
-
-
-@pytest.mark.skipif(_torch_cpu() is not None, reason="torch not installed")
-def test_block_length_is_set_per_device_and_scales_with_threads():
-    import torch
-    from bogc_core.backends import torch_fused
-
-    before = torch_fused.block_for(torch.device("cpu"))
-    torch_fused.set_block("cpu", 1234)
-    try:
-        assert torch_fused.block_for(torch.device("cpu")) == 1234 * max(1, torch.get_num_threads())
-    finally:
-        torch_fused.set_block("cpu", before // max(1, torch.get_num_threads()))
