@@ -239,7 +239,8 @@ def format_table(doc: dict) -> str:
     """Plain-text table of the headline (early-stopped) and the fixed-budget accuracy."""
     tc = doc["train_config"]
     lines = [f"{title(doc)}, {counted(len(doc['seeds']), 'seed')}; early stopping (patience {tc['patience']}, "
-             f"max {tc['max_epochs']} epochs) and a fixed budget of {tc['fixed_epochs']} epochs",
+             f"max {counted(tc['max_epochs'], 'epoch')}) and a fixed budget of "
+             f"{counted(tc['fixed_epochs'], 'epoch')}",
              f"{'method':<22} {'accuracy':>15} {'diff to sum [95% t CI]':>32} "
              f"{'fixed budget':>14} {'diff':>8} {'time/sum':>8}"]
     for n, e in doc["methods"].items():
@@ -267,8 +268,8 @@ def markdown_tables(doc: dict) -> list[str]:
     """Markdown lines for one document (headline, fixed budget, imbalance lens, missing rules)."""
     tc = doc["train_config"]
     L = [f"**{title(doc)}**: {counted(len(doc['seeds']), 'seed')}; early stopping on validation (patience "
-         f"{tc['patience']}, at most {tc['max_epochs']} epochs); fixed budget {tc['fixed_epochs']} "
-         f"epochs.", "",
+         f"{tc['patience']}, at most {counted(tc['max_epochs'], 'epoch')}); fixed budget "
+         f"{counted(tc['fixed_epochs'], 'epoch')}.", "",
          "| method | accuracy % | diff to sum, pp [95% t over seeds] / [95% bootstrap over test examples] "
          "| fixed budget % | fixed-budget diff, pp [95% t] | epochs | time / sum |",
          "|---|---|---|---|---|---|---|"]

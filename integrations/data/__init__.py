@@ -268,15 +268,15 @@ def load_dataset(name_or_path: str | os.PathLike, *, argument: str = "name_or_pa
     if classes.size < 2:
         raise DataError(f"y: needs at least two classes, got {classes.tolist()}; a classifier "
                         f"needs samples of two or more labels")
+    if mask_raw is not None and (mask_raw.shape != (n,) or mask_raw.dtype != bool):
+        raise DataError(
+            f"test_mask: must be a boolean array of shape ({n},), got {mask_raw.dtype} "
+            f"{mask_raw.shape}; omit it to get a stratified 20% test split"
+        )
     _check_class_sizes(y, classes)
     if mask_raw is None:
         mask, given = _default_test_mask(y), False
     else:
-        if mask_raw.shape != (n,) or mask_raw.dtype != bool:
-            raise DataError(
-                f"test_mask: must be a boolean array of shape ({n},), got {mask_raw.dtype} "
-                f"{mask_raw.shape}; omit it to get a stratified 20% test split"
-            )
         mask, given = mask_raw.copy(), True
     if mask.all() or not mask.any():
         raise DataError("test_mask: must mark some but not all samples as test; omit it to get "
