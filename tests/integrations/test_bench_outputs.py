@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,13 @@ def test_unknown_method_and_data_set_name_the_option_and_a_close_match(tmp_path,
     assert "--dataset: 'av-digit'" in err and "did you mean 'av-digits'?" in err
     assert "name_or_path" not in err and "path of a .npz" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_readme_method_table_lists_every_method_bench_accepts():
+    from bogc_core.integrations.bench.methods.registry import METHODS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Methods\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][1:]  # no header
+    named = {n for line in rows for n in re.findall(r"`([^`]+)`", line.split("|")[2])}
+    assert named - {"--search"} == set(METHODS)
