@@ -58,7 +58,7 @@ def _curve_mean(curves: list[list[float]]) -> list[float]:
 
 
 def _curve_seeds(curves: list[list[float]]) -> list[int]:
-    """How many of ``curves`` reach each epoch: the count behind each point of :func:`_curve_mean`."""
+    """How many of ``curves`` reach each epoch (the count behind each :func:`_curve_mean` point)."""
     n = max((len(c) for c in curves), default=0)
     return [sum(len(c) > i for c in curves) for i in range(n)]
 
@@ -238,7 +238,8 @@ def title(doc: dict) -> str:
 def format_table(doc: dict) -> str:
     """Plain-text table of the headline (early-stopped) and the fixed-budget accuracy."""
     tc = doc["train_config"]
-    lines = [f"{title(doc)}, {counted(len(doc['seeds']), 'seed')}; early stopping (patience {tc['patience']}, "
+    seeds = counted(len(doc["seeds"]), "seed")
+    lines = [f"{title(doc)}, {seeds}; early stopping (patience {tc['patience']}, "
              f"max {counted(tc['max_epochs'], 'epoch')}) and a fixed budget of "
              f"{counted(tc['fixed_epochs'], 'epoch')}",
              f"{'method':<22} {'accuracy':>15} {'diff to sum [95% t CI]':>32} "
@@ -267,7 +268,8 @@ def format_table(doc: dict) -> str:
 def markdown_tables(doc: dict) -> list[str]:
     """Markdown lines for one document (headline, fixed budget, imbalance lens, missing rules)."""
     tc = doc["train_config"]
-    L = [f"**{title(doc)}**: {counted(len(doc['seeds']), 'seed')}; early stopping on validation (patience "
+    seeds = counted(len(doc["seeds"]), "seed")
+    L = [f"**{title(doc)}**: {seeds}; early stopping on validation (patience "
          f"{tc['patience']}, at most {counted(tc['max_epochs'], 'epoch')}); fixed budget "
          f"{counted(tc['fixed_epochs'], 'epoch')}.", "",
          "| method | accuracy % | diff to sum, pp [95% t over seeds] / [95% bootstrap over test examples] "

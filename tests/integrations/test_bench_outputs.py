@@ -24,7 +24,12 @@ from bogc_core.integrations.bench.protocol import (  # noqa: E402
     TrainConfig,
     train_run,
 )
-from bogc_core.integrations.bench.report import counted, format_table, markdown_tables, pp  # noqa: E402
+from bogc_core.integrations.bench.report import (  # noqa: E402
+    counted,
+    format_table,
+    markdown_tables,
+    pp,
+)
 from bogc_core.integrations.bench.settings import make_split  # noqa: E402
 from bogc_core.integrations.data import load_dataset  # noqa: E402
 
