@@ -24,6 +24,8 @@ class Method:
     grid: dict[str, list[Any]] = {}
     #: learning rate; None means the harness default (``TrainConfig.lr``)
     lr: float | None = None
+    #: optimiser steps in one epoch, set by the protocol before :meth:`setup`
+    steps_per_epoch: int = 1
 
     def setup(self, model: MultiModalNet) -> None:
         """Called once per run, before training (create calibrators, state...)."""

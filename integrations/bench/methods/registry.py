@@ -14,6 +14,7 @@ the pre-registered search instead).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,9 @@ ABLATIONS = ["bogc_w_uniform", "bogc_w_dempster", "bogc_scale_none", "bogc_per_e
 SEARCH = ["bogc", "bogc_ev_precision", "bogc_gamma_anneal", "bogc_smax2"]
 QUICK_METHODS = ["sum", "bogc", "pcgrad"]
 
+#: the group names ``--methods`` accepts besides method names
+GROUPS = ("main", "ablations", "search", "all")
+
 #: the validation grid of every method, in increasing order: ties (equal mean
 #: validation accuracy) go to the first point, the smaller learning rate
 LR_GRID = [0.03, 0.1]
@@ -89,8 +93,10 @@ def build(name: str) -> Method:
     try:
         return METHODS[name]()
     except KeyError:
-        raise ConfigError(f"methods: unknown method {name!r}; choose from {sorted(METHODS)}, "
-                          f"'main', 'ablations', 'search' or 'all'") from None
+        close = difflib.get_close_matches(name, [*METHODS, *GROUPS], n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ConfigError(f"--methods: unknown method {name!r}; {hint}choose from "
+                          f"{sorted(METHODS)}, 'main', 'ablations', 'search' or 'all'") from None
 
 
 def expand(spec: str | None) -> list[str]:
