@@ -131,16 +131,20 @@ class NvccResult:
         return {"stack": stack, "spill_stores": stores, "spill_loads": loads, "registers": regs}
 
 
-def nvcc_compile(entries: list[Entry], arch: str, workdir: Path) -> NvccResult:
-    """``nvcc -arch=<arch> -cubin`` of every unit (one batch), with ptxas's resource report."""
+def nvcc_compile(
+    entries: list[Entry], archs: tuple[str, ...], workdir: Path
+) -> dict[str, NvccResult]:
+    """``nvcc -arch=<arch> -cubin`` of every unit (one batch per arch, the archs compiled
+    concurrently), with ptxas's resource report."""
     nvcc = shutil.which("nvcc")
     assert nvcc
     src, ranges = batch_source(entries, "nvcc")
-    cu = workdir / f"kernels_{arch}.cu"
-    cu.write_text(src)
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [
+    procs = {}
+    for arch in archs:
+        cu = workdir / f"kernels_{arch}.cu"
+        cu.write_text(src)
+        cmd = [
             nvcc,
             f"-arch={arch}",
             "-cubin",
@@ -152,13 +156,16 @@ def nvcc_compile(entries: list[Entry], arch: str, workdir: Path) -> NvccResult:
             "-o",
             str(workdir / f"kernels_{arch}.cubin"),
             str(cu),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    seconds = time.perf_counter() - t0
-    return NvccResult(arch, proc.returncode, proc.stdout + proc.stderr, seconds, ranges)
+        ]
+        procs[arch] = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    out = {}
+    for arch, proc in procs.items():
+        log, _ = proc.communicate(timeout=600)
+        seconds = time.perf_counter() - t0
+        out[arch] = NvccResult(arch, proc.returncode, log, seconds, ranges)
+    return out
 
 
 def _launcher(i: int, e: Entry) -> str:

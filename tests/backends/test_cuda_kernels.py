@@ -53,7 +53,7 @@ def nvcc_builds(tmp_path_factory: Any) -> dict[str, NvccResult]:
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not found on PATH: the CUDA kernels were not compiled (CUDA toolkit)")
     work = tmp_path_factory.mktemp("nvcc")
-    return {arch: nvcc_compile(ENTRIES, arch, work) for arch in ARCHS}
+    return nvcc_compile(ENTRIES, ARCHS, work)
 
 
 @pytest.fixture(scope="session")
