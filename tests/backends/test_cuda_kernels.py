@@ -23,6 +23,7 @@ Both skip, saying so, when the compiler is not on ``PATH``.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
@@ -42,7 +43,17 @@ from bogc_core._evidence import log_score
 from bogc_core._posterior import posterior
 
 from .conftest import RTOL
-from .cuda_host import ARCHS, DTYPES, FUSE_S, HostKernels, NvccResult, nvcc_compile, units
+from .cuda_host import (
+    ARCHS,
+    DTYPES,
+    FUSE_S,
+    GXX_FLAGS,
+    HostKernels,
+    NvccResult,
+    nvcc_compile,
+    units,
+)
+from .cuda_tu import HEADERS
 from .test_equivalence import CONFIGS, FIELDS
 
 ENTRIES = units()
@@ -52,14 +63,22 @@ ENTRIES = units()
 def nvcc_builds(tmp_path_factory: Any) -> dict[str, NvccResult]:
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not found on PATH: the CUDA kernels were not compiled (CUDA toolkit)")
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found on PATH: nvcc has no host compiler, the kernels were not compiled")
     work = tmp_path_factory.mktemp("nvcc")
     return nvcc_compile(ENTRIES, ARCHS, work)
 
 
 @pytest.fixture(scope="session")
-def host(tmp_path_factory: Any) -> HostKernels:
-    if shutil.which("g++") is None:
+def gxx() -> str:
+    path = shutil.which("g++")
+    if path is None:
         pytest.skip("g++ not found on PATH: the CUDA kernels were not built for the CPU")
+    return path
+
+
+@pytest.fixture(scope="session")
+def host(gxx: str, tmp_path_factory: Any) -> HostKernels:
     hk = HostKernels(ENTRIES, Path(tmp_path_factory.mktemp("host")))
     assert hk.returncode == 0, hk.log
     return hk
@@ -413,3 +432,60 @@ def test_cupy_fused_builds_its_kernels_from_these_sources() -> None:
         args = [k.in_params, k.out_params, k.operation, k.name]
         want.append(["elementwise", args, {"preamble": k.preamble}])
     assert made == want
+
+
+BARRIER_PROBE = r"""
+#include "cuda_host.h"
+__global__ void swap_with_barrier(int* out) {
+    __shared__ int s[64];
+    s[threadIdx.x] = (int)threadIdx.x;
+    __syncthreads();
+    out[threadIdx.x] = s[63 - threadIdx.x];
+}
+__global__ void swap_without_barrier(int* out) {
+    __shared__ int s[64];
+    s[threadIdx.x] = (int)threadIdx.x;
+    out[threadIdx.x] = s[63 - threadIdx.x];
+}
+__global__ void barrier_in_branch(int* out) {
+    if (threadIdx.x % 2) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+extern "C" int run(int which, int reverse, int* out) {
+    return bogc_host::launch(1, 64, reverse != 0, [&]() {
+        if (which == 0) swap_with_barrier(out);
+        if (which == 1) swap_without_barrier(out);
+        if (which == 2) barrier_in_branch(out);
+    });
+}
+"""
+
+
+@pytest.mark.cuda_host
+def test_host_header_keeps_barrier_semantics(gxx: str, tmp_path: Path) -> None:
+    """The CPU emulation of a thread block: a barrier orders shared-memory writes before
+    reads in either thread order, a missing one shows, a divergent one is reported."""
+    src = tmp_path / "probe.cpp"
+    src.write_text(BARRIER_PROBE)
+    so = tmp_path / "probe.so"
+    proc = subprocess.run(
+        [gxx, *GXX_FLAGS, "-I", str(HEADERS), "-o", str(so), str(src)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lib = ctypes.CDLL(str(so))
+
+    def run(which: int, reverse: bool) -> tuple[int, np.ndarray]:
+        out = np.zeros(64, dtype=np.int32)
+        rc = lib.run(which, int(reverse), out.ctypes.data_as(ctypes.POINTER(ctypes.c_int)))
+        return rc, out
+
+    want = np.arange(63, -1, -1, dtype=np.int32)
+    for reverse in (False, True):
+        rc, out = run(0, reverse)
+        assert rc == 0
+        np.testing.assert_array_equal(out, want)
+    assert any(not np.array_equal(run(1, r)[1], want) for r in (False, True))
+    assert run(2, False)[0] == 1
