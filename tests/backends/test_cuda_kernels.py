@@ -64,7 +64,9 @@ def nvcc_builds(tmp_path_factory: Any) -> dict[str, NvccResult]:
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not found on PATH: the CUDA kernels were not compiled (CUDA toolkit)")
     if shutil.which("g++") is None:
-        pytest.skip("g++ not found on PATH: nvcc has no host compiler, the kernels were not compiled")
+        pytest.skip(
+            "g++ not found on PATH: nvcc has no host compiler, the kernels were not compiled"
+        )
     work = tmp_path_factory.mktemp("nvcc")
     return nvcc_compile(ENTRIES, ARCHS, work)
 
