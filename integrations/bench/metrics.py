@@ -99,9 +99,12 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.9
     and ``mde``, the minimum detectable effect at 80 % power and alpha 0.05
     (:func:`min_detectable_effect`, from the sample sd ``sd`` of the differences).
 
-    NaN bounds, p and mde for ``n < 2``. A zero spread (up to rounding) gives the
-    limits of the t-test as the spread goes to 0: a zero-width interval, ``p = 1``
-    if the mean is 0, else ``p = 0``, and ``mde = 0``.
+    NaN bounds, p and mde for ``n < 2``. A zero spread (up to rounding: every pair
+    differs by the same amount) leaves the t-test without an estimate of the noise: a
+    zero-width interval at the mean, ``p = 1`` if the mean is 0 (no pair differs), else
+    an undefined (NaN) p, and an undefined mde. The t-test's limit ``p -> 0`` is not
+    used: a few seeds that differ by the same few test examples are no evidence of a
+    noiseless difference.
     """
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     n = d.size
@@ -111,9 +114,8 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.9
                 "sd": math.nan, "mde": math.nan}
     sd = float(d.std(ddof=1))
     if sd <= 1e-12 * max(1.0, abs(m)):
-        # every pair differs by the same amount (up to rounding): |t| -> infinity unless m = 0
-        return {"mean": m, "ci_low": m, "ci_high": m, "p": 1.0 if m == 0 else 0.0, "n": n,
-                "sd": 0.0, "mde": 0.0}
+        return {"mean": m, "ci_low": m, "ci_high": m, "p": 1.0 if m == 0 else math.nan, "n": n,
+                "sd": 0.0, "mde": math.nan}
     lo, hi = scipy.stats.t.interval(level, n - 1, loc=m, scale=sd / math.sqrt(n))
     p = float(scipy.stats.ttest_rel(np.asarray(a, float), np.asarray(b, float)).pvalue)
     return {"mean": m, "ci_low": float(lo), "ci_high": float(hi), "p": p, "n": n, "sd": sd,

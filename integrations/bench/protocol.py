@@ -262,7 +262,7 @@ def tune_lr(split: Split, method: Method, cfg: TrainConfig, seeds: Sequence[int]
     1. Rung 0: every base point ``ladder(k)``, ``base[0] <= k <= base[1]``, on ``seeds[0]``.
     2. ``extensions`` more points on ``seeds[0]``, one at a time, each one ladder step
        beyond the tried grid: beyond the edge where a selection's best point sits
-       (``plateau`` first, then ``fixed``), else beyond the edge nearer the ``plateau``
+       (``plateau`` first on even-numbered extensions, ``fixed`` first on odd ones), else beyond the edge nearer the ``plateau``
        best point (at equal distance, on the side of its better neighbour; ties: the
        smaller learning rate).
     3. Rung ``r = 1 .. len(seeds) - 1``: keep ``ceil(n / 2)`` of the ``n`` points alive,
@@ -270,6 +270,9 @@ def tune_lr(split: Split, method: Method, cfg: TrainConfig, seeds: Sequence[int]
        ``seeds[:r]``), and train them on ``seeds[r]``.
     4. Each selection's choice: the point of the last rung with the highest mean over its
        seeds (:func:`choose`). ``interior[sel]``: a tried point lies on each side of it.
+
+    ``extensions`` records each added point: ``cause`` ``"edge"`` (with the ``selection``
+    whose best point sat at the edge) or ``"spare"``.
 
     A diverged run (see :func:`train_run`) scores validation accuracy 0.
     """
@@ -292,28 +295,32 @@ def tune_lr(split: Split, method: Method, cfg: TrainConfig, seeds: Sequence[int]
     for k in tried:
         train(k, seeds[0])
     added = []
-    for _ in range(extensions):
+    for i in range(extensions):
         lo, hi = tried[0], tried[-1]
-        step = None
-        for sel in SELECTIONS:
+        step: tuple[int, str, str | None, str] | None = None
+        for sel in SELECTIONS[i % 2:] + SELECTIONS[: i % 2]:  # the first pick alternates
             b = best(tried, sel)
             if b in (lo, hi):
-                step = (lo - 1 if b == lo else hi + 1, f"{sel} best at the edge {ladder(b):g}")
+                step = (lo - 1 if b == lo else hi + 1, "edge", sel,
+                        f"{sel}'s best point {ladder(b):g} is the edge of the grid tried")
                 break
-        if step is None:
+        if step is None:  # every best point is interior
             b = best(tried, "plateau")
             down = (b - lo, mean(b + 1, "plateau")) <= (hi - b, mean(b - 1, "plateau"))
-            step = (lo - 1 if down else hi + 1, "spare: beyond the edge nearer the plateau best")
+            step = (lo - 1 if down else hi + 1, "spare", None,
+                    "every best point is interior: beyond the edge nearer the plateau best")
         train(step[0], seeds[0])
         tried = sorted([*tried, step[0]])
         added.append({"lr": ladder(step[0]), "direction": "down" if step[0] < lo else "up",
-                      "reason": step[1]})
+                      "cause": step[1], "selection": step[2], "reason": step[3]})
     alive = list(tried)
     rungs = [{"seeds": [seeds[0]], "lr": [ladder(k) for k in alive]}]
+    def ranked(points: list[int], sel: str) -> list[int]:
+        return sorted(points, key=lambda k: (-mean(k, sel), k))
+
     for r in range(1, len(seeds)):
-        ranked = {sel: sorted(alive, key=lambda k, s=sel: (-mean(k, s), k)) for sel in SELECTIONS}
         keep: list[int] = []
-        for pair in zip(*ranked.values()):
+        for pair in zip(*(ranked(alive, sel) for sel in SELECTIONS)):
             for k in pair:
                 if k not in keep and len(keep) < math.ceil(len(alive) / 2):
                     keep.append(k)

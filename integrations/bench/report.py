@@ -235,12 +235,14 @@ MARKS = {
     "level": "the 95% t interval over seeds covers 0",
     "*": "it excludes 0 and the Holm-adjusted p < 0.05",
     "~": "it excludes 0 but not after Holm's correction across the table",
+    "=": "every seed gave the same nonzero difference: a zero-width interval, no t-test "
+         "(p and mde null, left out of Holm)",
 }
 
 
 def mark(d: dict) -> str:
-    """``level``, ``*`` or ``~`` (:data:`MARKS`), decided by the printed t interval alone;
-    ``""`` without an interval (fewer than 2 seeds).
+    """``level``, ``*``, ``~`` or ``=`` (:data:`MARKS`), decided by the printed t interval
+    alone; ``""`` without an interval (fewer than 2 seeds).
 
     The t interval excludes 0 exactly when the paired t-test's p is below 0.05, so
     ``~`` means the Holm adjustment lifted p to 0.05 or above.
@@ -250,13 +252,16 @@ def mark(d: dict) -> str:
         return ""
     if lo <= 0.0 <= hi:
         return "level"
+    if lo == hi:
+        return "="
     return "*" if _num(d.get("p_holm")) < 0.05 else "~"
 
 
-def legend(seeds: int) -> str:
+def legend(seeds: int | None = None) -> str:
     """The line under every table that explains each mark and ``mde``."""
+    over = f"these {seeds} seeds" if seeds else "the table's seeds"
     return ("marks: " + "; ".join(f"{k}: {v}" for k, v in MARKS.items())
-            + f". mde: the smallest difference (pp) the paired t-test over these {seeds} seeds "
+            + f". mde: the smallest difference (pp) the paired t-test over {over} "
             "detects with 80% power at alpha 0.05, from the observed spread of the paired "
             "differences; 'level' reads as 'no difference larger than the mde was seen'.")
 
