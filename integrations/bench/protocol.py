@@ -22,6 +22,11 @@ modality removed under three rules (:data:`MISSING_RULES`):
 - ``mean_impute``: as their mean over the training rows;
 - ``surviving_heads``: the prediction is the argmax of the mean of the surviving
   modalities' unimodal-head probabilities (the fusion head is not used).
+
+Validation tuning: :func:`tune_lr` chooses a method's learning rate (an
+edge-extended grid, then successive halving over the tuning seeds, the same
+number of trained configurations for every method); :func:`tune` evaluates a
+given grid on every seed (the pre-registered search).
 """
 
 from __future__ import annotations
@@ -227,7 +232,8 @@ def choose(record: list[dict[str, Any]], selection: str) -> dict[str, Any]:
 
 def tune(split: Split, method: Method, cfg: TrainConfig, grid: dict[str, list[Any]],
          seeds: list[int], on_point: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Validation-only grid search; the record of every point and seed, and the choices."""
+    """Every point of ``grid`` on every seed, validation only; the record of every point and
+    seed, and the choices (:func:`choose`)."""
     quiet = TrainConfig(**{**cfg.as_dict(), "curves": False})
     record = []
     for point in grid_points(grid):
