@@ -176,7 +176,7 @@ def retrieval(embeddings: list[np.ndarray], y: np.ndarray) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def embed(model: torch.nn.Module, xs: list[torch.Tensor]) -> list[np.ndarray]:
+def embed(model: Any, xs: list[torch.Tensor]) -> list[np.ndarray]:
     """The model's L2-normalised embeddings ``(n, D)`` per modality (current train/eval mode)."""
     model(xs)
     return [e.numpy() for e in model.last_embeddings]
