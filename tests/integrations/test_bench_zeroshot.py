@@ -86,6 +86,12 @@ def test_fewer_than_four_classes_are_refused(tmp_path, capsys, n_classes):
     assert not (tmp_path / "o" / "results.json").exists()
 
 
+def test_four_classes_are_enough_and_train_on_the_one_seen_class(tmp_path):
+    split = make_split(load_dataset(_toy(tmp_path, n_classes=4)), "zeroshot")
+    assert len(split.info["unseen_classes"]) == 3 and split.n_classes == 1
+    assert set(np.unique(split.y_train)) == {0} and split.y_test.size == 60
+
+
 def test_one_modality_is_refused(tmp_path):
     path = tmp_path / "one.npz"
     np.savez(path, y=np.repeat(np.arange(5), 10), x_a=np.random.default_rng(0).normal(size=(50, 3)))
