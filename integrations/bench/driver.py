@@ -3,7 +3,8 @@
 Usage::
 
     bogc bench [--quick] [--dataset NAME_OR_PATH] [--methods LIST] [--seeds N]
-               [--epochs N] [--setting {standard,missing,fewshot,noisy}] [--out DIR]
+               [--epochs N] [--setting {standard,missing,fewshot,noisy,zeroshot}]
+               [--model {mlp,transformer}] [--out DIR]
 
 Every method's learning rate is chosen on the validation split first, the
 same way for every method (base grid 0.003 to 1.0 in half-decade steps, two
@@ -34,10 +35,11 @@ from typing import Any
 
 from bogc_core.errors import BOGCError, ConfigError
 
-SETTING_CHOICES = ("standard", "missing", "fewshot", "noisy")
+SETTING_CHOICES = ("standard", "missing", "fewshot", "noisy", "zeroshot")
 #: the folders of ``--all``: (setting, shots)
 ALL_JOBS = {"standard": ("standard", None), "missing": ("missing", None), "fewshot-5": ("fewshot", 5),
-            "noisy": ("noisy", None), "fewshot-10": ("fewshot", 10)}
+            "noisy": ("noisy", None), "fewshot-10": ("fewshot", 10),
+            "zeroshot": ("zeroshot", None)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", choices=SETTING_CHOICES, default="standard",
                    help="standard; missing (one modality removed at test time, three rules); "
                    "fewshot (--shots labelled rows per class); noisy (Gaussian noise of --noise-std "
-                   "on --noise-modality) (default standard)")
+                   "on --noise-modality); zeroshot (train on the seen classes, retrieve unseen-class "
+                   "rows across modalities; needs 4 or more classes) (default standard)")
+    p.add_argument("--model", choices=("mlp", "transformer"), default="mlp",
+                   help="mlp: one MLP encoder per modality and late fusion; transformer: a 2-layer "
+                   "fusion transformer over every modality's tokens, each parameter shared by "
+                   "every loss (default mlp)")
     p.add_argument("--out", default="bogc-bench",
                    help="output folder (default ./bogc-bench); every file the run will write is "
                    "checked before any training, and a folder holding an earlier run's files is "
@@ -342,6 +349,12 @@ def run_one(runner: Runner, setting: str, names: list[str], seeds: list[int], tu
                             for n in names},
         "notes": notes,
     }
+    if setting == "zeroshot":
+        from .zeroshot import summary
+
+        extra["zeroshot"] = summary(runs, split_info)
+        notes.append("zeroshot: learning rates are the ones chosen in the standard setting (the "
+                     "same model without the align loss)")
     if runner.data.name == "av-digits":
         notes.append("av-digits pairs audio and image by class only (AV-MNIST style): "
                               "nothing co-occurs across modalities beyond the label")
@@ -412,11 +425,17 @@ def _main(args: argparse.Namespace) -> int:
     tune_seeds = [100 + i for i in range(args.tune_seeds or (1 if quick else 3))]
     max_train = 512 if quick else None
     cfg = TrainConfig(max_epochs=max_epochs, patience=args.patience, fixed_epochs=fixed_epochs,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, model=args.model)
     datasets = args.dataset.split(",") if args.all else [args.dataset]
     # refuse a bad name, and any file that could not be written, before any training
     loaded = [load_dataset(ds, argument="--dataset") for ds in datasets]
     check_writable(out, planned_outputs(args, out, [d.name for d in loaded]), args.overwrite)
+    jobs = [ALL_JOBS[j][0] for j in args.settings.split(",")] if args.all else [args.setting]
+    if "zeroshot" in jobs:  # refuse too few classes or modalities before any training
+        from .settings import make_split
+
+        for data in loaded:
+            make_split(data, "zeroshot")
     t0 = time.perf_counter()
     written: list[Path] = []
     search: dict[str, Any] = {}

@@ -49,7 +49,7 @@ from bogc_core.errors import NonFiniteError
 
 from .methods.base import Method
 from .metrics import accuracy, macro_f1
-from .model import FUSION, MultiModalNet
+from .model import ALIGN, FUSION, MultiModalNet, build_model
 from .settings import Split
 
 MISSING_RULES = ("zero_fill", "mean_impute", "surviving_heads")
@@ -73,6 +73,8 @@ class TrainConfig:
     feat: int = 32
     min_steps_per_epoch: int = 5
     curves: bool = True
+    #: ``"mlp"`` (:class:`.model.MultiModalNet`) or ``"transformer"`` (:mod:`.transformer`)
+    model: str = "mlp"
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -87,10 +89,23 @@ def _fusion_pred(model: MultiModalNet, xs: list[torch.Tensor]) -> np.ndarray:
     return model(xs)[0].argmax(1).numpy()
 
 
+def _score(model: MultiModalNet, split: Split, xs: list[torch.Tensor], y: np.ndarray) -> float:
+    """Fusion accuracy; in ``zeroshot`` the retrieval class accuracy (:mod:`.zeroshot`)."""
+    if ALIGN in model.sources:
+        from .zeroshot import retrieval_accuracy
+
+        return retrieval_accuracy(model, xs, y)
+    return accuracy(y, _fusion_pred(model, xs))
+
+
 @torch.no_grad()
 def evaluate(model: MultiModalNet, split: Split, xtr: list[torch.Tensor],
              xte: list[torch.Tensor], xva: list[torch.Tensor]) -> dict[str, Any]:
     """Test metrics of the current weights; ``correct`` arrays are per test example (bool)."""
+    if ALIGN in model.sources:
+        from . import zeroshot
+
+        return zeroshot.evaluate(model, split, xte, xva)
     was = model.training
     model.eval()
     y = split.y_test
@@ -101,9 +116,12 @@ def evaluate(model: MultiModalNet, split: Split, xtr: list[torch.Tensor],
     means = [h.mean(dim=0) for h in model.last_features]
     missing: dict[str, dict[str, np.ndarray | None]] = {r: {} for r in MISSING_RULES}
     for i, m in enumerate(split.modalities):
-        missing["zero_fill"][m] = model(xte, drop=(i,))[0].argmax(1).numpy() == y
+        z0, zs0 = model(xte, drop=(i,))
+        missing["zero_fill"][m] = z0.argmax(1).numpy() == y
         missing["mean_impute"][m] = model(xte, drop=(i,), fill=means)[0].argmax(1).numpy() == y
-        keep = [p for j, p in enumerate(probs) if j != i]
+        # the heads of the forward without modality i (the transformer's attend to the rest only);
+        # with one modality nothing survives and the rule does not apply
+        keep = [torch.softmax(u, dim=1) for j, u in enumerate(zs0) if j != i]
         missing["surviving_heads"][m] = (torch.stack(keep).mean(0).argmax(1).numpy() == y
                                          if keep else None)
     out = {
@@ -129,7 +147,8 @@ def train_run(split: Split, method: Method, seed: int, cfg: TrainConfig,
     """
     torch.manual_seed(seed)
     dims = {m: x.shape[1] for m, x in zip(split.modalities, split.train)}
-    model = MultiModalNet(dims, split.n_classes, cfg.hidden, cfg.feat)
+    model = build_model(cfg.model, dims, split.n_classes, cfg.hidden, cfg.feat,
+                        align=split.info.get("setting") == "zeroshot")
     xtr, ytr = _tensors(split.train), torch.from_numpy(split.y_train)
     xva, xte = _tensors(split.val), _tensors(split.test)
     n = ytr.shape[0]
@@ -164,6 +183,10 @@ def train_run(split: Split, method: Method, seed: int, cfg: TrainConfig,
             losses = {FUSION: F.cross_entropy(z, y, reduction="none")}
             for m, zm in zip(model.modalities, zs):
                 losses[m] = F.cross_entropy(zm, y, reduction="none")
+            if ALIGN in model.sources:
+                from .zeroshot import info_nce
+
+                losses[ALIGN] = info_nce(model.last_embeddings)
             opt.zero_grad(set_to_none=True)
             if not all(bool(torch.isfinite(v).all()) for v in losses.values()):
                 diverged = epoch + 1
@@ -181,9 +204,9 @@ def train_run(split: Split, method: Method, seed: int, cfg: TrainConfig,
         seconds += time.perf_counter() - t0
         diag_curve.append({k: float(np.mean(v)) for k, v in acc_diag.items()})
         model.eval()
-        va = accuracy(split.y_val, _fusion_pred(model, xva))
+        va = _score(model, split, xva, split.y_val)
         if cfg.curves and evaluate_test:
-            curve.append(accuracy(split.y_test, _fusion_pred(model, xte)))
+            curve.append(_score(model, split, xte, split.y_test))
         model.train()
         val_curve.append(va)
         if va > best_val:
