@@ -89,7 +89,7 @@ def _fusion_pred(model: MultiModalNet, xs: list[torch.Tensor]) -> np.ndarray:
     return model(xs)[0].argmax(1).numpy()
 
 
-def _score(model: MultiModalNet, split: Split, xs: list[torch.Tensor], y: np.ndarray) -> float:
+def _model_score(model: MultiModalNet, split: Split, xs: list[torch.Tensor], y: np.ndarray) -> float:
     """Fusion accuracy; in ``zeroshot`` the retrieval class accuracy (:mod:`.zeroshot`)."""
     if ALIGN in model.sources:
         from .zeroshot import retrieval_accuracy
@@ -204,9 +204,9 @@ def train_run(split: Split, method: Method, seed: int, cfg: TrainConfig,
         seconds += time.perf_counter() - t0
         diag_curve.append({k: float(np.mean(v)) for k, v in acc_diag.items()})
         model.eval()
-        va = _score(model, split, xva, split.y_val)
+        va = _model_score(model, split, xva, split.y_val)
         if cfg.curves and evaluate_test:
-            curve.append(_score(model, split, xte, split.y_test))
+            curve.append(_model_score(model, split, xte, split.y_test))
         model.train()
         val_curve.append(va)
         if va > best_val:
