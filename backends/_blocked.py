@@ -265,6 +265,8 @@ def run_blocked(
             if not src.n >= 2:
                 raise Decline("fewer than 2 samples in every dimension (the reference raises)")
             total = ops.to_float(ops.acc_sum(ops.zero_acc(), src.m2))
+            if not math.isfinite(total):
+                total = _scaled_total(ops, lambda a, b, m2=src.m2: m2[a:b], blocks, ws[0])
             vbar = total / src.n / D
             any_var = total > 0
         else:
@@ -284,7 +286,18 @@ def run_blocked(
             n_valid = ops.to_float(acc_n)
             if not n_valid > 0:
                 raise Decline("fewer than 2 samples in every dimension (the reference raises)")
-            vbar = ops.to_float(acc_v) / n_valid
+            total_v = ops.to_float(acc_v)
+            if not math.isfinite(total_v):
+                # var (ws[1]) is recomputed per block into ws[1]; the scaled copy goes to ws[2].
+                def var_of(a: int, b: int, src: Any = src) -> Any:
+                    mask, var = ws[0, : b - a], ws[1, : b - a]
+                    ops.ge(src.n[a:b], 2.0, out=mask)
+                    ops.clamp(src.n[a:b], 2.0, None, out=var)
+                    ops.div(src.m2[a:b], var, out=var)
+                    return ops.mul(var, mask, out=var)
+
+                total_v = _scaled_total(ops, var_of, blocks, ws[2])
+            vbar = total_v / n_valid
             any_var = ops.to_float(acc_m2) > 0
         src.beta0 = float(prior.alpha0) * vbar
         if not any_var:
@@ -414,6 +427,19 @@ def run_blocked(
         W,
         flags,
     )
+
+
+def _scaled_total(ops: Ops, get: Any, blocks: Sequence[tuple[int, int]], tmp: Any) -> float:
+    """``sum(x)`` over the blocks (``get(a, b)`` is ``x[a:b]``) where a sum in the dtype
+    overflowed although every term is finite: each block is summed scaled by a power
+    of two ``2^-k <= 1/len``, so no partial sum exceeds the largest term, and the
+    block sums are added in float64 (docs/reliability.md, "sums over D")."""
+    total = 0.0
+    for a, b in blocks:
+        k = max(1, (b - a - 1).bit_length())
+        t = ops.mul(get(a, b), 2.0**-k, out=tmp[: b - a])
+        total += ops.to_float(ops.acc_sum(ops.zero_acc(), t)) * 2.0**k
+    return total
 
 
 def _mu(ops: Ops, src: _Source, a: int, b: int, ws: Any, prior: Any) -> Any:

@@ -197,14 +197,14 @@ def _eb_beta0(m2: torch.Tensor, n: torch.Tensor, alpha0: float) -> tuple[float, 
         nv = float(n)
         if not nv >= 2:
             raise Decline("fewer than 2 samples in every dimension (the reference raises)")
-        total = float(m2.sum())
+        total = float(m2.sum(dtype=torch.float64))  # float32 sums over D overflow at M2 ~ 1e33
         return alpha0 * (total / nv / D), total > 0
     valid = n >= 2
     n_valid = float(valid.sum())
     if not n_valid > 0:
         raise Decline("fewer than 2 samples in every dimension (the reference raises)")
     var = torch.where(valid, m2 / torch.clamp(n, min=2.0), 0.0)
-    vbar = float(var.sum()) / n_valid
+    vbar = float(var.sum(dtype=torch.float64)) / n_valid
     return alpha0 * vbar, bool((m2 > 0).any())
 
 
