@@ -168,7 +168,7 @@ class LaplaceSource(ForwardRecorder, SampleSource):
         else:
             totals = batch
         # Phase 2: mean gradient and T linearised draws per source.
-        results = []
+        results: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = []
         T = self.draws
         for k, s in enumerate(prob.names):
             head = compute_tensors(self.layers[s], f"laplace_layers[{s!r}]")
