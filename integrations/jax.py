@@ -16,7 +16,10 @@ steps are done without Python branches:
   ``jnp.where`` rather than an ``if``.
 
 Checks that need values (finite inputs) run only on concrete arrays, that is
-outside ``jit``; inside ``jit`` a NaN gradient gives a NaN update.
+outside ``jit``; inside ``jit`` a NaN gradient gives a NaN update. The core's
+range checks of the options (``gamma``, ``clip``, ``prior_weight`` and the
+fixed source weights against the leaves' dtype) need no values and run in
+both cases.
 
 Example::
 
