@@ -433,7 +433,7 @@ def _scaled_total(ops: Ops, get: Any, blocks: Sequence[tuple[int, int]], tmp: An
     """``sum(x)`` over the blocks (``get(a, b)`` is ``x[a:b]``) where a sum in the dtype
     overflowed although every term is finite: each block is summed scaled by a power
     of two ``2^-k <= 1/len``, so no partial sum exceeds the largest term, and the
-    block sums are added in float64 (docs/reliability.md, "sums over D")."""
+    block sums are added in float64 (docs/reliability.md)."""
     total = 0.0
     for a, b in blocks:
         k = max(1, (b - a - 1).bit_length())
