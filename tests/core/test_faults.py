@@ -412,14 +412,3 @@ def test_float32_sums_over_d_that_overflow_match_float64(count, library, numba, 
             rtol=2e-5,
         )
 
-
-def test_torch_compiled_empirical_prior_sums_in_float64():
-    torch = pytest.importorskip("torch")
-    from bogc_core.backends.torch_compiled import _eb_beta0
-
-    _, _, m2 = _overflow_stats(2.0)[0]
-    want = 1.0 * float(np.sum(m2.astype(np.float64))) / 2.0 / m2.size
-    got, any_var = _eb_beta0(torch.from_numpy(m2), torch.tensor(2.0), 1.0)
-    assert any_var and got == pytest.approx(want, rel=1e-6)
-    got, _ = _eb_beta0(torch.from_numpy(m2), torch.full((m2.size,), 2.0), 1.0)
-    assert got == pytest.approx(want, rel=1e-6)
