@@ -52,13 +52,15 @@ def _finished(space: Space, g: Array, check_values: bool) -> None:
 
 
 def _empty(names: Sequence[str], shape: tuple[int, ...], space: Space,
-           config: CalibrationConfig) -> Calibration:
-    """The calibration of statistics with no elements: empty arrays of the output shapes."""
+           config: CalibrationConfig, flags: Mapping[str, Any]) -> Calibration:
+    """The calibration of statistics with no elements: empty arrays of the output shapes
+    (the fast paths decline such an input, visibly, and the reference has nothing to do)."""
     S = len(names)
     e = space.full((S,) + shape, 1.0)
     g = space.full(shape, 0.0)
-    flags = {"path": "reference", "zero_variance_sources": []}
-    return Calibration(g, e, g, g, e, list(names), config.prior_weight, flags)
+    all_flags: dict[str, Any] = {"path": "reference", "zero_variance_sources": []}
+    all_flags.update(flags)
+    return Calibration(g, e, g, g, e, list(names), config.prior_weight, all_flags)
 
 
 def _cast_calibration(cal: Calibration, dtype: Any) -> Calibration:
@@ -109,16 +111,14 @@ def calibrate(
     check_ranges(space, len(stats), lambdas, config)
     flags: dict[str, Any] = {}
     cal: Calibration | None = None
-    fp = None
-    if math.prod(stats[0].shape) == 0:
-        cal = _empty(names, stats[0].shape, space, config)
-    else:
-        fp = _dispatch.choose(space, stats[0].mean, config)
+    fp = _dispatch.choose(space, stats[0].mean, config)
     if fp is not None:
         try:
             cal = fp.calibrate(space, names, stats, lambdas, config)
         except Decline as d:
             flags["fallback"] = f"{fp.name}: {d.reason}"
+    if cal is None and math.prod(stats[0].shape) == 0:
+        cal = _empty(names, stats[0].shape, space, config, flags)
     if cal is None:
         cal = reference_calibrate(names, stats, lambdas, space, config, flags)
     _finished(space, cal.gradient, check_values)
@@ -309,12 +309,7 @@ def calibrate_gradient(
         raise ConfigError(f"diagnostics: must be None or a dict, got {type(diagnostics).__name__}")
     info: dict[str, Any] = {}
     g: Array | None = None
-    fp = None
-    if math.prod(shape) == 0:
-        g = space.full(shape, 0.0)
-        info.update(path="reference", zero_variance_sources=[])
-    else:
-        fp = _dispatch.choose(space, stats[0].mean, config)
+    fp = _dispatch.choose(space, stats[0].mean, config)
     direct_out = out is not None and in_dtype == space.dtype
     if fp is not None:
         try:
@@ -336,6 +331,9 @@ def calibrate_gradient(
         except Decline as d:
             info = {"fallback": f"{fp.name}: {d.reason}"}
             g = None
+    if g is None and math.prod(shape) == 0:
+        g = space.full(shape, 0.0)  # nothing to calibrate (see calibrate)
+        info.update(path="reference", zero_variance_sources=[])
     if g is None:
         parts, zero_var = [], []
         for a, b in bounds or [(0, 0)]:
