@@ -150,8 +150,13 @@ class NumpyShim(Shim):
 
     def total(self, x: Any) -> Any:
         # Pairwise summation in the block's own dtype is accurate to a few
-        # ulps of the sum; a float64 cast would cost more than the sum.
-        return float(np.add.reduce(x, axis=None))
+        # ulps of the sum; a float64 cast would cost more than the sum. It is
+        # taken only where the float32 sum overflows (float32 M2 ~ 1e33 over
+        # 1e5 dimensions), so the result does not depend on numba's presence.
+        t = float(np.add.reduce(x, axis=None))
+        if math.isfinite(t) or x.dtype == np.float64:
+            return t
+        return float(np.add.reduce(x, axis=None, dtype=np.float64))
 
     def count_true(self, mask: Any) -> Any:
         return float(np.count_nonzero(mask))
