@@ -38,7 +38,7 @@ from ._types import Array, Calibration, CalibrationConfig, Decline
 from ._weights import fused_weights
 from .errors import ConfigError, DTypeError, NamespaceError, NonFiniteError, ShapeError
 
-__all__ = ["calibrate", "calibrate_gradient"]
+__all__ = ["calibrate", "calibrate_gradient", "calibrated_update"]
 
 
 def _finished(space: Space, g: Array, check_values: bool) -> None:

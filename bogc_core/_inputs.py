@@ -16,7 +16,7 @@ from ._statistics import GradientStats
 from ._types import CalibrationConfig
 from .errors import ConfigError, ShapeError
 
-__all__: list[str] = []
+__all__ = ["resolve_source_weights"]
 
 SourceWeights = Sequence[float] | Mapping[str, float]
 StatsPerSource = Sequence[GradientStats] | Mapping[str, GradientStats]

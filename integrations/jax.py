@@ -5,7 +5,7 @@ JAX arrays works eagerly). Its input checks and its zero-variance detection
 branch on array *values*, which a traced array inside ``jax.jit`` cannot do,
 so :func:`calibrate_pytrees` assembles the same pipeline (``docs/method.md`` Stages
 0-5) from the core's value-independent pieces, ``GradientStats``,
-``posterior`` and ``calibrate.calibrated_update`` (Stages 2-5). The two value-dependent
+``posterior`` and ``calibrated_update`` (Stages 2-5). The two value-dependent
 steps are done without Python branches:
 
 - the empirical-Bayes ``beta0 = alpha0 * mean_d(M2/n)`` is added to the
@@ -37,9 +37,14 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 
-from bogc_core import CalibrationConfig, GradientStats, Posterior, posterior
-from bogc_core._calibration import calibrated_update
-from bogc_core._inputs import resolve_source_weights
+from bogc_core import (
+    CalibrationConfig,
+    GradientStats,
+    Posterior,
+    calibrated_update,
+    posterior,
+    resolve_source_weights,
+)
 from bogc_core.errors import (
     ConfigError,
     DTypeError,
