@@ -63,7 +63,8 @@ from bogc_core._types import CalibrationConfig, Decline
 from bogc_core._weights import gauss_legendre01
 
 __all__ = [
-    "FEW_SAMPLES", "Shim", "NumpyShim", "Outputs", "Plan", "plan_blocks", "gradient", "gauss_legendre01",
+    "FEW_SAMPLES", "Shim", "NumpyShim", "Outputs", "Plan", "Summary", "plan_blocks", "gradient",
+    "gauss_legendre01",
 ]
 
 # A log score is at least 2*log(smallest subnormal) - log(largest float) >
@@ -225,6 +226,113 @@ class Outputs:
     s: Any
 
 
+class Summary:
+    """Per-part reductions that the passes accumulate for the diagnostics
+    (``bogc_core._diagnostics.Reductions``), so a diagnostics step makes one pass.
+
+    ``parts``: lengths of the parts to report on, a refinement of the call's
+    segments (each part lies inside one segment), or ``None`` for the segments
+    themselves. Pass C adds, per part, the sums of ``e_k``, ``b_k``, ``u_k``,
+    ``w_k``, the first-maximum counts of ``w_k``, the sum of ``U`` and the
+    ranges of ``e`` and ``B``; pass D the count of non-finite gradient entries
+    and each part's segment mean of ``B`` (for the range of ``s``). Host
+    float64 arrays, filled by :func:`gradient`.
+    """
+
+    def __init__(self, parts: Sequence[int] | None) -> None:
+        self.parts = None if parts is None else [int(n) for n in parts]
+        self.plan: Plan | None = None
+        #: per segment, mean B (None without the belief scale), set by pass D
+        self.mean_b: np.ndarray | None = None
+
+    def start(self, shim: Shim, D: int, S: int, block: int, segments: Sequence[int] | None,
+              zero_var: np.ndarray) -> None:
+        lengths = self.parts if self.parts is not None else segments
+        self.plan = plan_blocks(D, lengths, block, shim)
+        self.host = plan_blocks(D, lengths, block, NumpyShim())
+        P = self.plan.G
+        seg_ends = np.cumsum([D] if segments is None else list(segments))
+        part_starts = np.cumsum(self.plan.lengths) - self.plan.lengths
+        #: the segment of each part
+        self.group = np.searchsorted(seg_ends, part_starts, side="right")
+        self.lengths = self.plan.lengths.astype(np.float64)
+        self.zero_var = zero_var[:, self.group]
+        self.sums = shim.zeros((5 * S + 1, P))  # e, b, u, w, top per source; U
+        self.bad = shim.zeros((P,))
+        self.lo = np.full((2, P), math.inf)  # min e, min B
+        self.hi = np.full((2, P), -math.inf)  # max e, max B
+        self.S = S
+
+    def add_block(self, shim: Shim, i: int, es: list[Any], ws: list[Any], Bv: Any, U: Any,
+                  W: float) -> None:
+        assert self.plan is not None
+        xp = shim.xp
+        S = self.S
+        a, b, g0, g1 = self.plan.blocks[i]
+        off = self.plan.offsets[i]
+        rows = []
+        for e in es:
+            rows.append((e, e / (e + W), W / (e + W)))
+        mx = ws[0]
+        for w in ws[1:]:
+            mx = xp.maximum(mx, w)
+        taken = None
+        for k in range(S):
+            e, bk, uk = rows[k]
+            top = ws[k] == mx
+            if taken is not None:
+                top = xp.logical_and(top, xp.logical_not(taken))
+            taken = top if taken is None else xp.logical_or(taken, top)
+            for j, x in enumerate((e, bk, uk, ws[k], _as_work(shim, top))):
+                _add_seg(shim, self.sums[j * S + k], x, off, g0, g1)
+        _add_seg(shim, self.sums[5 * S], U, off, g0, g1)
+        hoff = self.host.offsets[i]
+        cuts = [(g0, 0, b - a)] if hoff is None else [
+            (g0 + j, int(o), int(o) + int(n))
+            for j, (o, n) in enumerate(zip(hoff.tolist(), self.host.counts[i].tolist()))
+        ]
+        for g, lo, hi in cuts:
+            for r, xs in enumerate(([e for e, _, _ in rows], [Bv])):
+                for x in xs:
+                    part = x[lo:hi]
+                    self.lo[r, g] = min(self.lo[r, g], float(xp.min(part)))
+                    self.hi[r, g] = max(self.hi[r, g], float(xp.max(part)))
+
+    def add_gradient(self, shim: Shim, out: Any) -> None:
+        """Count the non-finite entries of the finished gradient, per part."""
+        assert self.plan is not None
+        xp = shim.xp
+        for i, (a, b, g0, g1) in enumerate(self.plan.blocks):
+            _add_seg(shim, self.bad, _as_work(shim, xp.logical_not(xp.isfinite(out[a:b]))),
+                     self.plan.offsets[i], g0, g1)
+
+    def finish(self, shim: Shim, s_max: float | None) -> list[dict[str, Any]]:
+        """Per part, the fields of ``bogc_core._diagnostics.Reductions``."""
+        S, n = self.S, self.lengths
+        mean_b = self.mean_b
+        sums = shim.to_host(self.sums) / n[None, :]
+        bad = shim.to_host(self.bad)
+        if mean_b is None:  # no belief scale: s = 1
+            s_lo = s_hi = np.ones_like(n)
+        else:
+            mb = mean_b[self.group]
+            s_lo, s_hi = self.lo[1] / mb, self.hi[1] / mb
+            if s_max is not None:
+                s_lo, s_hi = np.minimum(s_lo, s_max), np.minimum(s_hi, s_max)
+        out = []
+        for g in range(n.size):
+            col = sums[:, g].tolist()
+            out.append(dict(
+                num_dims=int(n[g]),
+                evidence=col[0:S], belief=col[S:2 * S], uncertainty=col[2 * S:3 * S],
+                weight=col[3 * S:4 * S], top=col[4 * S:5 * S], fused_uncertainty=col[5 * S],
+                belief_scale_min=float(s_lo[g]), belief_scale_max=float(s_hi[g]),
+                evidence_min=float(self.lo[0, g]), evidence_max=float(self.hi[0, g]),
+                nonfinite=bool(bad[g] > 0),
+            ))
+        return out
+
+
 @dataclass
 class _Src:
     m: Any  # flat mean, input dtype
@@ -249,6 +357,7 @@ def gradient(
     diagnostics: dict[str, Any] | None = None,
     threads: int = 1,
     outputs: Outputs | None = None,
+    summary: Summary | None = None,
 ) -> Any:
     """Write ``calibrate(...).gradient`` of every segment into the flat ``out``; return it.
 
@@ -259,9 +368,12 @@ def gradient(
     Raises :class:`Decline` where the reference raises. ``threads > 1`` runs
     passes B and C on that many threads, each over a contiguous run of blocks
     with its own partial sums (NumPy and PyTorch release the GIL inside each
-    array operation). ``outputs``: also write ``e, w, U, s`` there.
+    array operation). ``outputs``: also write ``e, w, U, s`` there. ``summary``:
+    accumulate the diagnostics' reductions there (on one thread).
     """
-    if float32 and isinstance(shim, NumpyShim) and outputs is None:
+    if summary is not None:
+        threads = 1  # the summary's accumulators are shared
+    if float32 and isinstance(shim, NumpyShim) and outputs is None and summary is None:
         # The compiled loops, where numba is installed and the case is theirs.
         from . import _numba_kernel
 
@@ -312,6 +424,8 @@ def gradient(
         diagnostics["zero_variance_sources"] = [
             names[k] for k in range(S) if prior.beta0 is None and bool(zero_var[k].any())
         ]
+    if summary is not None:
+        summary.start(shim, D, S, block, segments, zero_var)
 
     # Scalar part of the log score, log(alpha) + log(kappa), for one count.
     consts = []
@@ -464,17 +578,22 @@ def gradient(
         if q_may_overflow:
             Q = shim.clip(Q, None, big)
         Bv = Q / (1.0 + Q)
-        if outputs is None:
+        if outputs is None and summary is None:
             gp = _weighted_sum(shim, config.weights, es, mus, srcs, Bv, W)
         else:
             ws = _weights(shim, config.weights, es, Bv, W)
             gp = None
             for k in range(S):
-                shim.store(outputs.e[k, a:b], es[k])
-                shim.store(outputs.w[k, a:b], ws[k])
+                if outputs is not None:
+                    shim.store(outputs.e[k, a:b], es[k])
+                    shim.store(outputs.w[k, a:b], ws[k])
                 t = ws[k] * _scaled(mus[k], srcs[k].lam)
                 gp = t if gp is None else gp + t
-            shim.store(outputs.U[a:b], 1.0 / (1.0 + Q))
+            U = 1.0 / (1.0 + Q)
+            if outputs is not None:
+                shim.store(outputs.U[a:b], U)
+            if summary is not None:
+                summary.add_block(shim, i, es, ws, Bv, U, W)
         dst = out[a:b]
         if belief:
             _add_seg(shim, bsum, Bv, off, g0, g1)
@@ -521,6 +640,9 @@ def gradient(
                     shim.store(out[a:b], shim.work(out[a:b]) * f)
     elif outputs is not None:
         outputs.s[...] = 1.0
+    if summary is not None:
+        summary.add_gradient(shim, out)
+        summary.mean_b = shim.to_host(bsum) / lengths if belief else None
     return out
 
 
