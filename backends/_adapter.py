@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from bogc_core._diagnostics import Reductions, from_reductions
+from bogc_core._inputs import check_stats
 from bogc_core._types import Calibration, CalibrationConfig, Decline
 from bogc_core.errors import DTypeError, ShapeError
 
@@ -127,6 +128,7 @@ def run(
     full: bool = False,
     native: bool = False,
     summarize: bool | Sequence[int] = False,
+    check_values: bool = False,
 ) -> Any:
     """The engine on one call: the gradient (into ``out`` when given), or with
     ``full`` the whole :class:`Calibration`. Raises :class:`Decline` to decline.
@@ -134,7 +136,12 @@ def run(
     ``summarize`` (with a ``diagnostics`` dict): ``True`` puts under
     ``diagnostics["segments"]`` one dict per segment, the keys of
     :attr:`Calibration.diagnostics`, from reductions the passes accumulate;
-    a sequence of lengths refining ``segments`` gives one dict per such part."""
+    a sequence of lengths refining ``segments`` gives one dict per such part.
+
+    ``check_values``: the caller left the values check of the statistics to
+    this call (the compiled loops fold it into their passes; otherwise it runs
+    before the engine), and ``diagnostics["finite"]`` is set to whether the
+    written gradient was verified finite."""
     problem = decline_reason(space, stats, config if full else None)
     if problem:
         raise Decline(problem)
@@ -175,7 +182,11 @@ def run(
             threads=threads,
             outputs=outputs,
             summary=summary,
+            check=(lambda: check_stats(names, stats)) if check_values else None,
         )
+    finite = info.pop("finite", False)
+    if check_values:
+        info["finite"] = finite
     if flat is None:
         target[...] = xp.reshape(work, shape)
     info["path"] = adapter.name

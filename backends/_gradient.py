@@ -52,7 +52,7 @@ leave the float64 range) takes the logarithms as the reference does, with
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -358,6 +358,7 @@ def gradient(
     threads: int = 1,
     outputs: Outputs | None = None,
     summary: Summary | None = None,
+    check: Callable[[], None] | None = None,
 ) -> Any:
     """Write ``calibrate(...).gradient`` of every segment into the flat ``out``; return it.
 
@@ -369,23 +370,38 @@ def gradient(
     passes B and C on that many threads, each over a contiguous run of blocks
     with its own partial sums (NumPy and PyTorch release the GIL inside each
     array operation). ``outputs``: also write ``e, w, U, s`` there. ``summary``:
-    accumulate the diagnostics' reductions there (on one thread).
+    accumulate the diagnostics' reductions there (on one thread). ``check``: the
+    values check of the statistics (raises on NaN, inf, negative ``M2``), which
+    the compiled loops fold into their passes (then ``diagnostics["finite"]``
+    tells whether the gradient they wrote is finite); otherwise it runs here,
+    before any pass.
     """
+    S = len(means)
+    gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
+    lo, hi = math.exp(-L), math.exp(L)
+    # out holds (c B) g' until pass D; c centres B's range [B_lo, B_hi] on 1 so
+    # the product neither under- nor overflows where B g' would (tiny B with a
+    # huge prior weight). Where the range is too wide, B goes to a scratch.
+    b_lo, b_hi = _belief_bound(lo, W, S), _belief_bound(hi, W, S)
+    wide = not (b_lo > 0.0 and b_hi / b_lo < 1e8)
+    c_b = 1.0 if wide else 1.0 / (math.sqrt(b_lo) * math.sqrt(b_hi))
     if summary is not None:
         threads = 1  # the summary's accumulators are shared
     if float32 and isinstance(shim, NumpyShim) and outputs is None and summary is None:
         # The compiled loops, where numba is installed and the case is theirs.
         from . import _numba_kernel
 
-        if _numba_kernel.gradient(
-            names, means, m2s, counts, lambdas, config, out, segments, diagnostics
-        ):
+        done = _numba_kernel.gradient(
+            names, means, m2s, counts, lambdas, config, out, segments, None if wide else c_b,
+            diagnostics, check is not None,
+        )
+        if done is True:
             return out
+    if check is not None:
+        check()  # the values check, where the compiled loops did not make it
     xp = shim.xp
-    S = len(means)
     D = int(means[0].shape[0])
     prior = config.prior
-    gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
     srcs = [_Src(m, m2, n, float(lam)) for m, m2, n, lam in zip(means, m2s, counts, lambdas)]
     per_dim = any(not isinstance(s.n, float) for s in srcs)
     plan = plan_blocks(D, segments, block, shim)
@@ -488,7 +504,6 @@ def gradient(
         and p * 65.0 + float(np.max(np.abs(lk))) / math.log(10.0) < _LOG10_RANGE
     )
     K = np.exp(lk) if power else None
-    lo, hi = math.exp(-L), math.exp(L)
     # Native float32: the power form in the input dtype, as the reference's own
     # float32 arithmetic. t = |mu| / (sqrt(beta) K^(-1/p)) then e = clip(t)^p;
     # an over- or underflow of t lands on the clip bound it would reach anyway,
@@ -504,12 +519,6 @@ def gradient(
         and float(f32.smallest_normal) < W < float(f32.max)
     )
     belief = config.scale == "belief"
-    # out holds (c B) g' until pass D; c centres B's range [B_lo, B_hi] on 1 so
-    # the product neither under- nor overflows where B g' would (tiny B with a
-    # huge prior weight). Where the range is too wide, B goes to a scratch.
-    b_lo, b_hi = _belief_bound(lo, W, S), _belief_bound(hi, W, S)
-    wide = not (b_lo > 0.0 and b_hi / b_lo < 1e8)
-    c_b = 1.0 if wide else 1.0 / (math.sqrt(b_lo) * math.sqrt(b_hi))
     keep_b = belief and (config.s_max is not None or wide or outputs is not None)
     if outputs is not None:
         bscratch = outputs.s  # B until pass D turns it into s

@@ -148,10 +148,16 @@ def _prepare(
     if work is not space:
         stats = [_upcast(s, work) for s in stats]
     if check_values:
-        for name, s in zip(names, stats):
-            s.check(f"stats_per_source[{name!r}]")
+        check_stats(names, stats)
     lambdas = resolve_source_weights(names, source_weights)
     return names, stats, lambdas, work, space.dtype
+
+
+def check_stats(names: Sequence[str], stats: Sequence[GradientStats]) -> None:
+    """The values check of every source's statistics: raise the :class:`BOGCError`
+    that names the first NaN or infinite statistic, or negative count or ``M2``."""
+    for name, s in zip(names, stats):
+        s.check(f"stats_per_source[{name!r}]")
 
 
 def check_ranges(space: Space, S: int, lambdas: Sequence[float], config: CalibrationConfig) -> None:
