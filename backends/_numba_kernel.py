@@ -33,9 +33,10 @@ would not.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -378,6 +379,17 @@ def get_threads() -> int | None:
     return _THREADS[0]
 
 
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """numba's thread count set to ``n`` for the duration of one call."""
+    saved = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(saved)
+
+
 def _threads_for(x: np.ndarray) -> int:
     """Threads for a call on ``x``: torch's intra-op count for a view of a CPU
     tensor, the module setting otherwise; at most numba's pool size."""
@@ -436,15 +448,119 @@ def gradient(
         and out.flags.c_contiguous
     ):
         return False
-    threads = _threads_for(means[0])
-    saved = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
-        done = _run(means, m2s, counts, lambdas, config, out, segments, c_b, diagnostics, names,
-                    check)
-    finally:
-        numba.set_num_threads(saved)
-    return done
+    with _threads(_threads_for(means[0])):
+        prior = config.prior
+        gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
+        p = 2.0 * gamma
+        belief = config.scale == "belief"
+        f32 = np.float32
+        fi = np.finfo(f32)
+        tiny = float(fi.smallest_normal)
+        S = len(means)
+        D = int(means[0].shape[0])
+        lengths = np.asarray([D] if segments is None else list(segments), dtype=np.int64)
+        G = int(lengths.size)
+        istart, iend, iseg = _items(lengths)
+        part = np.empty(istart.size)
+        lens_f = lengths.astype(np.float64)
+        ns = [float(n) for n in counts]
+        if check and not all(math.isfinite(n) and n >= 0 for n in ns):
+            return BAD
+
+        # ---- pass A
+        beta0 = np.zeros((S, G))
+        zero_var = np.zeros((S, G), dtype=bool)
+        if prior.beta0 is not None:
+            beta0[:] = float(prior.beta0)
+        else:
+            if not all(n >= 2 for n in ns):
+                return False
+            tot = np.empty(G)
+            for k in range(S):
+                _m2_sums_c(m2s[k], istart, iend, part)
+                _reduce_items_c(part, iseg, tot)
+                beta0[k] = float(prior.alpha0) * (tot / ns[k] / lens_f)
+                zero_var[k] = ~(tot > 0)
+        seg_equal = np.any(zero_var, axis=0) if prior.beta0 is None else np.zeros(G, dtype=bool)
+        C = np.asarray(
+            [math.log(max(prior.alpha0 + 0.5 * n, tiny)) + math.log(max(prior.kappa0 + n, tiny)) for n in ns]
+        )
+        beta0_32 = beta0.astype(f32)
+
+        # ---- pass B
+        ref = np.zeros(G)
+        if bool(np.all(seg_equal)) and check:
+            return False  # pass B, which checks the values, has nothing to do
+        if not bool(np.all(seg_equal)):
+            snr = config.evidence_from == "snr"
+            if not snr:
+                return False  # precision scores take the array engine's logs
+            sums = np.empty((S, G))
+            nzs = np.empty((S, G), dtype=np.int64)
+            nzp = np.empty(istart.size, dtype=np.int64)
+            badp = np.empty(istart.size, dtype=np.int64)
+            invp = np.empty(istart.size, dtype=np.int64)
+            for k in range(S):
+                _log_sums_c(
+                    means[k], m2s[k], beta0_32[k], f32(tiny), istart, iend, iseg, part, nzp, badp,
+                    invp,
+                )
+                if check and invp.any():
+                    return BAD
+                if badp.any():
+                    return False
+                _reduce_items_c(part, iseg, sums[k])
+                nzs[k] = np.bincount(iseg, weights=nzp, minlength=G).astype(np.int64)
+            cnts = lens_f[None, :] - nzs
+            total = np.sum(2.0 * sums + C[:, None] * cnts, axis=0)
+            ref = total / np.maximum(np.sum(cnts, axis=0), 1.0)
+
+        # ---- pass C: the engine's fast32 conditions
+        lk = gamma * (C[:, None] - ref[None, :])
+        lo, hi = math.exp(-L), math.exp(L)
+        max_lk = float(np.max(np.abs(lk)))
+        if not (
+            p * 65.0 + max_lk / math.log(10.0) < 290.0
+            and max_lk / p < 15.0 * math.log(10.0)
+            and L / p < math.log(float(fi.max)) - 1.0
+            and tiny < lo / W
+            and hi / W < float(fi.max)
+            and tiny < W < float(fi.max)
+        ):
+            return False
+        if c_b is None:
+            return False
+        invk = np.exp(-lk / p).astype(f32)
+        floor_beta = not bool(np.all(beta0 >= tiny))
+        # S lo <= (1 + Q) sum_k e_k < (1 + hi/W)^S S hi must stay inside the float32
+        # range (margins of 2^8 for round-off), so that neither it nor r = 1/it overflows.
+        log_big = math.log(float(fi.max)) - 8.0 * math.log(2.0)
+        one_div = S * math.log1p(hi / W) + math.log(S * hi) < log_big and math.log(S * lo) > -log_big
+        bsum = np.zeros(G)
+        _evidence_out_c(
+            tuple(means), tuple(m2s), np.asarray(lambdas, dtype=f32), beta0_32, invk,
+            seg_equal.astype(f32), istart, iend, iseg, f32(tiny), f32(lo ** (1.0 / p)),
+            f32(hi ** (1.0 / p)), f32(1.0 / W), f32(fi.max), _POW_CODE[p],
+            config.evidence_from == "snr", config.weights == "uniform", belief, f32(c_b),
+            f32(S), floor_beta, one_div, out, part,
+        )
+        # ---- pass D
+        if belief:
+            _reduce_items_c(part, iseg, bsum)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                inv = float(S) / (c_b * (bsum / lens_f))
+            nonfinite = np.empty(istart.size, dtype=np.int64)
+            _scale_c(out, istart, iend, iseg, inv, nonfinite)
+            finite = not nonfinite.any()
+        else:
+            finite = not part.any()  # pass C counted the non-finite entries
+        if diagnostics is not None:
+            diagnostics["finite"] = finite
+            diagnostics["zero_variance_sources"] = [
+                names[k] for k in range(S) if prior.beta0 is None and bool(zero_var[k].any())
+            ]
+            diagnostics["kernel"] = "numba"
+        return True
 
 
 def _items(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -459,130 +575,3 @@ def _items(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     istart = starts[iseg] + off * _ITEM
     iend = np.minimum(istart + _ITEM, ends[iseg])
     return istart, iend, iseg
-
-
-def _run(
-    means: Sequence[np.ndarray],
-    m2s: Sequence[np.ndarray],
-    counts: Sequence[Any],
-    lambdas: Sequence[float],
-    config: CalibrationConfig,
-    out: np.ndarray,
-    segments: Sequence[int] | None,
-    c_b: float | None,
-    diagnostics: dict[str, Any] | None,
-    names: Sequence[str],
-    check: bool,
-) -> bool | str:
-    prior = config.prior
-    gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
-    p = 2.0 * gamma
-    belief = config.scale == "belief"
-    f32 = np.float32
-    fi = np.finfo(f32)
-    tiny = float(fi.smallest_normal)
-    S = len(means)
-    D = int(means[0].shape[0])
-    lengths = np.asarray([D] if segments is None else list(segments), dtype=np.int64)
-    G = int(lengths.size)
-    istart, iend, iseg = _items(lengths)
-    part = np.empty(istart.size)
-    lens_f = lengths.astype(np.float64)
-    ns = [float(n) for n in counts]
-    if check and not all(math.isfinite(n) and n >= 0 for n in ns):
-        return BAD
-
-    # ---- pass A
-    beta0 = np.zeros((S, G))
-    zero_var = np.zeros((S, G), dtype=bool)
-    if prior.beta0 is not None:
-        beta0[:] = float(prior.beta0)
-    else:
-        if not all(n >= 2 for n in ns):
-            return False
-        tot = np.empty(G)
-        for k in range(S):
-            _m2_sums_c(m2s[k], istart, iend, part)
-            _reduce_items_c(part, iseg, tot)
-            beta0[k] = float(prior.alpha0) * (tot / ns[k] / lens_f)
-            zero_var[k] = ~(tot > 0)
-    seg_equal = np.any(zero_var, axis=0) if prior.beta0 is None else np.zeros(G, dtype=bool)
-    C = np.asarray(
-        [math.log(max(prior.alpha0 + 0.5 * n, tiny)) + math.log(max(prior.kappa0 + n, tiny)) for n in ns]
-    )
-    beta0_32 = beta0.astype(f32)
-
-    # ---- pass B
-    ref = np.zeros(G)
-    if bool(np.all(seg_equal)) and check:
-        return False  # pass B, which checks the values, has nothing to do
-    if not bool(np.all(seg_equal)):
-        snr = config.evidence_from == "snr"
-        if not snr:
-            return False  # precision scores take the array engine's logs
-        sums = np.empty((S, G))
-        nzs = np.empty((S, G), dtype=np.int64)
-        nzp = np.empty(istart.size, dtype=np.int64)
-        badp = np.empty(istart.size, dtype=np.int64)
-        invp = np.empty(istart.size, dtype=np.int64)
-        for k in range(S):
-            _log_sums_c(
-                means[k], m2s[k], beta0_32[k], f32(tiny), istart, iend, iseg, part, nzp, badp,
-                invp,
-            )
-            if check and invp.any():
-                return BAD
-            if badp.any():
-                return False
-            _reduce_items_c(part, iseg, sums[k])
-            nzs[k] = np.bincount(iseg, weights=nzp, minlength=G).astype(np.int64)
-        cnts = lens_f[None, :] - nzs
-        total = np.sum(2.0 * sums + C[:, None] * cnts, axis=0)
-        ref = total / np.maximum(np.sum(cnts, axis=0), 1.0)
-
-    # ---- pass C: the engine's fast32 conditions
-    lk = gamma * (C[:, None] - ref[None, :])
-    lo, hi = math.exp(-L), math.exp(L)
-    max_lk = float(np.max(np.abs(lk)))
-    if not (
-        p * 65.0 + max_lk / math.log(10.0) < 290.0
-        and max_lk / p < 15.0 * math.log(10.0)
-        and L / p < math.log(float(fi.max)) - 1.0
-        and tiny < lo / W
-        and hi / W < float(fi.max)
-        and tiny < W < float(fi.max)
-    ):
-        return False
-    if c_b is None:
-        return False
-    invk = np.exp(-lk / p).astype(f32)
-    floor_beta = not bool(np.all(beta0 >= tiny))
-    # S lo <= (1 + Q) sum_k e_k < (1 + hi/W)^S S hi must stay inside the float32
-    # range (margins of 2^8 for round-off), so that neither it nor r = 1/it overflows.
-    log_big = math.log(float(fi.max)) - 8.0 * math.log(2.0)
-    one_div = S * math.log1p(hi / W) + math.log(S * hi) < log_big and math.log(S * lo) > -log_big
-    bsum = np.zeros(G)
-    _evidence_out_c(
-        tuple(means), tuple(m2s), np.asarray(lambdas, dtype=f32), beta0_32, invk,
-        seg_equal.astype(f32), istart, iend, iseg, f32(tiny), f32(lo ** (1.0 / p)),
-        f32(hi ** (1.0 / p)), f32(1.0 / W), f32(fi.max), _POW_CODE[p],
-        config.evidence_from == "snr", config.weights == "uniform", belief, f32(c_b),
-        f32(S), floor_beta, one_div, out, part,
-    )
-    # ---- pass D
-    if belief:
-        _reduce_items_c(part, iseg, bsum)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            inv = float(S) / (c_b * (bsum / lens_f))
-        nonfinite = np.empty(istart.size, dtype=np.int64)
-        _scale_c(out, istart, iend, iseg, inv, nonfinite)
-        finite = not nonfinite.any()
-    else:
-        finite = not part.any()  # pass C counted the non-finite entries
-    if diagnostics is not None:
-        diagnostics["finite"] = finite
-        diagnostics["zero_variance_sources"] = [
-            names[k] for k in range(S) if prior.beta0 is None and bool(zero_var[k].any())
-        ]
-        diagnostics["kernel"] = "numba"
-    return True
