@@ -310,7 +310,9 @@ def calibrate_gradient(
     fp = _dispatch.choose(space, stats[0].mean, config)
     # A fast path of the table checks the values itself: its compiled loops fold
     # the check into their passes instead of scanning every statistic first.
-    delegated = check_values and fp is not None and fp.run_gradient is not None
+    delegated = check_values and fp is not None and fp.run_gradient is not None and (
+        "check_values" in fp.options
+    )
     if check_values and not delegated:
         check_stats(names, stats)
     S = len(stats)
@@ -349,7 +351,7 @@ def calibrate_gradient(
     direct_out = out is not None and in_dtype == space.dtype
     if fp is not None:
         try:
-            if fp.run_gradient is not None:
+            if fp.run_gradient is not None and (summarize is False or "summarize" in fp.options):
                 more: dict[str, Any] = {} if summarize is False else {
                     "summarize": True if parts is None else [b - a for a, b in parts]
                 }
