@@ -257,10 +257,11 @@ class Summary:
         self.group = np.searchsorted(seg_ends, part_starts, side="right")
         self.lengths = self.plan.lengths.astype(np.float64)
         self.zero_var = zero_var[:, self.group]
-        self.sums = shim.zeros((5 * S + 1, P))  # e, b, u, w, top per source; U
         self.bad = shim.zeros((P,))
-        self.lo = np.full((2, P), math.inf)  # min e, min B
-        self.hi = np.full((2, P), -math.inf)  # max e, max B
+        # Per block: its first part and its partial sums (e, b, u, w, top per
+        # source; U) and ranges; reduced in block order by finish(), so the
+        # result is the same for any thread count.
+        self.blocks: list[Any] = [None] * len(self.plan.blocks)
         self.S = S
 
     def add_block(self, shim: Shim, i: int, es: list[Any], ws: list[Any], Bv: Any, U: Any,
@@ -270,6 +271,9 @@ class Summary:
         S = self.S
         a, b, g0, g1 = self.plan.blocks[i]
         off = self.plan.offsets[i]
+        sums = shim.zeros((5 * S + 1, g1 - g0 + 1))
+        lo = np.full((2, g1 - g0 + 1), math.inf)  # min e, min B
+        hi = np.full((2, g1 - g0 + 1), -math.inf)  # max e, max B
         rows = []
         for e in es:
             rows.append((e, e / (e + W), W / (e + W)))
@@ -284,19 +288,20 @@ class Summary:
                 top = xp.logical_and(top, xp.logical_not(taken))
             taken = top if taken is None else xp.logical_or(taken, top)
             for j, x in enumerate((e, bk, uk, ws[k], _as_work(shim, top))):
-                _add_seg(shim, self.sums[j * S + k], x, off, g0, g1)
-        _add_seg(shim, self.sums[5 * S], U, off, g0, g1)
+                _add_seg(shim, sums[j * S + k], x, off, 0, g1 - g0)
+        _add_seg(shim, sums[5 * S], U, off, 0, g1 - g0)
         hoff = self.host.offsets[i]
-        cuts = [(g0, 0, b - a)] if hoff is None else [
-            (g0 + j, int(o), int(o) + int(n))
+        cuts = [(0, 0, b - a)] if hoff is None else [
+            (j, int(o), int(o) + int(n))
             for j, (o, n) in enumerate(zip(hoff.tolist(), self.host.counts[i].tolist()))
         ]
-        for g, lo, hi in cuts:
+        for g, c0, c1 in cuts:
             for r, xs in enumerate(([e for e, _, _ in rows], [Bv])):
                 for x in xs:
-                    part = x[lo:hi]
-                    self.lo[r, g] = min(self.lo[r, g], float(xp.min(part)))
-                    self.hi[r, g] = max(self.hi[r, g], float(xp.max(part)))
+                    part = x[c0:c1]
+                    lo[r, g] = min(lo[r, g], float(xp.min(part)))
+                    hi[r, g] = max(hi[r, g], float(xp.max(part)))
+        self.blocks[i] = (g0, shim.to_host(sums), lo, hi)
 
     def add_gradient(self, shim: Shim, out: Any) -> None:
         """Count the non-finite entries of the finished gradient, per part."""
@@ -310,7 +315,15 @@ class Summary:
         """Per part, the fields of ``bogc_core._diagnostics.Reductions``."""
         S, n = self.S, self.lengths
         mean_b = self.mean_b
-        sums = shim.to_host(self.sums) / n[None, :]
+        P = n.size
+        sums = np.zeros((5 * S + 1, P))
+        self.lo, self.hi = np.full((2, P), math.inf), np.full((2, P), -math.inf)
+        for g0, part, lo, hi in self.blocks:
+            g1 = g0 + part.shape[1]
+            sums[:, g0:g1] += part
+            self.lo[:, g0:g1] = np.minimum(self.lo[:, g0:g1], lo)
+            self.hi[:, g0:g1] = np.maximum(self.hi[:, g0:g1], hi)
+        sums = sums / n[None, :]
         bad = shim.to_host(self.bad)
         if mean_b is None:  # no belief scale: s = 1
             s_lo = s_hi = np.ones_like(n)
@@ -370,7 +383,7 @@ def gradient(
     passes B and C on that many threads, each over a contiguous run of blocks
     with its own partial sums (NumPy and PyTorch release the GIL inside each
     array operation). ``outputs``: also write ``e, w, U, s`` there. ``summary``:
-    accumulate the diagnostics' reductions there (on one thread). ``check``: the
+    accumulate the diagnostics' reductions there. ``check``: the
     values check of the statistics (raises on NaN, inf, negative ``M2``), which
     the compiled loops fold into their passes (then ``diagnostics["finite"]``
     tells whether the gradient they wrote is finite); otherwise it runs here,
@@ -385,8 +398,6 @@ def gradient(
     b_lo, b_hi = _belief_bound(lo, W, S), _belief_bound(hi, W, S)
     wide = not (b_lo > 0.0 and b_hi / b_lo < 1e8)
     c_b = 1.0 if wide else 1.0 / (math.sqrt(b_lo) * math.sqrt(b_hi))
-    if summary is not None:
-        threads = 1  # the summary's accumulators are shared
     if float32 and isinstance(shim, NumpyShim) and outputs is None and summary is None:
         # The compiled loops, where numba is installed and the case is theirs.
         from . import _numba_kernel
@@ -587,22 +598,22 @@ def gradient(
         if q_may_overflow:
             Q = shim.clip(Q, None, big)
         Bv = Q / (1.0 + Q)
-        if outputs is None and summary is None:
+        if outputs is None:
+            # the same arithmetic with or without a summary: the gradient of a
+            # diagnostics step is the gradient of any other step
             gp = _weighted_sum(shim, config.weights, es, mus, srcs, Bv, W)
+            if summary is not None:
+                ws = _weights(shim, config.weights, es, Bv, W)
+                summary.add_block(shim, i, es, ws, Bv, 1.0 / (1.0 + Q), W)
         else:
             ws = _weights(shim, config.weights, es, Bv, W)
             gp = None
             for k in range(S):
-                if outputs is not None:
-                    shim.store(outputs.e[k, a:b], es[k])
-                    shim.store(outputs.w[k, a:b], ws[k])
+                shim.store(outputs.e[k, a:b], es[k])
+                shim.store(outputs.w[k, a:b], ws[k])
                 t = ws[k] * _scaled(mus[k], srcs[k].lam)
                 gp = t if gp is None else gp + t
-            U = 1.0 / (1.0 + Q)
-            if outputs is not None:
-                shim.store(outputs.U[a:b], U)
-            if summary is not None:
-                summary.add_block(shim, i, es, ws, Bv, U, W)
+            shim.store(outputs.U[a:b], 1.0 / (1.0 + Q))
         dst = out[a:b]
         if belief:
             _add_seg(shim, bsum, Bv, off, g0, g1)

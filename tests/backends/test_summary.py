@@ -149,3 +149,28 @@ def test_summarize_on_n_dimensional_statistics_equals_calibrate() -> None:
     assert got["path"] == "numpy-fused"
     assert_same(got, calibrate(stats).diagnostics, 1e-9)
     assert math.isfinite(got["belief_scale_max"])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_gradient_does_not_depend_on_the_summary(path: Path, threads: int, monkeypatch) -> None:
+    """A diagnostics step writes the bits any other step writes (array engine, any
+    thread count); the summary's sums are reduced in block order."""
+    if path.numba:
+        pytest.skip("a summary runs the array engine")
+    from bogc_core.backends import numpy_fused
+
+    monkeypatch.setattr(numpy_fused, "_THREADS", [threads])
+    rng = np.random.default_rng(11)
+    segments = [5000, 90000, 12]
+    raw = random_raw(rng, 3, sum(segments))
+    for dtype in ("float32", "float64"):
+        stats = make(path, dtype, raw)
+        plain = path.to_numpy(path.run(stats, None, CalibrationConfig(), segments=segments))
+        info: dict = {}
+        summed = path.to_numpy(path.run(stats, None, CalibrationConfig(), segments=segments,
+                                        diagnostics=info, summarize=True))
+        np.testing.assert_array_equal(summed, plain)
+        again: dict = {}
+        path.run(stats, None, CalibrationConfig(), segments=segments, diagnostics=again,
+                 summarize=True)
+        assert again["segments"] == info["segments"]
