@@ -398,7 +398,8 @@ def gradient(
     b_lo, b_hi = _belief_bound(lo, W, S), _belief_bound(hi, W, S)
     wide = not (b_lo > 0.0 and b_hi / b_lo < 1e8)
     c_b = 1.0 if wide else 1.0 / (math.sqrt(b_lo) * math.sqrt(b_hi))
-    if float32 and isinstance(shim, NumpyShim) and outputs is None and summary is None:
+    result = out
+    if float32 and isinstance(shim, NumpyShim) and outputs is None:
         # The compiled loops, where numba is installed and the case is theirs.
         from . import _numba_kernel
 
@@ -406,8 +407,14 @@ def gradient(
             names, means, m2s, counts, lambdas, config, out, segments, None if wide else c_b,
             diagnostics, check is not None,
         )
-        if done is True:
+        if done is True and summary is None:
             return out
+        if done is True:
+            # The compiled loops take no summary: the gradient is theirs (the bits
+            # of every other step), and the array engine's passes below run into
+            # a scratch vector for the summary alone.
+            check = None
+            out = shim.xp.empty_like(out)
     if check is not None:
         check()  # the values check, where the compiled loops did not make it
     xp = shim.xp
@@ -661,9 +668,9 @@ def gradient(
     elif outputs is not None:
         outputs.s[...] = 1.0
     if summary is not None:
-        summary.add_gradient(shim, out)
+        summary.add_gradient(shim, result)
         summary.mean_b = shim.to_host(bsum) / lengths if belief else None
-    return out
+    return result
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}
