@@ -264,6 +264,25 @@ class Summary:
         self.blocks: list[Any] = [None] * len(self.plan.blocks)
         self.S = S
 
+    def arrays(self, S: int, D: int, segments: Sequence[int] | None) -> tuple[np.ndarray, ...]:
+        """The arrays the compiled loops fill (``_numba_kernel.gradient``'s ``summary``)."""
+        parts = self.parts if self.parts is not None else ([D] if segments is None else segments)
+        P, G = len(parts), 1 if segments is None else len(segments)
+        return (
+            np.cumsum(np.asarray(parts, dtype=np.int64)), np.zeros((P, 5 * S + 1)),
+            np.full((P, 2), np.inf, dtype=np.float32), np.full((P, 2), -np.inf, dtype=np.float32),
+            np.zeros((S, G), dtype=bool), np.zeros(G),
+        )
+
+    def from_loops(self, shim: Shim, D: int, S: int, block: int, segments: Sequence[int] | None,
+                   arrays: tuple[np.ndarray, ...], out: Any) -> None:
+        """Take the reductions the compiled loops accumulated into ``arrays``."""
+        _, acc, lo, hi, zero_var, mean_b = arrays
+        self.start(shim, D, S, block, segments, zero_var)
+        self.blocks = [(0, acc.T, lo.T.astype(np.float64), hi.T.astype(np.float64))]
+        self.add_gradient(shim, out)
+        self.mean_b = None if np.isnan(mean_b).all() else mean_b
+
     def add_block(self, shim: Shim, i: int, es: list[Any], ws: list[Any], Bv: Any, U: Any,
                   W: float) -> None:
         assert self.plan is not None
@@ -399,26 +418,23 @@ def gradient(
     wide = not (b_lo > 0.0 and b_hi / b_lo < 1e8)
     c_b = 1.0 if wide else 1.0 / (math.sqrt(b_lo) * math.sqrt(b_hi))
     result = out
+    D = int(means[0].shape[0])
     if float32 and isinstance(shim, NumpyShim) and outputs is None:
         # The compiled loops, where numba is installed and the case is theirs.
         from . import _numba_kernel
 
+        arrays = None if summary is None else summary.arrays(S, D, segments)
         done = _numba_kernel.gradient(
             names, means, m2s, counts, lambdas, config, out, segments, None if wide else c_b,
-            diagnostics, check is not None,
+            diagnostics, check is not None, arrays,
         )
-        if done is True and summary is None:
-            return out
         if done is True:
-            # The compiled loops take no summary: the gradient is theirs (the bits
-            # of every other step), and the array engine's passes below run into
-            # a scratch vector for the summary alone.
-            check = None
-            out = shim.xp.empty_like(out)
+            if summary is not None and arrays is not None:
+                summary.from_loops(shim, D, S, block, segments, arrays, out)
+            return out
     if check is not None:
         check()  # the values check, where the compiled loops did not make it
     xp = shim.xp
-    D = int(means[0].shape[0])
     prior = config.prior
     srcs = [_Src(m, m2, n, float(lam)) for m, m2, n, lam in zip(means, m2s, counts, lambdas)]
     per_dim = any(not isinstance(s.n, float) for s in srcs)

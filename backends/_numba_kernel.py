@@ -86,6 +86,13 @@ _ITEM = 16 * _BL
 _THREADS: list[int | None] = [None]
 
 
+# The summary arrays of a call without a summary (never written; the same types).
+_NO_SUMMARY = (
+    np.zeros(1, dtype=np.int64), np.zeros((1, 1)), np.zeros((1, 2), dtype=np.float32),
+    np.zeros((1, 2), dtype=np.float32),
+)
+
+
 def _jit(fn: Any, flags: set[str] = _FM, parallel: bool = False) -> Any:
     if numba is None:
         return fn
@@ -232,11 +239,54 @@ def _log_sums(
         invp[i] = inv
 
 
+def _summary_block(
+    Es: Any, Q: Any, den: Any, n: int, a0: int, w_f: Any, inv_w: Any, big: Any,
+    uniform: bool, pend: Any, acc: Any, lo: Any, hi: Any,
+) -> None:
+    """The diagnostics' reductions of one block of pass C, per part (``pend``: the
+    parts' end offsets): the sums of ``e_k``, ``b_k``, ``u_k``, ``w_k``, the
+    first maxima of ``w_k``, the sum of ``U`` (``acc[p]``, float64) and the
+    ranges of ``e`` and ``B`` (``lo[p]``, ``hi[p]``). ``Q`` and ``den`` as the
+    source loops left them."""
+    S = Es.shape[0]
+    one = np.float32(1.0)
+    p = np.searchsorted(pend, a0, side="right")
+    for j in range(n):
+        while a0 + j >= pend[p]:
+            p += 1
+        q = min(Q[j], big)
+        u_f = one / (one + q)
+        bv = q / (one + q)
+        d = den[j]
+        best = -1.0
+        kb = 0
+        for k in range(S):
+            e = Es[k, j]
+            w = one / np.float32(S) if uniform else e / d
+            acc[p, k] += e
+            acc[p, S + k] += e / (e + w_f)
+            acc[p, 2 * S + k] += w_f / (e + w_f)
+            acc[p, 3 * S + k] += w
+            if w > best:
+                best = w
+                kb = k
+            lo[p, 0] = min(lo[p, 0], e)
+            hi[p, 0] = max(hi[p, 0], e)
+        acc[p, 4 * S + kb] += 1.0
+        acc[p, 5 * S] += u_f
+        lo[p, 1] = min(lo[p, 1], bv)
+        hi[p, 1] = max(hi[p, 1], bv)
+
+
+_summary_block_c = _jit(_summary_block)
+
+
 def _evidence_block(
     ms: Any, m2s: Any, lams: Any, beta0: Any, invk: Any, g: int, eqv: Any, a0: int, n: int,
     tiny_b: Any, lo_t: Any, hi_t: Any, inv_w: Any, big: Any, pcode: int, snr: bool,
     uniform: bool, belief: bool, c_b: Any, n_src: Any, one_div: bool, out: Any, Q: Any,
-    num: Any, den: Any,
+    num: Any, den: Any, summ: bool, Es: Any, w_f: Any, pend: Any, sacc: Any, slo: Any,
+    shi: Any,
 ) -> float:
     """Pass C over ``[a0, a0 + n)`` of segment ``g`` (``n <= _BL``): one loop per
     source (evidence and the running ``Q``, ``num``, ``den``) and one for the
@@ -245,7 +295,10 @@ def _evidence_block(
 
     ``one_div`` (where ``(1 + Q) sum_k e_k`` cannot overflow): ``B = Q/(1+Q)``
     and ``g' = num/den`` from one reciprocal ``r = 1/((1 + Q) den)``, as
-    ``B = Q (den r)`` and ``c B g' = c (Q (num r))``."""
+    ``B = Q (den r)`` and ``c B g' = c (Q (num r))``.
+
+    ``summ``: also keep each ``e_k`` in ``Es`` and add the diagnostics'
+    reductions of the block to ``sacc``, ``slo``, ``shi`` (:func:`_summary_block`)."""
     S = len(ms)
     half = np.float32(0.5)
     one = np.float32(1.0)
@@ -272,6 +325,8 @@ def _evidence_block(
                 e = t
             # e * 1 + 0 is e exactly: no branch for the segments without equal evidence
             e = e * keep + eqv
+            if summ:
+                Es[k, j] = e
             x = e * inv_w
             lm = lam * mv
             c = lm if uniform else e * lm
@@ -284,6 +339,8 @@ def _evidence_block(
                 Q[j] = q + x + q * x
                 num[j] += c
                 den[j] += e
+    if summ:
+        _summary_block_c(Es, Q, den, n, a0, w_f, inv_w, big, uniform, pend, sacc, slo, shi)
     o = out[a0 : a0 + n]
     if belief and one_div:
         for j in range(n):
@@ -318,7 +375,7 @@ def _evidence_out(
     ms: Any, m2s: Any, lams: Any, beta0: Any, invk: Any, eq: Any, istart: Any, iend: Any,
     iseg: Any, tiny: Any, lo_t: Any, hi_t: Any, inv_w: Any, big: Any, pcode: int, snr: bool,
     uniform: bool, belief: bool, c_b: Any, n_src: Any, floor_beta: bool, one_div: bool,
-    out: Any, part: Any,
+    out: Any, part: Any, summ: bool, w_f: Any, pend: Any, sacc: Any, slo: Any, shi: Any,
 ) -> None:
     """Pass C: ``out = c B g'`` (belief) or ``S g'``; ``part[i] = sum B`` over item
     ``i`` (belief) or its number of non-finite gradient entries."""
@@ -328,6 +385,7 @@ def _evidence_out(
         Q = np.empty(_BL, dtype=np.float32)
         num = np.empty(_BL, dtype=np.float32)
         den = np.empty(_BL, dtype=np.float32)
+        Es = np.empty((len(ms) if summ else 1, _BL), dtype=np.float32)
         g = iseg[i]
         acc = 0.0
         a0 = istart[i]
@@ -335,7 +393,8 @@ def _evidence_out(
             n = min(_BL, iend[i] - a0)
             acc += _evidence_block_c(
                 ms, m2s, lams, beta0, invk, g, eq[g], a0, n, tiny_b, lo_t, hi_t, inv_w, big,
-                pcode, snr, uniform, belief, c_b, n_src, one_div, out, Q, num, den,
+                pcode, snr, uniform, belief, c_b, n_src, one_div, out, Q, num, den, summ, Es,
+                w_f, pend, sacc, slo, shi,
             )
             a0 += n
         part[i] = acc
@@ -414,6 +473,7 @@ def gradient(
     c_b: float | None,
     diagnostics: dict[str, Any] | None = None,
     check: bool = False,
+    summary: tuple[np.ndarray, ...] | None = None,
 ) -> bool | str:
     """Write ``calibrate(...).gradient`` into the flat float32 ``out`` with the compiled
     loops and return ``True``; ``False`` where the case is not theirs (``out`` not
@@ -430,6 +490,12 @@ def gradient(
     anything is written), and the pass that writes the final gradient counts
     its non-finite entries (``diagnostics["finite"]`` tells whether there
     were none). ``True`` with ``check`` means every input value was verified.
+
+    ``summary``: ``(pend, acc, lo, hi, zero_var, mean_b)``, arrays that pass C
+    fills with the diagnostics' reductions per part (``pend``: the parts' end
+    offsets, refining the segments; see :func:`_summary_block`), and the
+    zero-variance flags ``(S, G)`` and mean fused belief ``(G,)`` of every
+    segment. The call then runs on one thread (the same bits as any other).
     """
     if not (AVAILABLE and ENABLED[0]):
         return False
@@ -448,7 +514,7 @@ def gradient(
         and out.flags.c_contiguous
     ):
         return False
-    with _threads(_threads_for(means[0])):
+    with _threads(1 if summary is not None else _threads_for(means[0])):
         prior = config.prior
         gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
         p = 2.0 * gamma
@@ -542,7 +608,8 @@ def gradient(
             seg_equal.astype(f32), istart, iend, iseg, f32(tiny), f32(lo ** (1.0 / p)),
             f32(hi ** (1.0 / p)), f32(1.0 / W), f32(fi.max), _POW_CODE[p],
             config.evidence_from == "snr", config.weights == "uniform", belief, f32(c_b),
-            f32(S), floor_beta, one_div, out, part,
+            f32(S), floor_beta, one_div, out, part, summary is not None, f32(W),
+            *(summary or _NO_SUMMARY)[:4],
         )
         # ---- pass D
         if belief:
@@ -554,6 +621,9 @@ def gradient(
             finite = not nonfinite.any()
         else:
             finite = not part.any()  # pass C counted the non-finite entries
+        if summary is not None:
+            summary[4][...] = zero_var
+            summary[5][...] = bsum / lens_f if belief else math.nan
         if diagnostics is not None:
             diagnostics["finite"] = finite
             diagnostics["zero_variance_sources"] = [

@@ -46,13 +46,16 @@ def test_a_diagnostics_step_runs_the_engine_once_per_group(level, monkeypatch):
 
 
 @pytest.mark.parametrize("scope", ["tensor", "global"])
-@pytest.mark.parametrize("weights", ["evidence", "dempster"])
-def test_step_diagnostics_equal_calibrate_tensors(scope, weights):
-    m = make()
+@pytest.mark.parametrize("weights,dtype", [("evidence", torch.float64), ("dempster", torch.float64),
+                                           ("evidence", torch.float32)])
+def test_step_diagnostics_equal_calibrate_tensors(scope, weights, dtype):
+    """float32 with evidence weights runs the compiled loops where numba is installed."""
+    m = make(dtype=dtype)
+    rtol = 1e-9 if dtype == torch.float64 else 2e-4
     cfg = CalibrationConfig(scope=scope, weights=weights)
     cal = GradientCalibrator(m.named_parameters(), cfg, samples="per_example", model=m,
                              diagnostics="full", diagnostics_every=1, keep_statistics=True)
-    diag = cal.backward(losses_of(m, *batch(8)))
+    diag = cal.backward(losses_of(m, *batch(8, dtype=dtype)))
     stats = cal.last_statistics
     names = [n for n in diag["parameters"] if "weight_mean" in diag["parameters"][n]]
     assert len(names) >= 2
@@ -63,9 +66,11 @@ def test_step_diagnostics_equal_calibrate_tensors(scope, weights):
         assert set(got) - {"path", "kernel"} == set(ref) - {"path", "kernel"}, n
         for key in FLOATS:
             np.testing.assert_allclose([got[key][s] for s in ref[key]],
-                                       [ref[key][s] for s in ref[key]], rtol=1e-9, err_msg=key)
+                                       [ref[key][s] for s in ref[key]], rtol=rtol,
+                                       atol=1.0 / got["num_dims"] if key == "weight_top_fraction" else 0,
+                                       err_msg=key)
         for key in SCALARS:
-            np.testing.assert_allclose(got[key], ref[key], rtol=1e-9, err_msg=key)
+            np.testing.assert_allclose(got[key], ref[key], rtol=rtol, err_msg=key)
         for key in ("sources", "num_dims", "nonfinite", "zero_variance_sources", "group_size"):
             assert got.get(key) == ref.get(key), key
 
