@@ -49,7 +49,8 @@ from bogc_core.errors import NonFiniteError
 
 from .methods.base import Method
 from .metrics import accuracy, macro_f1
-from .model import ALIGN, FUSION, MultiModalNet, build_model
+from .model import ALIGN, FUSION, MultiModalNet
+from .models import build_model
 from .settings import Split
 
 MISSING_RULES = ("zero_fill", "mean_impute", "surviving_heads")

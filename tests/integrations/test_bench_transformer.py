@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from bogc_core.integrations.bench import main
 from bogc_core.integrations.bench.methods.mmpareto import mmpareto, mmpareto_many
-from bogc_core.integrations.bench.model import ALIGN, FUSION, build_model
+from bogc_core.integrations.bench.model import ALIGN, FUSION
+from bogc_core.integrations.bench.models import build_model
 from bogc_core.integrations.bench.transformer import TOKENS, WIDTH, FusionTransformer
 from bogc_core.integrations.bench.zeroshot import info_nce
 from bogc_core.integrations.torch import GradientCalibrator
