@@ -170,7 +170,7 @@ def make_step(method: str, model_name: str, model: nn.Module, inputs: tuple, ys)
     if samples == "laplace":
         heads = model.heads if isinstance(model, Trunk) else [model.fusion, model.audio_head, model.image_head]
         kw["laplace_layers"] = dict(zip(names, heads))
-    cal = GradientCalibrator(model.named_parameters(), samples=samples, chunks=4, **kw)
+    cal = GradientCalibrator(model.named_parameters(), samples=source(samples, chunks=4), **kw)
 
     def step():
         model.zero_grad(set_to_none=True)

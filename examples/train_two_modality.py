@@ -45,8 +45,7 @@ def main(argv=None):
     extra = {"laplace_layers": {"fusion": model.fusion, "a": model.head_a, "b": model.head_b}} if args.samples == "laplace" else {}
     # diagnostics_every=1: the per-source weights are summarised on every step (the default, 50,
     # samples one step in 50 and saves that summary's cost)
-    cal = GradientCalibrator(model.named_parameters(), samples=args.samples, model=model,
-                             diagnostics_every=1, **extra)
+    cal = GradientCalibrator(model.named_parameters(), samples=source(args.samples), model=model, diagnostics=Diagnostics(every=1), **extra)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     ce = nn.CrossEntropyLoss(reduction="none")  # per-example losses
     for epoch in range(args.epochs):

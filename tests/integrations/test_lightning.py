@@ -117,7 +117,7 @@ def _reference(steps: int, config: bc.CalibrationConfig | None, plain: bool = Fa
     """The same training in a plain loop, with a standalone calibrator or loss.backward()."""
     net = Net()
     opt = torch.optim.SGD(net.parameters(), lr=LR)
-    cal = GradientCalibrator(list(net.named_parameters()), config, samples="microbatch", chunks=4)
+    cal = GradientCalibrator(list(net.named_parameters()), config, samples=Microbatch(4))
     loader = DataLoader(_data(), batch_size=BATCH, shuffle=False)
     for step, batch in enumerate(loader):
         if step == steps:

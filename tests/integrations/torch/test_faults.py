@@ -29,7 +29,7 @@ from bogc_core.errors import ConfigError, InsufficientSamplesError, ShapeError  
 def test_error_changes_no_grad_and_no_state(samples):
     m = make()
     xa, xb, y = batch(8)
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9 if samples == "steps" else None)
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=0.9 if samples == "steps" else None))
     cal.backward(losses_of(m, xa, xb, y))
     before = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     state = cal.state_dict()
@@ -77,9 +77,9 @@ def test_bad_input_raises_bogc_errors():
     with pytest.raises(ConfigError, match="samples"):
         GradientCalibrator(m.parameters(), samples="bogus")
     with pytest.raises(ConfigError, match="chunks"):
-        GradientCalibrator(m.parameters(), chunks=1)
+        GradientCalibrator(m.parameters(), samples=Microbatch(1))
     with pytest.raises(ConfigError, match="rho"):
-        GradientCalibrator(m.parameters(), samples="steps", rho=0.3)
+        GradientCalibrator(m.parameters(), samples=Steps(rho=0.3))
     with pytest.raises(ConfigError, match="params"):
         GradientCalibrator([])
     with pytest.raises(ConfigError, match="laplace_layers"):
@@ -152,8 +152,7 @@ def test_failure_at_every_stage_changes_nothing(samples, stage, monkeypatch):
     m = make()
     xa, xb, y = batch(8)
     rho = 0.9 if samples == "steps" else 0.5
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=rho,
-                             model=m if samples != "steps" else None, diagnostics_every=1)
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=rho), model=m if samples != "steps" else None, diagnostics=Diagnostics(every=1))
     for seed in (1, 2):  # past warm-up, so the fused call and the diagnostics run
         m.zero_grad()
         cal.backward(losses_of(m, *batch(8, seed=seed)))
@@ -171,8 +170,7 @@ def test_failure_at_every_stage_changes_nothing(samples, stage, monkeypatch):
     monkeypatch.undo()
     # The calibrator still works and gives what an untouched twin gives.
     twin = make()
-    twin_cal = GradientCalibrator(twin.named_parameters(), samples=samples, rho=rho,
-                                  model=twin if samples != "steps" else None)
+    twin_cal = GradientCalibrator(twin.named_parameters(), samples=source(samples, rho=rho), model=twin if samples != "steps" else None)
     for seed in (1, 2):
         twin.zero_grad()
         twin_cal.backward(losses_of(twin, *batch(8, seed=seed)))
@@ -209,8 +207,7 @@ def test_zero_size_parameter_and_zero_feature_modality(samples, use_model):
     y = torch.randint(0, 2, (8,), generator=g)
     ce = nn.CrossEntropyLoss(reduction="none")
     cfg = CalibrationConfig(gamma=0.0)  # equal evidence: the plain summed gradient
-    cal = GradientCalibrator(m.named_parameters(), cfg, samples=samples, model=m if use_model else None,
-                             rho=0.9 if samples == "steps" else None)
+    cal = GradientCalibrator(m.named_parameters(), cfg, samples=source(samples, rho=0.9 if samples == "steps" else None), model=m if use_model else None)
     f, oa = m(xa, xb)
     diag = cal.backward({"f": ce(f, y), "a": ce(oa, y)})
     assert m.enc_a.weight.grad is None  # no entries, left alone
@@ -234,8 +231,7 @@ def test_steps_with_no_parameter_reached_changes_nothing():
 def test_laplace_head_outside_the_sources_graph_is_a_config_error():
     m = make()
     xa, xb, y = batch(8)
-    cal = GradientCalibrator(m.named_parameters(), samples="laplace",
-                             laplace_layers={"fusion": m.fusion, "a": m.head_b, "b": m.head_b})
+    cal = GradientCalibrator(m.named_parameters(), samples=Laplace(layers={"fusion": m.fusion, "a": m.head_b, "b": m.head_b}))
     with pytest.raises(ConfigError, match=r"laplace_layers\['a'\]"):
         cal.backward(losses_of(m, xa, xb, y))
     assert all(p.grad is None for p in m.parameters())
@@ -264,8 +260,7 @@ def test_low_precision_parameters_accumulate_in_float32(dtype, use_model):
     m64 = make()
     m = make(dtype=dtype)
     xa, xb, y = batch(16)
-    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m if use_model else None,
-                             keep_statistics=True)
+    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m if use_model else None, diagnostics=Diagnostics(keep_statistics=True))
     cal.backward(losses_of(m, xa.to(dtype), xb.to(dtype), y))
     for st in (s for per in cal.last_statistics.values() for s in per.values()):
         assert st.mean.dtype == torch.float32 and st.m2.dtype == torch.float32
@@ -323,7 +318,7 @@ def test_sparse_embedding_gradients_are_refused(samples):
     kw = _laplace_kw(m, samples)
     with pytest.raises(ConfigError, match=r"params: parameter 'emb.weight' .*sparse=False"):
         GradientCalibrator(m.named_parameters(), samples=samples, model=m, **kw)
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9, **kw)
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=0.9), **kw)
     for p in m.parameters():
         p.grad = None
     snap = _snapshot(m, cal)
@@ -361,7 +356,7 @@ def test_a_compiled_graph_is_refused_before_sampling(backend, samples):
     so the answer differs from the uncompiled model's: both are refused, nothing changed."""
     m = make()
     xa, xb, y = batch(8)
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9)
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=0.9))
     cal.backward(losses_of(m, xa, xb, y))
     snap = _snapshot(m, cal)
     compiled = torch.compile(m, backend=backend)
@@ -380,15 +375,14 @@ def test_laplace_source_that_reaches_no_calibrated_parameter_sits_out():
     m = make()
     xa, xb, y = batch(8)
     kw = _laplace_kw(m, "laplace")
-    cal = GradientCalibrator(list(m.enc_a.named_parameters()), samples="laplace", seed=3, **kw)
+    cal = GradientCalibrator(list(m.enc_a.named_parameters()), samples=Laplace(seed=3), **kw)
     diag = cal.backward(losses_of(m, xa, xb, y))  # "b" does not reach enc_a
     assert set(diag["counts"]) == {"fusion", "a"} and diag["num_calibrated"] == 2
     got = [p.grad.clone() for p in m.enc_a.parameters()]
     m2 = make()
     ls = losses_of(m2, xa, xb, y)
     del ls["b"]
-    GradientCalibrator(list(m2.enc_a.named_parameters()), samples="laplace", seed=3,
-                       **_laplace_kw(m2, "laplace")).backward(ls)
+    GradientCalibrator(list(m2.enc_a.named_parameters()), samples=Laplace(seed=3), **_laplace_kw(m2, "laplace")).backward(ls)
     for g, p in zip(got, m2.enc_a.parameters()):
         torch.testing.assert_close(g, p.grad)
     for samples in ("per_example", "microbatch", "steps"):
@@ -402,7 +396,7 @@ def test_graph_made_stale_by_an_optimizer_step_is_explained(samples):
     m = make()
     xa, xb, y = batch(8)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9, **_laplace_kw(m, samples))
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=0.9), **_laplace_kw(m, samples))
     ls = losses_of(m, xa, xb, y)
     cal.backward(ls)
     opt.step()
@@ -419,8 +413,7 @@ def test_model_double_after_a_float32_step_follows_the_parameters(samples, use_m
     calibrator's (the same weights: a float32 init is exact in float64)."""
     xa, xb, y = batch(8)
     m = make(dtype=torch.float32)
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, model=m if use_model else None,
-                             keep_statistics=True)
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples), model=m if use_model else None, diagnostics=Diagnostics(keep_statistics=True))
     cal.backward(losses_of(m, xa.float(), xb.float(), y))
     m.double()
     cal.backward(losses_of(m, xa, xb, y))
@@ -443,7 +436,7 @@ def test_carried_statistics_follow_model_double(samples):
     runs = []
     for switch in (True, False):
         m = make(dtype=torch.float32) if switch else make(dtype=torch.float32).double()
-        cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9)
+        cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=0.9))
         cal.backward(losses_of(m, xa.to(next(m.parameters()).dtype), xb.to(next(m.parameters()).dtype), y))
         m.double()
         cal.backward(losses_of(m, xa, xb, y))
