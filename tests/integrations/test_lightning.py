@@ -22,7 +22,7 @@ from bogc_core.integrations.lightning import (  # noqa: E402
     BOGCModule,
     calibrated_backward,
 )
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import GradientCalibrator, Microbatch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 

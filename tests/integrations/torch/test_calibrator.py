@@ -18,6 +18,7 @@ from torchtools import (  # noqa: E402
     losses_of,
     make,
     reference,
+    source,  # noqa: E402
 )
 
 from bogc_core import (  # noqa: E402

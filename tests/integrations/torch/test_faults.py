@@ -7,7 +7,7 @@ import io
 import pytest
 
 torch = pytest.importorskip("torch")
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import Diagnostics, GradientCalibrator, Laplace, Microbatch, Steps  # noqa: E402
 from torch import nn  # noqa: E402
 from torchtools import (  # noqa: E402
     batch,
@@ -15,6 +15,7 @@ from torchtools import (  # noqa: E402
     losses_of,
     make,
     reference,
+    source,  # noqa: E402
 )
 
 from bogc_core import (  # noqa: E402
@@ -82,7 +83,7 @@ def test_bad_input_raises_bogc_errors():
         GradientCalibrator(m.parameters(), samples=Steps(rho=0.3))
     with pytest.raises(ConfigError, match="params"):
         GradientCalibrator([])
-    with pytest.raises(ConfigError, match="laplace_layers"):
+    with pytest.raises(ConfigError, match="Laplace"):
         GradientCalibrator(m.parameters(), samples="laplace")
     cal = GradientCalibrator(m.parameters())
     with pytest.raises(ShapeError, match="losses"):
@@ -158,7 +159,7 @@ def test_failure_at_every_stage_changes_nothing(samples, stage, monkeypatch):
         cal.backward(losses_of(m, *batch(8, seed=seed)))
     snap = _snapshot(m, cal)
     label, owner, attr = next(s for s in _stages() if s[0] == stage)
-    target = {"cal": cal, "source": cal._source}.get(owner, owner) if isinstance(owner, str) else owner
+    target = {"cal": cal, "source": cal.samples}.get(owner, owner) if isinstance(owner, str) else owner
 
     def boom(*args, **kwargs):
         raise RuntimeError(f"injected failure at {label}")
@@ -232,7 +233,7 @@ def test_laplace_head_outside_the_sources_graph_is_a_config_error():
     m = make()
     xa, xb, y = batch(8)
     cal = GradientCalibrator(m.named_parameters(), samples=Laplace(layers={"fusion": m.fusion, "a": m.head_b, "b": m.head_b}))
-    with pytest.raises(ConfigError, match=r"laplace_layers\['a'\]"):
+    with pytest.raises(ConfigError, match=r"Laplace\(layers=\)\['a'\]"):
         cal.backward(losses_of(m, xa, xb, y))
     assert all(p.grad is None for p in m.parameters())
 
@@ -241,8 +242,7 @@ def test_laplace_head_outside_the_sources_graph_is_a_config_error():
 def test_backward_after_user_backward_is_a_bogc_error(samples):
     m = make()
     xa, xb, y = batch(8)
-    kw = {"laplace_layers": {"fusion": m.fusion, "a": m.head_a, "b": m.head_b}} if samples == "laplace" else {}
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, **kw)
+    cal = GradientCalibrator(m.named_parameters(), samples=_samples(m, samples))
     ls = losses_of(m, xa, xb, y)
     sum(l.mean() for l in ls.values()).backward()
     before = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
@@ -302,12 +302,13 @@ def _embed_losses(m):
     return {"a": ce(oa, y), "b": ce(ob, y)}
 
 
-def _laplace_kw(m, samples):
+def _samples(m, samples, **opts):
+    """The sample source ``samples`` with ``opts``; Laplace gets ``m``'s heads."""
     if samples != "laplace":
-        return {}
+        return source(samples, **opts)
     if isinstance(m, SparseEmbed):
-        return {"laplace_layers": {"a": m.head_a, "b": m.head_b}}
-    return {"laplace_layers": {"fusion": m.fusion, "a": m.head_a, "b": m.head_b}}
+        return source(samples, {"a": m.head_a, "b": m.head_b}, **opts)
+    return source(samples, {"fusion": m.fusion, "a": m.head_a, "b": m.head_b}, **opts)
 
 
 @pytest.mark.parametrize("samples", ["per_example", "microbatch", "steps", "laplace"])
@@ -315,10 +316,9 @@ def test_sparse_embedding_gradients_are_refused(samples):
     """nn.Embedding(sparse=True): refused at construction when model= shows it, else at
     backward before any sampling; p.grad and the carried state are untouched."""
     m = SparseEmbed(sparse=True)
-    kw = _laplace_kw(m, samples)
     with pytest.raises(ConfigError, match=r"params: parameter 'emb.weight' .*sparse=False"):
-        GradientCalibrator(m.named_parameters(), samples=samples, model=m, **kw)
-    cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=0.9), **kw)
+        GradientCalibrator(m.named_parameters(), samples=_samples(m, samples), model=m)
+    cal = GradientCalibrator(m.named_parameters(), samples=_samples(m, samples, rho=0.9))
     for p in m.parameters():
         p.grad = None
     snap = _snapshot(m, cal)
@@ -327,12 +327,12 @@ def test_sparse_embedding_gradients_are_refused(samples):
     _assert_unchanged(m, cal, snap)
     # leaving the embedding out is the remedy: the heads are calibrated as usual
     heads = [(n, p) for n, p in m.named_parameters() if not n.startswith("emb")]
-    diag = GradientCalibrator(heads, samples=samples, **kw).backward(_embed_losses(m))
+    diag = GradientCalibrator(heads, samples=_samples(m, samples)).backward(_embed_losses(m))
     assert diag["num_reached"] == 4 and m.emb.weight.grad is None
     # the dense twin gives the same head gradients
     d = SparseEmbed(sparse=False)
     GradientCalibrator([(n, p) for n, p in d.named_parameters() if not n.startswith("emb")],
-                       samples=samples, **_laplace_kw(d, samples)).backward(_embed_losses(d))
+                       samples=_samples(d, samples)).backward(_embed_losses(d))
     for (n, p), q in zip(heads, [p for n, p in d.named_parameters() if not n.startswith("emb")]):
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 
@@ -374,15 +374,15 @@ def test_laplace_source_that_reaches_no_calibrated_parameter_sits_out():
     parameters gives no statistics, and the others are calibrated as without it."""
     m = make()
     xa, xb, y = batch(8)
-    kw = _laplace_kw(m, "laplace")
-    cal = GradientCalibrator(list(m.enc_a.named_parameters()), samples=Laplace(seed=3), **kw)
+    cal = GradientCalibrator(list(m.enc_a.named_parameters()), samples=_samples(m, "laplace", seed=3))
     diag = cal.backward(losses_of(m, xa, xb, y))  # "b" does not reach enc_a
     assert set(diag["counts"]) == {"fusion", "a"} and diag["num_calibrated"] == 2
     got = [p.grad.clone() for p in m.enc_a.parameters()]
     m2 = make()
     ls = losses_of(m2, xa, xb, y)
     del ls["b"]
-    GradientCalibrator(list(m2.enc_a.named_parameters()), samples=Laplace(seed=3), **_laplace_kw(m2, "laplace")).backward(ls)
+    GradientCalibrator(list(m2.enc_a.named_parameters()),
+                       samples=_samples(m2, "laplace", seed=3)).backward(ls)
     for g, p in zip(got, m2.enc_a.parameters()):
         torch.testing.assert_close(g, p.grad)
     for samples in ("per_example", "microbatch", "steps"):
@@ -396,7 +396,7 @@ def test_graph_made_stale_by_an_optimizer_step_is_explained(samples):
     m = make()
     xa, xb, y = batch(8)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=0.9), **_laplace_kw(m, samples))
+    cal = GradientCalibrator(m.named_parameters(), samples=_samples(m, samples, rho=0.9))
     ls = losses_of(m, xa, xb, y)
     cal.backward(ls)
     opt.step()

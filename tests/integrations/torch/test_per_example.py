@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import Diagnostics, GradientCalibrator, PerExample  # noqa: E402
 from bogc_core.integrations.torch.shortcut import per_example_sums  # noqa: E402
 from torch import nn  # noqa: E402
 from torchtools import (  # noqa: E402
@@ -18,6 +18,7 @@ from torchtools import (  # noqa: E402
     losses_of,
     make,
     reference,
+    source,  # noqa: E402
     stats_reference,
 )
 

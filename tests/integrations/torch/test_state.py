@@ -13,6 +13,7 @@ from torchtools import (  # noqa: E402
     batch,
     losses_of,
     make,
+    source,  # noqa: E402
 )
 
 from bogc_core.errors import ConfigError  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import GradientCalibrator, Steps  # noqa: E402
 from torchtools import (  # noqa: E402
     assert_grads,
     batch,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import Diagnostics, GradientCalibrator, Steps  # noqa: E402
 from bogc_core.integrations.torch import calibrator as cal_mod  # noqa: E402
 from bogc_core.integrations.torch import per_example as pe_mod  # noqa: E402
 from bogc_core.integrations.torch import samples as samples_mod  # noqa: E402
