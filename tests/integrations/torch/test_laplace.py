@@ -106,8 +106,9 @@ def test_laplace_resume_is_bit_identical():
     def run(split):
         m, x, yu, yv = setup()
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
-        mk = lambda: GradientCalibrator(m.named_parameters(), samples=Laplace(
-            layers={"u": m.head_u, "v": m.head_v}, draws=6, seed=3))  # noqa: E731
+        def mk():
+            return GradientCalibrator(m.named_parameters(), samples=Laplace(
+                layers={"u": m.head_u, "v": m.head_v}, draws=6, seed=3))
         cal, out = mk(), []
         for step in range(4):
             if step == split:
