@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from bogc_core import CalibrationConfig, GradientStats, Posterior, posterior
 from bogc_core._calibration import calibrated_update
-from bogc_core._inputs import work_space, check_ranges, resolve_source_weights
+from bogc_core._inputs import check_ranges, resolve_source_weights, work_space
 from bogc_core._namespace import Space
 from bogc_core.errors import (
     ConfigError,

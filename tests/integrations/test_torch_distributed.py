@@ -327,7 +327,7 @@ def _dead_peer_worker(rank: int, world: int, out: Path, mid_step: bool = False) 
         if not mid_step:
             os._exit(0)  # dies before the first collective
         # dies after the agreement check, while taking its samples
-        cal._sample = lambda prob: os._exit(0)  # type: ignore[method-assign]
+        cal.samples.sample = lambda prob, ctx: os._exit(0)  # type: ignore[method-assign]
         cal.backward(losses(m, *_half(rank)))
     xa, xb, y = data(0)
     t0 = time.monotonic()
