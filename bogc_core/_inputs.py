@@ -76,8 +76,7 @@ def resolve_source_weights(
     return [_lambda(str(i), v) for i, v in enumerate(source_weights)]
 
 
-def work_space(space: Space) -> Space:
-    """The space the statistics are worked in: float32 for half-precision inputs, else as is."""
+def _work_space(space: Space) -> Space:
     if _dtype_name(space.dtype) in _HALF:
         return Space(space.xp, space.xp.float32, space.device)
     return space
@@ -145,7 +144,7 @@ def _prepare(
     shape = stats[0].shape
     for name, s in zip(names, stats):
         check_same_shape(s.shape, shape, f"stats_per_source[{name!r}]")
-    work = work_space(space)
+    work = _work_space(space)
     if work is not space:
         stats = [_upcast(s, work) for s in stats]
     if check_values:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from bogc_core import CalibrationConfig, GradientStats, Posterior, posterior
 from bogc_core._calibration import calibrated_update
-from bogc_core._inputs import check_ranges, resolve_source_weights, work_space
+from bogc_core._inputs import _work_space, check_ranges, resolve_source_weights
 from bogc_core._namespace import Space
 from bogc_core.errors import (
     ConfigError,
@@ -239,7 +239,7 @@ def calibrate_pytrees(
     # The core's range checks (gamma, clip, prior_weight, source weights against the
     # dtype), from the static dtype: they need no values, so they hold under jit too.
     for dtype in sorted({str(st.mean.dtype) for row in stats for st in row}):
-        check_ranges(work_space(Space(jnp, jnp.dtype(dtype), None)), len(names), lam, config)
+        check_ranges(_work_space(Space(jnp, jnp.dtype(dtype), None)), len(names), lam, config)
     if config.prior.beta0 is None:
         for name, row_n in zip(names, counts, strict=True):
             for i, n in enumerate(row_n):
