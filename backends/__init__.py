@@ -11,6 +11,8 @@ test and the engine's operations for its library) as the protocol:
 - ``calibrate(space, names, stats, lambdas, config) -> Calibration``;
 - ``calibrate_gradient(space, names, stats, lambdas, config, *, out=None,
   segments=None, diagnostics=None) -> array``;
+- ``GRADIENT_OPTIONS`` (optional): the further keywords that
+  ``calibrate_gradient`` takes, ``"summarize"`` and ``"check_values"``;
 
 and declines an input by raising :class:`bogc_core._types.Decline`. All of
 them run one engine (:mod:`._gradient`, with the compiled CPU loops of

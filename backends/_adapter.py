@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from bogc_core._diagnostics import Reductions, from_reductions
+from bogc_core._inputs import check_stats
 from bogc_core._types import Calibration, CalibrationConfig, Decline
 from bogc_core.errors import DTypeError, ShapeError
 
-from ._gradient import Outputs, Shim, gradient
+from ._gradient import Outputs, Shim, Summary, gradient
 
 __all__ = [
     "Adapter",
@@ -125,9 +127,21 @@ def run(
     diagnostics: dict[str, Any] | None = None,
     full: bool = False,
     native: bool = False,
+    summarize: bool | Sequence[int] = False,
+    check_values: bool = False,
 ) -> Any:
     """The engine on one call: the gradient (into ``out`` when given), or with
-    ``full`` the whole :class:`Calibration`. Raises :class:`Decline` to decline."""
+    ``full`` the whole :class:`Calibration`. Raises :class:`Decline` to decline.
+
+    ``summarize`` (with a ``diagnostics`` dict): ``True`` puts under
+    ``diagnostics["segments"]`` one dict per segment, the keys of
+    :attr:`Calibration.diagnostics`, from reductions the passes accumulate;
+    a sequence of lengths refining ``segments`` gives one dict per such part.
+
+    ``check_values``: the caller left the values check of the statistics to
+    this call (the compiled loops fold it into their passes; otherwise it runs
+    before the engine), and ``diagnostics["finite"]`` is set to whether the
+    written gradient was verified finite."""
     problem = decline_reason(space, stats, config if full else None)
     if problem:
         raise Decline(problem)
@@ -147,6 +161,9 @@ def run(
         outputs = Outputs(view(e), view(w), view(U), view(s))
     info: dict[str, Any] = {}
     counts = [_flat_count(xp, st.count, shape) for st in stats]
+    summary = None
+    if summarize is not False and summarize is not None and diagnostics is not None:
+        summary = Summary(None if summarize is True else summarize)
     with adapter.context():
         gradient(
             shim,
@@ -164,10 +181,23 @@ def run(
             info,
             threads=threads,
             outputs=outputs,
+            summary=summary,
+            check=(lambda: check_stats(names, stats)) if check_values else None,
         )
+    finite = info.pop("finite", False)
+    if check_values:
+        info["finite"] = finite
     if flat is None:
         target[...] = xp.reshape(work, shape)
     info["path"] = adapter.name
+    if summary is not None:
+        info["segments"] = [
+            from_reductions(names, Reductions(**fields), {
+                "path": adapter.name,
+                "zero_variance_sources": [n for n, z in zip(names, summary.zero_var[:, g]) if z],
+            })
+            for g, fields in enumerate(summary.finish(shim, config.s_max))
+        ]
     if diagnostics is not None:
         diagnostics.update(info)
     if not full:

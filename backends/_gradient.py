@@ -52,7 +52,7 @@ leave the float64 range) takes the logarithms as the reference does, with
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +64,8 @@ from bogc_core._types import CalibrationConfig, Decline
 from bogc_core._weights import gauss_legendre01
 
 __all__ = [
-    "FEW_SAMPLES", "Shim", "NumpyShim", "Outputs", "Plan", "plan_blocks", "gradient", "gauss_legendre01",
+    "FEW_SAMPLES", "Shim", "NumpyShim", "Outputs", "Plan", "Summary", "plan_blocks", "gradient",
+    "gauss_legendre01",
 ]
 
 # A log score is at least 2*log(smallest subnormal) - log(largest float) >
@@ -231,6 +232,145 @@ class Outputs:
     s: Any
 
 
+class Summary:
+    """Per-part reductions that the passes accumulate for the diagnostics
+    (``bogc_core._diagnostics.Reductions``), so a diagnostics step makes one pass.
+
+    ``parts``: lengths of the parts to report on, a refinement of the call's
+    segments (each part lies inside one segment), or ``None`` for the segments
+    themselves. Pass C adds, per part, the sums of ``e_k``, ``b_k``, ``u_k``,
+    ``w_k``, the first-maximum counts of ``w_k``, the sum of ``U`` and the
+    ranges of ``e`` and ``B``; pass D the count of non-finite gradient entries
+    and each part's segment mean of ``B`` (for the range of ``s``). Host
+    float64 arrays, filled by :func:`gradient`.
+    """
+
+    def __init__(self, parts: Sequence[int] | None) -> None:
+        self.parts = None if parts is None else [int(n) for n in parts]
+        self.plan: Plan | None = None
+        #: per segment, mean B (None without the belief scale), set by pass D
+        self.mean_b: np.ndarray | None = None
+
+    def start(self, shim: Shim, D: int, S: int, block: int, segments: Sequence[int] | None,
+              zero_var: np.ndarray) -> None:
+        lengths = self.parts if self.parts is not None else segments
+        self.plan = plan_blocks(D, lengths, block, shim)
+        self.host = plan_blocks(D, lengths, block, NumpyShim())
+        P = self.plan.G
+        seg_ends = np.cumsum([D] if segments is None else list(segments))
+        part_starts = np.cumsum(self.plan.lengths) - self.plan.lengths
+        #: the segment of each part
+        self.group = np.searchsorted(seg_ends, part_starts, side="right")
+        self.lengths = self.plan.lengths.astype(np.float64)
+        self.zero_var = zero_var[:, self.group]
+        self.bad = shim.zeros((P,))
+        # Per block: its first part and its partial sums (e, b, u, w, top per
+        # source; U) and ranges; reduced in block order by finish(), so the
+        # result is the same for any thread count.
+        self.blocks: list[Any] = [None] * len(self.plan.blocks)
+        self.S = S
+
+    def arrays(self, S: int, D: int, segments: Sequence[int] | None) -> tuple[np.ndarray, ...]:
+        """The arrays the compiled loops fill (``_numba_kernel.gradient``'s ``summary``)."""
+        parts = self.parts if self.parts is not None else ([D] if segments is None else segments)
+        P, G = len(parts), 1 if segments is None else len(segments)
+        return (
+            np.cumsum(np.asarray(parts, dtype=np.int64)), np.zeros((P, 5 * S + 1)),
+            np.full((P, 2), np.inf, dtype=np.float32), np.full((P, 2), -np.inf, dtype=np.float32),
+            np.zeros((S, G), dtype=bool), np.zeros(G),
+        )
+
+    def from_loops(self, shim: Shim, D: int, S: int, block: int, segments: Sequence[int] | None,
+                   arrays: tuple[np.ndarray, ...], out: Any) -> None:
+        """Take the reductions the compiled loops accumulated into ``arrays``."""
+        _, acc, lo, hi, zero_var, mean_b = arrays
+        self.start(shim, D, S, block, segments, zero_var)
+        self.blocks = [(0, acc.T, lo.T.astype(np.float64), hi.T.astype(np.float64))]
+        self.add_gradient(shim, out)
+        self.mean_b = None if np.isnan(mean_b).all() else mean_b
+
+    def add_block(self, shim: Shim, i: int, es: list[Any], ws: list[Any], Bv: Any, U: Any,
+                  W: float) -> None:
+        assert self.plan is not None
+        xp = shim.xp
+        S = self.S
+        a, b, g0, g1 = self.plan.blocks[i]
+        off = self.plan.offsets[i]
+        sums = shim.zeros((5 * S + 1, g1 - g0 + 1))
+        lo = np.full((2, g1 - g0 + 1), math.inf)  # min e, min B
+        hi = np.full((2, g1 - g0 + 1), -math.inf)  # max e, max B
+        rows = []
+        for e in es:
+            rows.append((e, e / (e + W), W / (e + W)))
+        mx = ws[0]
+        for w in ws[1:]:
+            mx = xp.maximum(mx, w)
+        taken = None
+        for k in range(S):
+            e, bk, uk = rows[k]
+            top = ws[k] == mx
+            if taken is not None:
+                top = xp.logical_and(top, xp.logical_not(taken))
+            taken = top if taken is None else xp.logical_or(taken, top)
+            for j, x in enumerate((e, bk, uk, ws[k], _as_work(shim, top))):
+                _add_seg(shim, sums[j * S + k], x, off, 0, g1 - g0)
+        _add_seg(shim, sums[5 * S], U, off, 0, g1 - g0)
+        hoff = self.host.offsets[i]
+        cuts = [(0, 0, b - a)] if hoff is None else [
+            (j, int(o), int(o) + int(n))
+            for j, (o, n) in enumerate(zip(hoff.tolist(), self.host.counts[i].tolist()))
+        ]
+        for g, c0, c1 in cuts:
+            for r, xs in enumerate(([e for e, _, _ in rows], [Bv])):
+                for x in xs:
+                    part = x[c0:c1]
+                    lo[r, g] = min(lo[r, g], float(xp.min(part)))
+                    hi[r, g] = max(hi[r, g], float(xp.max(part)))
+        self.blocks[i] = (g0, shim.to_host(sums), lo, hi)
+
+    def add_gradient(self, shim: Shim, out: Any) -> None:
+        """Count the non-finite entries of the finished gradient, per part."""
+        assert self.plan is not None
+        xp = shim.xp
+        for i, (a, b, g0, g1) in enumerate(self.plan.blocks):
+            _add_seg(shim, self.bad, _as_work(shim, xp.logical_not(xp.isfinite(out[a:b]))),
+                     self.plan.offsets[i], g0, g1)
+
+    def finish(self, shim: Shim, s_max: float | None) -> list[dict[str, Any]]:
+        """Per part, the fields of ``bogc_core._diagnostics.Reductions``."""
+        S, n = self.S, self.lengths
+        mean_b = self.mean_b
+        P = n.size
+        sums = np.zeros((5 * S + 1, P))
+        self.lo, self.hi = np.full((2, P), math.inf), np.full((2, P), -math.inf)
+        for g0, part, lo, hi in self.blocks:
+            g1 = g0 + part.shape[1]
+            sums[:, g0:g1] += part
+            self.lo[:, g0:g1] = np.minimum(self.lo[:, g0:g1], lo)
+            self.hi[:, g0:g1] = np.maximum(self.hi[:, g0:g1], hi)
+        sums = sums / n[None, :]
+        bad = shim.to_host(self.bad)
+        if mean_b is None:  # no belief scale: s = 1
+            s_lo = s_hi = np.ones_like(n)
+        else:
+            mb = mean_b[self.group]
+            s_lo, s_hi = self.lo[1] / mb, self.hi[1] / mb
+            if s_max is not None:
+                s_lo, s_hi = np.minimum(s_lo, s_max), np.minimum(s_hi, s_max)
+        out = []
+        for g in range(n.size):
+            col = sums[:, g].tolist()
+            out.append(dict(
+                num_dims=int(n[g]),
+                evidence=col[0:S], belief=col[S:2 * S], uncertainty=col[2 * S:3 * S],
+                weight=col[3 * S:4 * S], top=col[4 * S:5 * S], fused_uncertainty=col[5 * S],
+                belief_scale_min=float(s_lo[g]), belief_scale_max=float(s_hi[g]),
+                evidence_min=float(self.lo[0, g]), evidence_max=float(self.hi[0, g]),
+                nonfinite=bool(bad[g] > 0),
+            ))
+        return out
+
+
 @dataclass
 class _Src:
     m: Any  # flat mean, input dtype
@@ -255,6 +395,8 @@ def gradient(
     diagnostics: dict[str, Any] | None = None,
     threads: int = 1,
     outputs: Outputs | None = None,
+    summary: Summary | None = None,
+    check: Callable[[], None] | None = None,
 ) -> Any:
     """Write ``calibrate(...).gradient`` of every segment into the flat ``out``; return it.
 
@@ -265,21 +407,41 @@ def gradient(
     Raises :class:`Decline` where the reference raises. ``threads > 1`` runs
     passes B and C on that many threads, each over a contiguous run of blocks
     with its own partial sums (NumPy and PyTorch release the GIL inside each
-    array operation). ``outputs``: also write ``e, w, U, s`` there.
+    array operation). ``outputs``: also write ``e, w, U, s`` there. ``summary``:
+    accumulate the diagnostics' reductions there. ``check``: the
+    values check of the statistics (raises on NaN, inf, negative ``M2``), which
+    the compiled loops fold into their passes (then ``diagnostics["finite"]``
+    tells whether the gradient they wrote is finite); otherwise it runs here,
+    before any pass.
     """
+    S = len(means)
+    gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
+    lo, hi = math.exp(-L), math.exp(L)
+    # out holds (c B) g' until pass D; c centres B's range [B_lo, B_hi] on 1 so
+    # the product neither under- nor overflows where B g' would (tiny B with a
+    # huge prior weight). Where the range is too wide, B goes to a scratch.
+    b_lo, b_hi = _belief_bound(lo, W, S), _belief_bound(hi, W, S)
+    wide = not (b_lo > 0.0 and b_hi / b_lo < 1e8)
+    c_b = 1.0 if wide else 1.0 / (math.sqrt(b_lo) * math.sqrt(b_hi))
+    result = out
+    D = int(means[0].shape[0])
     if float32 and isinstance(shim, NumpyShim) and outputs is None:
         # The compiled loops, where numba is installed and the case is theirs.
         from . import _numba_kernel
 
-        if _numba_kernel.gradient(
-            names, means, m2s, counts, lambdas, config, out, segments, diagnostics
-        ):
+        arrays = None if summary is None else summary.arrays(S, D, segments)
+        done = _numba_kernel.gradient(
+            names, means, m2s, counts, lambdas, config, out, segments, None if wide else c_b,
+            diagnostics, check is not None, arrays,
+        )
+        if done is True:
+            if summary is not None and arrays is not None:
+                summary.from_loops(shim, D, S, block, segments, arrays, out)
             return out
+    if check is not None:
+        check()  # the values check, where the compiled loops did not make it
     xp = shim.xp
-    S = len(means)
-    D = int(means[0].shape[0])
     prior = config.prior
-    gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
     srcs = [_Src(m, m2, n, float(lam)) for m, m2, n, lam in zip(means, m2s, counts, lambdas)]
     per_dim = any(not isinstance(s.n, float) for s in srcs)
     plan = plan_blocks(D, segments, block, shim)
@@ -318,6 +480,8 @@ def gradient(
         diagnostics["zero_variance_sources"] = [
             names[k] for k in range(S) if prior.beta0 is None and bool(zero_var[k].any())
         ]
+    if summary is not None:
+        summary.start(shim, D, S, block, segments, zero_var)
 
     # Scalar part of the log score, log(alpha) + log(kappa), for one count.
     consts = []
@@ -380,7 +544,6 @@ def gradient(
         and p * 65.0 + float(np.max(np.abs(lk))) / math.log(10.0) < _LOG10_RANGE
     )
     K = np.exp(lk) if power else None
-    lo, hi = math.exp(-L), math.exp(L)
     # Native float32: the power form in the input dtype, as the reference's own
     # float32 arithmetic. t = |mu| / (sqrt(beta) K^(-1/p)) then e = clip(t)^p;
     # an over- or underflow of t lands on the clip bound it would reach anyway,
@@ -396,12 +559,6 @@ def gradient(
         and float(f32.smallest_normal) < W < float(f32.max)
     )
     belief = config.scale == "belief"
-    # out holds (c B) g' until pass D; c centres B's range [B_lo, B_hi] on 1 so
-    # the product neither under- nor overflows where B g' would (tiny B with a
-    # huge prior weight). Where the range is too wide, B goes to a scratch.
-    b_lo, b_hi = _belief_bound(lo, W, S), _belief_bound(hi, W, S)
-    wide = not (b_lo > 0.0 and b_hi / b_lo < 1e8)
-    c_b = 1.0 if wide else 1.0 / (math.sqrt(b_lo) * math.sqrt(b_hi))
     keep_b = belief and (config.s_max is not None or wide or outputs is not None)
     if outputs is not None:
         bscratch = outputs.s  # B until pass D turns it into s
@@ -471,7 +628,12 @@ def gradient(
             Q = shim.clip(Q, None, big)
         Bv = Q / (1.0 + Q)
         if outputs is None:
+            # the same arithmetic with or without a summary: the gradient of a
+            # diagnostics step is the gradient of any other step
             gp = _weighted_sum(shim, config.weights, es, mus, srcs, Bv, W)
+            if summary is not None:
+                ws = _weights(shim, config.weights, es, Bv, W)
+                summary.add_block(shim, i, es, ws, Bv, 1.0 / (1.0 + Q), W)
         else:
             ws = _weights(shim, config.weights, es, Bv, W)
             gp = None
@@ -527,7 +689,10 @@ def gradient(
                     shim.store(out[a:b], shim.work(out[a:b]) * f)
     elif outputs is not None:
         outputs.s[...] = 1.0
-    return out
+    if summary is not None:
+        summary.add_gradient(shim, result)
+        summary.mean_b = shim.to_host(bsum) / lengths if belief else None
+    return result
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}

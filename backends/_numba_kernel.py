@@ -33,18 +33,23 @@ would not.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from bogc_core._fusion import belief_bound as _belief_bound
 from bogc_core._types import CalibrationConfig
 from bogc_core.errors import ConfigError
 
-__all__ = ["AVAILABLE", "ENABLED", "gradient", "set_threads", "get_threads"]
+__all__ = ["AVAILABLE", "ENABLED", "BAD", "gradient", "set_threads", "get_threads"]
+
+#: What :func:`gradient` returns when the values check of a pass found a NaN, an
+#: infinity or a negative ``M2`` before anything was written (the caller's own
+#: check then names the offending array).
+BAD = "bad values"
 
 numba: Any
 try:
@@ -79,6 +84,13 @@ _ITEM = 16 * _BL
 # machine's cores, or NUMBA_NUM_THREADS). Torch inputs (zero-copy views of
 # CPU tensors) take torch.get_num_threads().
 _THREADS: list[int | None] = [None]
+
+
+# The summary arrays of a call without a summary (never written; the same types).
+_NO_SUMMARY = (
+    np.zeros(1, dtype=np.int64), np.zeros((1, 1)), np.zeros((1, 2), dtype=np.float32),
+    np.zeros((1, 2), dtype=np.float32),
+)
 
 
 def _jit(fn: Any, flags: set[str] = _FM, parallel: bool = False) -> Any:
@@ -137,19 +149,24 @@ def _reduce_items(part: Any, iseg: Any, out: Any) -> None:
 
 def _log_block(
     mm: Any, vv: Any, b0: Any, tiny: Any, n: int, rb: Any, mb: Any, square: bool
-) -> tuple[float, int, int]:
+) -> tuple[float, int, int, int]:
     """``sum log r`` over ``n`` ratios (``2 sum log r`` with ``square``: from
-    ``r^2 = m^2 / beta``, no square root), the zero means and the ratios that
-    are not normal float32 numbers."""
+    ``r^2 = m^2 / beta``, no square root), the zero means, the ratios that
+    are not normal float32 numbers and (``square`` only) the invalid inputs: a
+    mean that is NaN or infinite, an ``M2`` that is NaN, infinite or negative."""
     half = np.float32(0.5)
     zero = np.float32(0.0)
+    fmax = np.float32(3.4028234663852886e38)
     ri = rb.view(np.int32)
     mi = mb.view(np.int32)
     nz = 0
+    ok = 0
     if square:
         for j in range(n):
             mv = mm[j]
-            beta = max(vv[j] * half + b0, tiny)
+            v = vv[j]
+            ok += (abs(mv) <= fmax) & (v >= zero) & (v <= fmax)
+            beta = max(v * half + b0, tiny)
             isz = mv == zero
             nz += isz
             # r = 0 exactly where the mean is zero: r + 1 is the factor 1.
@@ -170,7 +187,7 @@ def _log_block(
         ex += ef - 127
         mi[j] = (bits & 0x7FFFFF) | 0x3F800000
     pr = _prod64_c(mb[:n])
-    return math.log(pr) + ex * math.log(2.0), nz, nb
+    return math.log(pr) + ex * math.log(2.0), nz, nb, (n - ok) if square else 0
 
 
 _log_block_c = _jit(_log_block)
@@ -178,11 +195,13 @@ _log_block_c = _jit(_log_block)
 
 def _log_sums(
     m: Any, m2: Any, beta0: Any, tiny: Any, istart: Any, iend: Any, iseg: Any,
-    part: Any, nzp: Any, badp: Any,
+    part: Any, nzp: Any, badp: Any, invp: Any,
 ) -> None:
     """Pass B per work item ``i``: ``part[i] = sum log r`` over its non-zero
     means, ``nzp[i]`` its zero means, ``badp[i]`` its ratios that are not
-    normal float32 numbers (the caller then takes the array engine's logs).
+    normal float32 numbers (the caller then takes the array engine's logs),
+    ``invp[i]`` its invalid inputs (NaN or infinite ``m``; NaN, infinite or
+    negative ``M2``): the values check, folded into the pass.
 
     A ratio ``r = 2^E f`` (``f`` in ``[1, 2)``) is split by its bits: the
     exponents are summed as integers, the mantissas multiplied in float64 (a
@@ -198,16 +217,18 @@ def _log_sums(
         tot = 0.0
         nz = 0
         bad = 0
+        inv = 0
         a0 = istart[i]
         while a0 < iend[i]:
             n = min(_BL_B, iend[i] - a0)
             mm = m[a0 : a0 + n]
             vv = m2[a0 : a0 + n]
-            t2, z, nb = _log_block_c(mm, vv, b0, tiny, n, rb, mb, True)
+            t2, z, nb, ni = _log_block_c(mm, vv, b0, tiny, n, rb, mb, True)
+            inv += ni
             if nb == 0:
                 tot += 0.5 * t2
             else:
-                t, z, nb = _log_block_c(mm, vv, b0, tiny, n, rb, mb, False)
+                t, z, nb, _ = _log_block_c(mm, vv, b0, tiny, n, rb, mb, False)
                 tot += t
                 bad += nb
             nz += z
@@ -215,15 +236,69 @@ def _log_sums(
         part[i] = tot
         nzp[i] = nz
         badp[i] = bad
+        invp[i] = inv
+
+
+def _summary_block(
+    Es: Any, Q: Any, den: Any, n: int, a0: int, w_f: Any, inv_w: Any, big: Any,
+    uniform: bool, pend: Any, acc: Any, lo: Any, hi: Any,
+) -> None:
+    """The diagnostics' reductions of one block of pass C, per part (``pend``: the
+    parts' end offsets): the sums of ``e_k``, ``b_k``, ``u_k``, ``w_k``, the
+    first maxima of ``w_k``, the sum of ``U`` (``acc[p]``, float64) and the
+    ranges of ``e`` and ``B`` (``lo[p]``, ``hi[p]``). ``Q`` and ``den`` as the
+    source loops left them."""
+    S = Es.shape[0]
+    one = np.float32(1.0)
+    p = np.searchsorted(pend, a0, side="right")
+    for j in range(n):
+        while a0 + j >= pend[p]:
+            p += 1
+        q = min(Q[j], big)
+        u_f = one / (one + q)
+        bv = q / (one + q)
+        d = den[j]
+        best = -1.0
+        kb = 0
+        for k in range(S):
+            e = Es[k, j]
+            w = one / np.float32(S) if uniform else e / d
+            acc[p, k] += e
+            acc[p, S + k] += e / (e + w_f)
+            acc[p, 2 * S + k] += w_f / (e + w_f)
+            acc[p, 3 * S + k] += w
+            if w > best:
+                best = w
+                kb = k
+            lo[p, 0] = min(lo[p, 0], e)
+            hi[p, 0] = max(hi[p, 0], e)
+        acc[p, 4 * S + kb] += 1.0
+        acc[p, 5 * S] += u_f
+        lo[p, 1] = min(lo[p, 1], bv)
+        hi[p, 1] = max(hi[p, 1], bv)
+
+
+_summary_block_c = _jit(_summary_block)
 
 
 def _evidence_block(
     ms: Any, m2s: Any, lams: Any, beta0: Any, invk: Any, g: int, eqv: Any, a0: int, n: int,
     tiny_b: Any, lo_t: Any, hi_t: Any, inv_w: Any, big: Any, pcode: int, snr: bool,
-    uniform: bool, belief: bool, c_b: Any, n_src: Any, out: Any, Q: Any, num: Any,
-    den: Any, E: Any,
+    uniform: bool, belief: bool, c_b: Any, n_src: Any, one_div: bool, out: Any, Q: Any,
+    num: Any, den: Any, summ: bool, Es: Any, w_f: Any, pend: Any, sacc: Any, slo: Any,
+    shi: Any,
 ) -> float:
-    """Pass C over ``[a0, a0 + n)`` of segment ``g`` (``n <= _BL``); returns ``sum B``."""
+    """Pass C over ``[a0, a0 + n)`` of segment ``g`` (``n <= _BL``): one loop per
+    source (evidence and the running ``Q``, ``num``, ``den``) and one for the
+    output. Returns ``sum B`` (belief scale), or else the number of
+    non-finite gradient entries (the output check, folded into the pass).
+
+    ``one_div`` (where ``(1 + Q) sum_k e_k`` cannot overflow): ``B = Q/(1+Q)``
+    and ``g' = num/den`` from one reciprocal ``r = 1/((1 + Q) den)``, as
+    ``B = Q (den r)`` and ``c B g' = c (Q (num r))``.
+
+    ``summ``: also keep each ``e_k`` in ``Es`` and add the diagnostics'
+    reductions of the block to ``sacc``, ``slo``, ``shi`` (:func:`_summary_block`)."""
     S = len(ms)
     half = np.float32(0.5)
     one = np.float32(1.0)
@@ -234,64 +309,63 @@ def _evidence_block(
         b0 = beta0[k, g]
         ik = invk[k, g]
         lam = lams[k]
-        if snr:
-            for j in range(n):
-                t = abs(m[j]) / (np.sqrt(max(m2[j] * half + b0, tiny_b)) * ik)
-                E[j] = min(max(t, lo_t), hi_t)
-        else:
-            for j in range(n):
-                t = one / (np.sqrt(max(m2[j] * half + b0, tiny_b)) * ik)
-                E[j] = min(max(t, lo_t), hi_t)
-        if pcode == 0:
-            for j in range(n):
-                E[j] = np.sqrt(E[j])
-        elif pcode == 2:
-            for j in range(n):
-                E[j] = E[j] * E[j]
-        elif pcode == 3:
-            for j in range(n):
-                t = E[j] * E[j]
-                E[j] = t * t
-        if eqv != 0:
-            for j in range(n):
-                E[j] = E[j] * keep + eqv
-        if k == 0:
-            for j in range(n):
-                Q[j] = E[j] * inv_w
-                den[j] = E[j]
-            if uniform:
-                for j in range(n):
-                    num[j] = lam * m[j]
-            else:
-                for j in range(n):
-                    num[j] = E[j] * (lam * m[j])
-        elif uniform:
-            for j in range(n):
-                x = E[j] * inv_w
-                q = Q[j]
-                Q[j] = q + x + q * x
-                num[j] += lam * m[j]
-        else:
-            for j in range(n):
-                x = E[j] * inv_w
-                q = Q[j]
-                Q[j] = q + x + q * x
-                num[j] += E[j] * (lam * m[j])
-                den[j] += E[j]
-    o = out[a0 : a0 + n]
-    if uniform:
+        first = k == 0
         for j in range(n):
-            den[j] = n_src
+            mv = m[j]
+            top = abs(mv) if snr else one
+            t = top / (np.sqrt(max(m2[j] * half + b0, tiny_b)) * ik)
+            t = min(max(t, lo_t), hi_t)
+            if pcode == 0:
+                e = np.sqrt(t)
+            elif pcode == 2:
+                e = t * t
+            elif pcode == 3:
+                e = (t * t) * (t * t)
+            else:
+                e = t
+            # e * 1 + 0 is e exactly: no branch for the segments without equal evidence
+            e = e * keep + eqv
+            if summ:
+                Es[k, j] = e
+            x = e * inv_w
+            lm = lam * mv
+            c = lm if uniform else e * lm
+            if first:
+                Q[j] = x
+                num[j] = c
+                den[j] = e
+            else:
+                q = Q[j]
+                Q[j] = q + x + q * x
+                num[j] += c
+                den[j] += e
+    if summ:
+        _summary_block_c(Es, Q, den, n, a0, w_f, inv_w, big, uniform, pend, sacc, slo, shi)
+    o = out[a0 : a0 + n]
+    if belief and one_div:
+        for j in range(n):
+            q = Q[j]
+            d = n_src if uniform else den[j]
+            r = one / ((one + q) * d)
+            o[j] = c_b * (q * (num[j] * r))
+            Q[j] = q * (d * r)
+        return _sum64_c(Q[:n])
     if belief:
         for j in range(n):
             q = min(Q[j], big)
             bv = q / (one + q)
-            o[j] = (c_b * bv) * (num[j] / den[j])
+            d = n_src if uniform else den[j]
+            o[j] = (c_b * bv) * (num[j] / d)
             Q[j] = bv
         return _sum64_c(Q[:n])
+    fmax = np.float32(3.4028234663852886e38)
+    ok = 0
     for j in range(n):
-        o[j] = n_src * (num[j] / den[j])
-    return 0.0
+        d = n_src if uniform else den[j]
+        v = n_src * (num[j] / d)
+        o[j] = v
+        ok += abs(v) <= fmax
+    return float(n - ok)
 
 
 _evidence_block_c = _jit(_evidence_block)
@@ -300,17 +374,18 @@ _evidence_block_c = _jit(_evidence_block)
 def _evidence_out(
     ms: Any, m2s: Any, lams: Any, beta0: Any, invk: Any, eq: Any, istart: Any, iend: Any,
     iseg: Any, tiny: Any, lo_t: Any, hi_t: Any, inv_w: Any, big: Any, pcode: int, snr: bool,
-    uniform: bool, belief: bool, c_b: Any, n_src: Any, floor_beta: bool, out: Any,
-    part: Any,
+    uniform: bool, belief: bool, c_b: Any, n_src: Any, floor_beta: bool, one_div: bool,
+    out: Any, part: Any, summ: bool, w_f: Any, pend: Any, sacc: Any, slo: Any, shi: Any,
 ) -> None:
-    """Pass C: ``out = c B g'`` (belief) or ``S g'``; ``part[i] = sum B`` over item ``i``."""
+    """Pass C: ``out = c B g'`` (belief) or ``S g'``; ``part[i] = sum B`` over item
+    ``i`` (belief) or its number of non-finite gradient entries."""
     tiny_b = tiny if floor_beta else np.float32(0.0)
     for i in prange(istart.shape[0]):
-        # Four float32 scratch vectors of _BL elements per item stay in L1.
+        # Three float32 scratch vectors of _BL elements per item stay in L1.
         Q = np.empty(_BL, dtype=np.float32)
         num = np.empty(_BL, dtype=np.float32)
         den = np.empty(_BL, dtype=np.float32)
-        E = np.empty(_BL, dtype=np.float32)
+        Es = np.empty((len(ms) if summ else 1, _BL), dtype=np.float32)
         g = iseg[i]
         acc = 0.0
         a0 = istart[i]
@@ -318,17 +393,26 @@ def _evidence_out(
             n = min(_BL, iend[i] - a0)
             acc += _evidence_block_c(
                 ms, m2s, lams, beta0, invk, g, eq[g], a0, n, tiny_b, lo_t, hi_t, inv_w, big,
-                pcode, snr, uniform, belief, c_b, n_src, out, Q, num, den, E,
+                pcode, snr, uniform, belief, c_b, n_src, one_div, out, Q, num, den, summ, Es,
+                w_f, pend, sacc, slo, shi,
             )
             a0 += n
         part[i] = acc
 
 
-def _scale(out: Any, istart: Any, iend: Any, iseg: Any, inv: Any) -> None:
+def _scale(out: Any, istart: Any, iend: Any, iseg: Any, inv: Any, badp: Any) -> None:
+    """Pass D: ``out *= inv[g]`` per segment; ``badp[i]``: the non-finite results of
+    item ``i`` (the output check, folded into the pass)."""
+    fmax = np.float32(3.4028234663852886e38)
     for i in prange(istart.shape[0]):
         f = inv[iseg[i]]
-        for j in range(istart[i], iend[i]):
-            out[j] = np.float32(np.float64(out[j]) * f)
+        o = out[istart[i] : iend[i]]
+        ok = 0
+        for j in range(o.shape[0]):
+            v = np.float32(np.float64(o[j]) * f)
+            o[j] = v
+            ok += abs(v) <= fmax
+        badp[i] = o.shape[0] - ok
 
 
 _m2_sums_c = _jit(_m2_sums, parallel=True)
@@ -354,6 +438,17 @@ def get_threads() -> int | None:
     return _THREADS[0]
 
 
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """numba's thread count set to ``n`` for the duration of one call."""
+    saved = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(saved)
+
+
 def _threads_for(x: np.ndarray) -> int:
     """Threads for a call on ``x``: torch's intra-op count for a view of a CPU
     tensor, the module setting otherwise; at most numba's pool size."""
@@ -375,13 +470,32 @@ def gradient(
     config: CalibrationConfig,
     out: np.ndarray,
     segments: Sequence[int] | None,
+    c_b: float | None,
     diagnostics: dict[str, Any] | None = None,
-) -> bool:
+    check: bool = False,
+    summary: tuple[np.ndarray, ...] | None = None,
+) -> bool | str:
     """Write ``calibrate(...).gradient`` into the flat float32 ``out`` with the compiled
-    loops; ``False`` (``out`` possibly written) where the case is not theirs.
+    loops and return ``True``; ``False`` where the case is not theirs (``out`` not
+    written).
 
     ``means``/``m2s``: flat ``(D,)`` NumPy arrays; ``counts``: one Python
-    float per source (anything else returns ``False``).
+    float per source (anything else returns ``False``). ``c_b``: the constant
+    that centres the range of the fused belief on 1 (``None`` where the range
+    is too wide for one constant, which the loops do not take).
+
+    ``check``: the values check of ``calibrate_gradient(check_values=True)``,
+    folded into the passes: pass B also counts the NaN and infinite means and
+    the NaN, infinite and negative ``M2`` (returning :data:`BAD` before
+    anything is written), and the pass that writes the final gradient counts
+    its non-finite entries (``diagnostics["finite"]`` tells whether there
+    were none). ``True`` with ``check`` means every input value was verified.
+
+    ``summary``: ``(pend, acc, lo, hi, zero_var, mean_b)``, arrays that pass C
+    fills with the diagnostics' reductions per part (``pend``: the parts' end
+    offsets, refining the segments; see :func:`_summary_block`), and the
+    zero-variance flags ``(S, G)`` and mean fused belief ``(G,)`` of every
+    segment. The call then runs on one thread (the same bits as any other).
     """
     if not (AVAILABLE and ENABLED[0]):
         return False
@@ -389,7 +503,8 @@ def gradient(
     p = 2.0 * float(config.gamma)
     f32 = np.float32
     if not (
-        p in _POW_CODE
+        c_b is not None
+        and p in _POW_CODE
         and prior.kappa0 == 0
         and config.weights in ("evidence", "uniform")
         and config.s_max is None
@@ -399,14 +514,123 @@ def gradient(
         and out.flags.c_contiguous
     ):
         return False
-    threads = _threads_for(means[0])
-    saved = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
-        done = _run(means, m2s, counts, lambdas, config, out, segments, diagnostics, names)
-    finally:
-        numba.set_num_threads(saved)
-    return done
+    with _threads(1 if summary is not None else _threads_for(means[0])):
+        prior = config.prior
+        gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
+        p = 2.0 * gamma
+        belief = config.scale == "belief"
+        f32 = np.float32
+        fi = np.finfo(f32)
+        tiny = float(fi.smallest_normal)
+        S = len(means)
+        D = int(means[0].shape[0])
+        lengths = np.asarray([D] if segments is None else list(segments), dtype=np.int64)
+        G = int(lengths.size)
+        istart, iend, iseg = _items(lengths)
+        part = np.empty(istart.size)
+        lens_f = lengths.astype(np.float64)
+        ns = [float(n) for n in counts]
+        if check and not all(math.isfinite(n) and n >= 0 for n in ns):
+            return BAD
+
+        # ---- pass A
+        beta0 = np.zeros((S, G))
+        zero_var = np.zeros((S, G), dtype=bool)
+        if prior.beta0 is not None:
+            beta0[:] = float(prior.beta0)
+        else:
+            if not all(n >= 2 for n in ns):
+                return False
+            tot = np.empty(G)
+            for k in range(S):
+                _m2_sums_c(m2s[k], istart, iend, part)
+                _reduce_items_c(part, iseg, tot)
+                beta0[k] = float(prior.alpha0) * (tot / ns[k] / lens_f)
+                zero_var[k] = ~(tot > 0)
+        seg_equal = np.any(zero_var, axis=0) if prior.beta0 is None else np.zeros(G, dtype=bool)
+        C = np.asarray(
+            [math.log(max(prior.alpha0 + 0.5 * n, tiny)) + math.log(max(prior.kappa0 + n, tiny)) for n in ns]
+        )
+        beta0_32 = beta0.astype(f32)
+
+        # ---- pass B
+        ref = np.zeros(G)
+        if bool(np.all(seg_equal)) and check:
+            return False  # pass B, which checks the values, has nothing to do
+        if not bool(np.all(seg_equal)):
+            snr = config.evidence_from == "snr"
+            if not snr:
+                return False  # precision scores take the array engine's logs
+            sums = np.empty((S, G))
+            nzs = np.empty((S, G), dtype=np.int64)
+            nzp = np.empty(istart.size, dtype=np.int64)
+            badp = np.empty(istart.size, dtype=np.int64)
+            invp = np.empty(istart.size, dtype=np.int64)
+            for k in range(S):
+                _log_sums_c(
+                    means[k], m2s[k], beta0_32[k], f32(tiny), istart, iend, iseg, part, nzp, badp,
+                    invp,
+                )
+                if check and invp.any():
+                    return BAD
+                if badp.any():
+                    return False
+                _reduce_items_c(part, iseg, sums[k])
+                nzs[k] = np.bincount(iseg, weights=nzp, minlength=G).astype(np.int64)
+            cnts = lens_f[None, :] - nzs
+            total = np.sum(2.0 * sums + C[:, None] * cnts, axis=0)
+            ref = total / np.maximum(np.sum(cnts, axis=0), 1.0)
+
+        # ---- pass C: the engine's fast32 conditions
+        lk = gamma * (C[:, None] - ref[None, :])
+        lo, hi = math.exp(-L), math.exp(L)
+        max_lk = float(np.max(np.abs(lk)))
+        if not (
+            p * 65.0 + max_lk / math.log(10.0) < 290.0
+            and max_lk / p < 15.0 * math.log(10.0)
+            and L / p < math.log(float(fi.max)) - 1.0
+            and tiny < lo / W
+            and hi / W < float(fi.max)
+            and tiny < W < float(fi.max)
+        ):
+            return False
+        if c_b is None:
+            return False
+        invk = np.exp(-lk / p).astype(f32)
+        floor_beta = not bool(np.all(beta0 >= tiny))
+        # S lo <= (1 + Q) sum_k e_k < (1 + hi/W)^S S hi must stay inside the float32
+        # range (margins of 2^8 for round-off), so that neither it nor r = 1/it overflows.
+        log_big = math.log(float(fi.max)) - 8.0 * math.log(2.0)
+        one_div = S * math.log1p(hi / W) + math.log(S * hi) < log_big and math.log(S * lo) > -log_big
+        bsum = np.zeros(G)
+        _evidence_out_c(
+            tuple(means), tuple(m2s), np.asarray(lambdas, dtype=f32), beta0_32, invk,
+            seg_equal.astype(f32), istart, iend, iseg, f32(tiny), f32(lo ** (1.0 / p)),
+            f32(hi ** (1.0 / p)), f32(1.0 / W), f32(fi.max), _POW_CODE[p],
+            config.evidence_from == "snr", config.weights == "uniform", belief, f32(c_b),
+            f32(S), floor_beta, one_div, out, part, summary is not None, f32(W),
+            *(summary or _NO_SUMMARY)[:4],
+        )
+        # ---- pass D
+        if belief:
+            _reduce_items_c(part, iseg, bsum)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                inv = float(S) / (c_b * (bsum / lens_f))
+            nonfinite = np.empty(istart.size, dtype=np.int64)
+            _scale_c(out, istart, iend, iseg, inv, nonfinite)
+            finite = not nonfinite.any()
+        else:
+            finite = not part.any()  # pass C counted the non-finite entries
+        if summary is not None:
+            summary[4][...] = zero_var
+            summary[5][...] = bsum / lens_f if belief else math.nan
+        if diagnostics is not None:
+            diagnostics["finite"] = finite
+            diagnostics["zero_variance_sources"] = [
+                names[k] for k in range(S) if prior.beta0 is None and bool(zero_var[k].any())
+            ]
+            diagnostics["kernel"] = "numba"
+        return True
 
 
 def _items(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -421,114 +645,3 @@ def _items(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     istart = starts[iseg] + off * _ITEM
     iend = np.minimum(istart + _ITEM, ends[iseg])
     return istart, iend, iseg
-
-
-def _run(
-    means: Sequence[np.ndarray],
-    m2s: Sequence[np.ndarray],
-    counts: Sequence[Any],
-    lambdas: Sequence[float],
-    config: CalibrationConfig,
-    out: np.ndarray,
-    segments: Sequence[int] | None,
-    diagnostics: dict[str, Any] | None,
-    names: Sequence[str],
-) -> bool:
-    prior = config.prior
-    gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
-    p = 2.0 * gamma
-    belief = config.scale == "belief"
-    f32 = np.float32
-    fi = np.finfo(f32)
-    tiny = float(fi.smallest_normal)
-    S = len(means)
-    D = int(means[0].shape[0])
-    lengths = np.asarray([D] if segments is None else list(segments), dtype=np.int64)
-    G = int(lengths.size)
-    istart, iend, iseg = _items(lengths)
-    part = np.empty(istart.size)
-    lens_f = lengths.astype(np.float64)
-    ns = [float(n) for n in counts]
-
-    # ---- pass A
-    beta0 = np.zeros((S, G))
-    zero_var = np.zeros((S, G), dtype=bool)
-    if prior.beta0 is not None:
-        beta0[:] = float(prior.beta0)
-    else:
-        if not all(n >= 2 for n in ns):
-            return False
-        tot = np.empty(G)
-        for k in range(S):
-            _m2_sums_c(m2s[k], istart, iend, part)
-            _reduce_items_c(part, iseg, tot)
-            beta0[k] = float(prior.alpha0) * (tot / ns[k] / lens_f)
-            zero_var[k] = ~(tot > 0)
-    seg_equal = np.any(zero_var, axis=0) if prior.beta0 is None else np.zeros(G, dtype=bool)
-    C = np.asarray(
-        [math.log(max(prior.alpha0 + 0.5 * n, tiny)) + math.log(max(prior.kappa0 + n, tiny)) for n in ns]
-    )
-    beta0_32 = beta0.astype(f32)
-
-    # ---- pass B
-    ref = np.zeros(G)
-    if not bool(np.all(seg_equal)):
-        snr = config.evidence_from == "snr"
-        if not snr:
-            return False  # precision scores take the array engine's logs
-        sums = np.empty((S, G))
-        nzs = np.empty((S, G), dtype=np.int64)
-        nzp = np.empty(istart.size, dtype=np.int64)
-        badp = np.empty(istart.size, dtype=np.int64)
-        for k in range(S):
-            _log_sums_c(
-                means[k], m2s[k], beta0_32[k], f32(tiny), istart, iend, iseg, part, nzp, badp
-            )
-            if badp.any():
-                return False
-            _reduce_items_c(part, iseg, sums[k])
-            nzs[k] = np.bincount(iseg, weights=nzp, minlength=G).astype(np.int64)
-        cnts = lens_f[None, :] - nzs
-        total = np.sum(2.0 * sums + C[:, None] * cnts, axis=0)
-        ref = total / np.maximum(np.sum(cnts, axis=0), 1.0)
-
-    # ---- pass C: the engine's fast32 conditions
-    lk = gamma * (C[:, None] - ref[None, :])
-    lo, hi = math.exp(-L), math.exp(L)
-    max_lk = float(np.max(np.abs(lk)))
-    if not (
-        p * 65.0 + max_lk / math.log(10.0) < 290.0
-        and max_lk / p < 15.0 * math.log(10.0)
-        and L / p < math.log(float(fi.max)) - 1.0
-        and tiny < lo / W
-        and hi / W < float(fi.max)
-        and tiny < W < float(fi.max)
-    ):
-        return False
-    b_lo, b_hi = _belief_bound(lo, W, S), _belief_bound(hi, W, S)
-    if not (b_lo > 0.0 and b_hi / b_lo < 1e8):
-        return False
-    c_b = 1.0 / (math.sqrt(b_lo) * math.sqrt(b_hi))
-    invk = np.exp(-lk / p).astype(f32)
-    floor_beta = not bool(np.all(beta0 >= tiny))
-    bsum = np.zeros(G)
-    _evidence_out_c(
-        tuple(means), tuple(m2s), np.asarray(lambdas, dtype=f32), beta0_32, invk,
-        seg_equal.astype(f32), istart, iend, iseg, f32(tiny), f32(lo ** (1.0 / p)),
-        f32(hi ** (1.0 / p)), f32(1.0 / W), f32(fi.max), _POW_CODE[p],
-        config.evidence_from == "snr", config.weights == "uniform", belief, f32(c_b),
-        f32(S), floor_beta, out, part,
-    )
-    _reduce_items_c(part, iseg, bsum)
-
-    # ---- pass D
-    if belief:
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            inv = float(S) / (c_b * (bsum / lens_f))
-        _scale_c(out, istart, iend, iseg, inv)
-    if diagnostics is not None:
-        diagnostics["zero_variance_sources"] = [
-            names[k] for k in range(S) if prior.beta0 is None and bool(zero_var[k].any())
-        ]
-        diagnostics["kernel"] = "numba"
-    return True

@@ -21,7 +21,7 @@ from bogc_core.errors import ConfigError
 from ._adapter import BLOCK, Adapter, hugepage_buffer
 from ._gradient import NumpyShim, Shim
 
-__all__ = ["NAME", "accepts", "calibrate", "calibrate_gradient", "set_threads"]
+__all__ = ["GRADIENT_OPTIONS", "NAME", "accepts", "calibrate", "calibrate_gradient", "set_threads"]
 
 NAME = "numpy-fused"
 _THREADS = [1]
@@ -65,6 +65,8 @@ class NumpyAdapter(Adapter):
         return bool(x.flags.c_contiguous)
 
 
+#: What the adapter's ``calibrate_gradient`` (:func:`._adapter.run`) takes beyond the protocol.
+GRADIENT_OPTIONS = ("summarize", "check_values")
 ADAPTER = NumpyAdapter()
 accepts = ADAPTER.accepts
 calibrate = ADAPTER.calibrate

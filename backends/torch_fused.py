@@ -23,7 +23,7 @@ import torch
 from ._adapter import BLOCK, Adapter, hugepage_buffer
 from ._gradient import NumpyShim, Shim
 
-__all__ = ["NAME", "TorchShim", "accepts", "calibrate", "calibrate_gradient"]
+__all__ = ["GRADIENT_OPTIONS", "NAME", "TorchShim", "accepts", "calibrate", "calibrate_gradient"]
 
 NAME = "torch-fused"
 
@@ -106,6 +106,8 @@ class TorchAdapter(Adapter):
             yield
 
 
+#: What the adapter's ``calibrate_gradient`` (:func:`._adapter.run`) takes beyond the protocol.
+GRADIENT_OPTIONS = ("summarize", "check_values")
 ADAPTER = TorchAdapter()
 accepts = ADAPTER.accepts
 calibrate = ADAPTER.calibrate

@@ -17,6 +17,8 @@ dimensions, one count per source, 10% exactly-zero means):
   (gradient only, into a preallocated ``out``); with ``numba`` installed
   (extra ``[fast]``) this runs the compiled loops, and
   ``numpy-grad-engine`` / ``torch-grad-engine`` the array engine alone;
+- ``numpy-public`` / ``torch-public``: ``bogc_core.calibrate_gradient(stats, config,
+  out=out)``, the public function with its default value checks (what a caller sees);
 - ``numpy-full`` / ``torch-full``: the fast path's ``calibrate`` (every output);
 - ``numpy-before`` / ``torch-before``: ``bogc_core.calibrate(stats).gradient``,
   the way a caller got the gradient before ``calibrate_gradient`` existed
@@ -103,7 +105,7 @@ def case(
     import torch
     from bogc_core.backends import numpy_fused, torch_fused
 
-    from bogc_core import CalibrationConfig, GradientStats, calibrate
+    from bogc_core import CalibrationConfig, GradientStats, calibrate, calibrate_gradient
     from bogc_core._namespace import resolve
 
     raw = make_stats(D, S, dtype)
@@ -141,6 +143,11 @@ def case(
         fns["numpy-grad"] = lambda: numpy_fused.calibrate_gradient(
             n_space, names, n_stats, lam, cfg, out=n_out
         )
+        # What a caller of the public function sees: the core's checks of the
+        # inputs and of the options, the values check of every statistic and of
+        # the result (folded into the compiled loops' passes where they run).
+        fns["numpy-public"] = lambda: calibrate_gradient(n_stats, cfg, out=n_out)
+        fns["torch-public"] = lambda: calibrate_gradient(t_stats, cfg, out=t_out)
         if full:
 
             def floor_full() -> Any:
@@ -196,6 +203,7 @@ def case(
             continue
         if k.startswith("numpy"):
             base = "floor-grad-np"
+            ratios[k + "/torch-floor"] = v / t["floor-grad"]
         elif k.endswith("-full"):
             base = "floor-full"
         else:

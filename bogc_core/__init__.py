@@ -8,9 +8,10 @@ here (``bogc_core.__all__``)::
     _evidence    evidence                            (Stage 2)
     _fusion      Opinion, reduced_dempster, combine  (Stages 3-4)
     _weights     fused_weights                       (Stage 5a)
-    _calibration calibrate, calibrate_gradient           (Stage 5)
+    _calibration calibrate, calibrate_gradient, calibrated_update (Stage 5)
     _tensors     calibrate_tensors (several tensors, by scope)
-    _inputs      validation of the sources, fixed weights and options
+    _inputs      validation of the sources, fixed weights (resolve_source_weights)
+                 and options
     _diagnostics Calibration.diagnostics
     _dispatch    the fast path of the input's array library, imported on demand
     _types       options, results, Decline (the leaf every module imports from)
@@ -19,10 +20,11 @@ here (``bogc_core.__all__``)::
 namespaces; ``bogc_core.validate`` is the ``bogc validate`` command.
 """
 
-from ._calibration import calibrate, calibrate_gradient
+from ._calibration import calibrate, calibrate_gradient, calibrated_update
 from ._dispatch import fast_paths, register_fast_path
 from ._evidence import evidence
 from ._fusion import Opinion, combine, fuse_single, reduced_dempster
+from ._inputs import check_options, resolve_source_weights
 from ._posterior import Posterior, posterior
 from ._statistics import GradientStats
 from ._tensors import calibrate_tensors
@@ -79,7 +81,9 @@ __all__ = [
     "TotalConflictError",
     "WeightRule",
     "calibrate",
+    "check_options",
     "calibrate_gradient",
+    "calibrated_update",
     "calibrate_tensors",
     "combine",
     "evidence",
@@ -89,4 +93,5 @@ __all__ = [
     "posterior",
     "reduced_dempster",
     "register_fast_path",
+    "resolve_source_weights",
 ]

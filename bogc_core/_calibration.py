@@ -30,6 +30,7 @@ from ._inputs import (
     StatsPerSource,
     _prepare,
     check_ranges,
+    check_stats,
     resolved_config,
 )
 from ._namespace import Space, check_same_shape, resolve
@@ -39,7 +40,7 @@ from ._types import Array, Calibration, CalibrationConfig, Decline
 from ._weights import fused_weights
 from .errors import ConfigError, DTypeError, NamespaceError, NonFiniteError, ShapeError
 
-__all__ = ["calibrate", "calibrate_gradient"]
+__all__ = ["calibrate", "calibrate_gradient", "calibrated_update"]
 
 
 def _finished(space: Space, g: Array, check_values: bool) -> None:
@@ -236,6 +237,44 @@ def _segment_bounds(
     return bounds
 
 
+def _part_bounds(
+    summarize: bool | Sequence[int], bounds: list[tuple[int, int]] | None, D: int
+) -> list[tuple[int, int]] | None:
+    """The parts that ``summarize`` asks diagnostics for (``None``: the whole input)."""
+    if isinstance(summarize, bool):
+        return bounds
+    parts = _segment_bounds(summarize, (D,))
+    assert parts is not None
+    ends = {b for _, b in bounds or [(0, D)]}
+    starts = {a for a, _ in bounds or [(0, D)]}
+    # every segment boundary is a part boundary: each part lies in one segment
+    if not (ends <= {b for _, b in parts} and starts <= {a for a, _ in parts}):
+        raise ShapeError(
+            f"summarize: the parts {list(summarize)} must refine the segments (each part inside "
+            f"one segment); pass True for one diagnostics dict per segment"
+        )
+    return parts
+
+
+def _diagnostics_of(
+    cal: Calibration, a: int, parts: list[tuple[int, int]] | None, extra: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Diagnostics of the parts of one segment's calibration (the segment starts at ``a``)."""
+    if parts is None:
+        return [{**cal.diagnostics, **extra}]
+    b = a + int(cal.gradient.shape[0])
+    out = []
+    for lo, hi in parts:
+        if a <= lo and hi <= b:
+            sl = slice(lo - a, hi - a)
+            piece = Calibration(
+                cal.gradient[sl], cal.weights[:, sl], cal.uncertainty[sl], cal.belief_scale[sl],
+                cal.evidence[:, sl], cal.sources, cal.prior_weight, {**cal.flags, **extra},
+            )
+            out.append(piece.diagnostics)
+    return out
+
+
 def _segment(st: GradientStats, a: int, b: int) -> GradientStats:
     count = st.count if len(tuple(st.count.shape)) == 0 else st.count[a:b]
     return GradientStats(count, st.mean[a:b], st.m2[a:b])
@@ -249,6 +288,7 @@ def calibrate_gradient(
     out: Array | None = None,
     segments: Sequence[int] | None = None,
     diagnostics: dict[str, Any] | None = None,
+    summarize: bool | Sequence[int] = False,
     check_values: bool = True,
 ) -> Array:
     """The calibrated gradient alone: ``calibrate(...).gradient`` without the other outputs.
@@ -272,13 +312,29 @@ def calibrate_gradient(
     is filled with scalar diagnostics (``path``, ``fallback`` when a fast path
     declined, ``zero_variance_sources``).
 
+    ``summarize`` (with a ``diagnostics`` dict): ``True`` also puts under
+    ``diagnostics["segments"]`` one dict per segment (one in all without
+    ``segments``) with the keys of :attr:`Calibration.diagnostics`, equal to
+    those of calibrating the segment on its own; a fast path accumulates them
+    in the passes that compute the gradient, so no second calibration runs.
+    A sequence of lengths that refines ``segments`` (each part inside one
+    segment) gives one dict per part instead, the part's share of its
+    segment's calibration (as :func:`calibrate_tensors` with
+    ``scope="global"`` reports each tensor of a pooled group).
+
     The fast path of the input's array library computes it when it accepts
     the input; otherwise the reference runs, one segment at a time.
     """
     config = resolved_config(config)
-    names, stats, lambdas, space, in_dtype = _prepare(
-        stats_per_source, source_weights, check_values
+    names, stats, lambdas, space, in_dtype = _prepare(stats_per_source, source_weights, False)
+    fp = _dispatch.choose(space, stats[0].mean, config)
+    # A fast path of the table checks the values itself: its compiled loops fold
+    # the check into their passes instead of scanning every statistic first.
+    delegated = check_values and fp is not None and fp.run_gradient is not None and (
+        "check_values" in fp.options
     )
+    if check_values and not delegated:
+        check_stats(names, stats)
     S = len(stats)
     check_ranges(space, S, lambdas, config)
     shape = stats[0].shape
@@ -307,43 +363,69 @@ def calibrate_gradient(
             )
     if diagnostics is not None and not isinstance(diagnostics, dict):
         raise ConfigError(f"diagnostics: must be None or a dict, got {type(diagnostics).__name__}")
+    parts: list[tuple[int, int]] | None = None
+    if summarize is not False:
+        if diagnostics is None:
+            raise ConfigError("summarize: needs a diagnostics dict to receive the summaries")
+        if summarize is not True and len(shape) != 1:
+            raise ShapeError(
+                f"summarize: lengths given, so the statistics must be one-dimensional (D,); "
+                f"got shape {shape}"
+            )
+        parts = _part_bounds(summarize, bounds, shape[0] if shape else 0)
     info: dict[str, Any] = {}
     g: Array | None = None
-    fp = _dispatch.choose(space, stats[0].mean, config)
     direct_out = out is not None and in_dtype == space.dtype
     if fp is not None:
         try:
-            if fp.run_gradient is not None:
+            if fp.run_gradient is not None and (summarize is False or "summarize" in fp.options):
+                more: dict[str, Any] = {} if summarize is False else {
+                    "summarize": True if parts is None else [b - a for a, b in parts]
+                }
+                if delegated:
+                    more["check_values"] = True
                 g = fp.run_gradient(
                     space, names, stats, lambdas, config,
-                    out=out if direct_out else None, segments=segments, diagnostics=info,
+                    out=out if direct_out else None, segments=segments, diagnostics=info, **more,
                 )  # fmt: skip
                 info.setdefault("path", fp.name)
             else:
-                parts, zero_var = [], []
+                pieces, zero_var, summaries = [], [], []
                 for a, b in bounds or [(0, shape[0] if shape else 0)]:
                     seg = stats if bounds is None else [_segment(st, a, b) for st in stats]
                     cal = fp.calibrate(space, names, seg, lambdas, config)
-                    parts.append(cal.gradient)
+                    pieces.append(cal.gradient)
                     zero_var += list(cal.flags.get("zero_variance_sources", []))
-                g = parts[0] if len(parts) == 1 else space.xp.concat(parts)
+                    if summarize is not False:
+                        summaries += _diagnostics_of(cal, a, parts, {})
+                g = pieces[0] if len(pieces) == 1 else space.xp.concat(pieces)
                 info.update(path=fp.name, zero_variance_sources=sorted(set(zero_var)))
+                if summarize is not False:
+                    info["segments"] = summaries
         except Decline as d:
             info = {"fallback": f"{fp.name}: {d.reason}"}
             g = None
+            if delegated:
+                check_stats(names, stats)
     if g is None and math.prod(shape) == 0:
         g = space.full(shape, 0.0)  # nothing to calibrate (see calibrate)
         info.update(path="reference", zero_variance_sources=[])
     if g is None:
-        parts, zero_var = [], []
+        pieces, zero_var, summaries = [], [], []
+        extra = {k: v for k, v in info.items() if k == "fallback"}
         for a, b in bounds or [(0, 0)]:
             seg = stats if bounds is None else [_segment(st, a, b) for st in stats]
             cal = reference_calibrate(names, seg, lambdas, space, config)
-            parts.append(cal.gradient)
+            pieces.append(cal.gradient)
             zero_var += cal.flags["zero_variance_sources"]
-        g = parts[0] if len(parts) == 1 else space.xp.concat(parts)
+            if summarize is not False:
+                summaries += _diagnostics_of(cal, a, parts, extra)
+        g = pieces[0] if len(pieces) == 1 else space.xp.concat(pieces)
         info.update(path="reference", zero_variance_sources=sorted(set(zero_var)))
-    _finished(space, g, check_values)
+        if summarize is not False:
+            info["segments"] = summaries
+    verified = info.pop("finite", False) is True  # by the pass that wrote the gradient
+    _finished(space, g, check_values and not verified)
     if diagnostics is not None:
         diagnostics.update(info)
     if in_dtype != space.dtype:

@@ -14,6 +14,11 @@ A fast-path module provides ``NAME``, ``accepts(space) -> bool``,
 segments=None, diagnostics=None) -> array``, and declines an input by raising
 :class:`~bogc_core.Decline`; the reference then runs and the reason is
 recorded as ``"<name>: <reason>"`` under ``diagnostics["fallback"]``. A module
+may list in ``GRADIENT_OPTIONS`` the further keywords its ``calibrate_gradient``
+takes: ``"summarize"`` (the diagnostics as by-products, see
+:func:`~bogc_core.calibrate_gradient`) and ``"check_values"`` (it checks the
+statistics' values itself, and sets ``diagnostics["finite"]`` once it has
+verified the result). A module
 that fails to import although its library is present raises
 :class:`~bogc_core.FastPathError`.
 
@@ -84,6 +89,8 @@ class FastPath:
     accepts: Callable[[Space], bool]
     run: Callable[..., Calibration | str]
     run_gradient: Callable[..., Array] | None
+    #: the keywords ``run_gradient`` takes beyond the protocol's (``GRADIENT_OPTIONS``)
+    options: frozenset[str] = frozenset()
 
     def calibrate(
         self,
@@ -107,6 +114,7 @@ def _from_module(name: str, module: ModuleType) -> FastPath:
             module.accepts,
             module.calibrate,
             getattr(module, "calibrate_gradient", None),
+            frozenset(getattr(module, "GRADIENT_OPTIONS", ())),
         )
     raise FastPathError(
         f"fast_path: module {module.__name__} does not define calibrate(); reinstall bogc, "

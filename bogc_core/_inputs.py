@@ -16,7 +16,7 @@ from ._statistics import GradientStats
 from ._types import CalibrationConfig
 from .errors import ConfigError, ShapeError
 
-__all__: list[str] = []
+__all__ = ["resolve_source_weights"]
 
 SourceWeights = Sequence[float] | Mapping[str, float]
 StatsPerSource = Sequence[GradientStats] | Mapping[str, GradientStats]
@@ -148,10 +148,16 @@ def _prepare(
     if work is not space:
         stats = [_upcast(s, work) for s in stats]
     if check_values:
-        for name, s in zip(names, stats):
-            s.check(f"stats_per_source[{name!r}]")
+        check_stats(names, stats)
     lambdas = resolve_source_weights(names, source_weights)
     return names, stats, lambdas, work, space.dtype
+
+
+def check_stats(names: Sequence[str], stats: Sequence[GradientStats]) -> None:
+    """The values check of every source's statistics: raise the :class:`BOGCError`
+    that names the first NaN or infinite statistic, or negative count or ``M2``."""
+    for name, s in zip(names, stats):
+        s.check(f"stats_per_source[{name!r}]")
 
 
 def check_ranges(space: Space, S: int, lambdas: Sequence[float], config: CalibrationConfig) -> None:
@@ -172,6 +178,14 @@ def check_ranges(space: Space, S: int, lambdas: Sequence[float], config: Calibra
                 f"matter)"
             )
     check_evidence_range(space, config.clip, config.prior_weight, S)
+
+
+def check_options(xp: Any, dtype: Any, lambdas: Sequence[float], config: CalibrationConfig) -> None:
+    """Refuse the options that can only give non-finite results for statistics of ``xp`` in
+    ``dtype`` (:func:`check_ranges` in the dtype the calibration works in; half precision
+    works in float32). ``lambdas``: the resolved source weights, one per source (S,). Needs
+    no array values, so an integration can call it on static dtypes (under ``jax.jit``)."""
+    check_ranges(_work_space(Space(xp, dtype, None)), len(lambdas), lambdas, config)
 
 
 def resolved_config(config: CalibrationConfig | None) -> CalibrationConfig:

@@ -5,7 +5,7 @@ JAX arrays works eagerly). Its input checks and its zero-variance detection
 branch on array *values*, which a traced array inside ``jax.jit`` cannot do,
 so :func:`calibrate_pytrees` assembles the same pipeline (``docs/method.md`` Stages
 0-5) from the core's value-independent pieces, ``GradientStats``,
-``posterior`` and ``calibrate.calibrated_update`` (Stages 2-5). The two value-dependent
+``posterior`` and ``calibrated_update`` (Stages 2-5). The two value-dependent
 steps are done without Python branches:
 
 - the empirical-Bayes ``beta0 = alpha0 * mean_d(M2/n)`` is added to the
@@ -40,10 +40,15 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 
-from bogc_core import CalibrationConfig, GradientStats, Posterior, posterior
-from bogc_core._calibration import calibrated_update
-from bogc_core._inputs import _work_space, check_ranges, resolve_source_weights
-from bogc_core._namespace import Space
+from bogc_core import (
+    CalibrationConfig,
+    GradientStats,
+    Posterior,
+    calibrated_update,
+    check_options,
+    posterior,
+    resolve_source_weights,
+)
 from bogc_core.errors import (
     ConfigError,
     DTypeError,
@@ -239,7 +244,7 @@ def calibrate_pytrees(
     # The core's range checks (gamma, clip, prior_weight, source weights against the
     # dtype), from the static dtype: they need no values, so they hold under jit too.
     for dtype in sorted({str(st.mean.dtype) for row in stats for st in row}):
-        check_ranges(_work_space(Space(jnp, jnp.dtype(dtype), None)), len(names), lam, config)
+        check_options(jnp, jnp.dtype(dtype), lam, config)
     if config.prior.beta0 is None:
         for name, row_n in zip(names, counts, strict=True):
             for i, n in enumerate(row_n):

@@ -289,7 +289,7 @@ def mark(d: dict) -> str:
 
 def legend(seeds: int | None = None) -> str:
     """The line under every table that explains each mark and ``mde``."""
-    over = f"these {seeds} seeds" if seeds else "the table's seeds"
+    over = f"these {counted(seeds, 'seed')}" if seeds else "the table's seeds"
     return ("marks: " + "; ".join(f"{k}: {v}" for k, v in MARKS.items())
             + f". mde: the smallest difference (pp) the paired t-test over {over} "
             "detects with 80% power at alpha 0.05, from the observed spread of the paired "

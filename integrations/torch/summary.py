@@ -2,10 +2,11 @@
 
 Every step reports counts and flags (no device work). On a *sampled* step
 (every ``diagnostics_every`` steps) each calibrated tensor is also summarised
-by the :attr:`~bogc_core.Calibration.diagnostics` of its full
-:class:`~bogc_core.Calibration` (recomputed from the step's flat statistics;
-the training step itself never forms the ``(S, D)`` outputs), and the model
-gets numel-weighted means of the per-tensor values.
+by the keys of :attr:`~bogc_core.Calibration.diagnostics`, which the group's
+one ``calibrate_gradient(..., summarize=...)`` call accumulates in the passes
+that write the gradient (the step never forms the ``(S, D)`` outputs, and no
+second calibration runs), and the model gets numel-weighted means of the
+per-tensor values.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bogc_core import CalibrationConfig, GradientStats, calibrate_tensors
+from bogc_core import CalibrationConfig
 
 from .workspace import Group
 
@@ -30,21 +31,17 @@ SUMMARY_KEYS = ("sources", "weight_mean", "evidence_mean", "fused_uncertainty_me
 def group_entries(group: Group, names: list[str], shapes: list[torch.Size], config: CalibrationConfig,
                   lam: Mapping[str, float] | None, level: str) -> dict[str, dict[str, Any]]:
     """Per tensor of a calibrated group: the ``diagnostics`` of its calibration (``level="full"``),
-    or the :data:`SUMMARY_KEYS` of it (``level="summary"``); keyed by parameter name."""
-    stats = group.stats()
-    per_tensor = []
-    for j, shape in enumerate(shapes):
-        per_tensor.append({
-            s: GradientStats(
-                st.count if st.count.dim() == 0 else group.piece(st.count, j, shape),
-                group.piece(st.mean, j, shape), group.piece(st.m2, j, shape),
-            )
-            for s, st in stats.items()
-        })
-    cals = calibrate_tensors(per_tensor, config, None if lam is None else dict(lam), check_values=False)
+    or the :data:`SUMMARY_KEYS` of it (``level="summary"``); keyed by parameter name.
+
+    The values are those :meth:`Group.calibrate` left in ``group.summaries`` (the same as
+    ``calibrate_tensors`` of the group's statistics would give, without calibrating again);
+    ``shapes`` and ``lam`` are not needed for that."""
+    if len(group.summaries) != len(names):
+        raise RuntimeError("group_entries: the group was not calibrated with a diagnostics dict")
     out = {}
-    for name, cal in zip(names, cals):
-        d = dict(cal.diagnostics)
+    for name, d in zip(names, group.summaries):
+        if config.scope == "global":  # as calibrate_tensors reports a pooled group
+            d = {**d, "group_size": len(names)}
         out[name] = d if level == "full" else {k: d[k] for k in SUMMARY_KEYS if k in d}
     return out
 

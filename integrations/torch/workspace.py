@@ -46,6 +46,8 @@ class Group:
     out: torch.Tensor
     counts: list[float] = field(default_factory=list)
     count_buf: torch.Tensor | None = None
+    #: per parameter, the diagnostics of the last :meth:`calibrate` that was asked for them
+    summaries: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -131,13 +133,19 @@ class Group:
 
     def calibrate(self, config: CalibrationConfig, lam: Mapping[str, float] | None, scale: float,
                   diagnostics: dict[str, Any] | None) -> None:
-        """One :func:`bogc_core.calibrate_gradient` call for the whole group, into ``out``."""
+        """One :func:`bogc_core.calibrate_gradient` call for the whole group, into ``out``.
+
+        With a ``diagnostics`` dict, the same call also leaves one diagnostics dict per
+        parameter in :attr:`summaries` (by-products of the passes: no second calibration)."""
         segments = self.sizes if config.scope == "tensor" and len(self.sizes) > 1 else None
         calibrate_gradient(
             self.stats(), config,
             source_weights=None if lam is None else {s: lam[s] for s in self.sources},
-            out=self.out, segments=segments, diagnostics=diagnostics, check_values=False,
+            out=self.out, segments=segments, diagnostics=diagnostics,
+            summarize=False if diagnostics is None else list(self.sizes), check_values=False,
         )
+        if diagnostics is not None:
+            self.summaries = diagnostics.pop("segments")
         if scale != 1.0:
             self.out.mul_(scale)
 

@@ -488,7 +488,9 @@ def test_numba_log_sums_square_and_fallback_blocks(mag):
     part = np.empty(2)
     nzp = np.empty(2, dtype=np.int64)
     badp = np.empty(2, dtype=np.int64)
-    nk._log_sums_c(m, m2, b0, tiny, istart, iend, iseg, part, nzp, badp)
+    invp = np.empty(2, dtype=np.int64)
+    nk._log_sums_c(m, m2, b0, tiny, istart, iend, iseg, part, nzp, badp, invp)
+    assert not invp.any()  # the folded values check finds nothing wrong
     beta = np.maximum(m2 * np.float32(0.5) + b0[0], tiny).astype(np.float64)
     for i in range(2):
         a, b = istart[i], iend[i]

@@ -168,3 +168,34 @@ def test_stage_modules_import_downward_only():
 def test_whole_repo_is_acyclic():
     found = cycles(import_graph())
     assert not found, f"import cycles: {found}"
+
+
+def _private_core(target: str) -> bool:
+    """A private module of the core (``bogc_core._x``) or of the fast paths
+    (``bogc_core.backends._x``): what only the package itself may import."""
+    for pkg in ("bogc_core.backends.", "bogc_core."):
+        if target.startswith(pkg):
+            return target[len(pkg):].split(".", 1)[0].startswith("_")
+    return False
+
+
+def test_private_core_detection():
+    assert _private_core("bogc_core._calibration")
+    assert _private_core("bogc_core.backends._numba_kernel")
+    assert not _private_core("bogc_core")
+    assert not _private_core("bogc_core.errors")
+    assert not _private_core("bogc_core.backends.torch_fused")
+    assert not _private_core("bogc_core.integrations.torch._x")  # the integration's own module
+
+
+def test_integrations_import_no_private_core_module():
+    """Integrations use the core's public names only (``bogc_core.__all__``,
+    ``bogc_core.errors``, the fast-path modules), counting imports inside functions."""
+    graph = import_graph()
+    assert "bogc_core.integrations.jax" in graph  # the scan sees the integrations
+    bad = {
+        m: sorted(t for t in deps if _private_core(t))
+        for m, deps in graph.items()
+        if m.startswith("bogc_core.integrations") and any(_private_core(t) for t in deps)
+    }
+    assert not bad, f"integrations import private core modules: {bad}"
