@@ -44,7 +44,7 @@ def main(argv=None):
     model = TwoModalNet()
     samples = (Laplace(layers={"fusion": model.fusion, "a": model.head_a, "b": model.head_b})
                if args.samples == "laplace" else args.samples)
-    # diagnostics_every=1: the per-source weights are summarised on every step (the default, 50,
+    # Diagnostics(every=1): the per-source weights are summarised on every step (the default, 50,
     # samples one step in 50 and saves that summary's cost)
     cal = GradientCalibrator(model.named_parameters(), samples=samples, model=model,
                              diagnostics=Diagnostics(every=1))
