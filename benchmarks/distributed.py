@@ -57,8 +57,8 @@ def _rank(rank: int, init: str, rounds: int, batch: int, samples: str, out: str)
     checked = GradientCalibrator(model.named_parameters(), samples=samples, model=model)
     unchecked = GradientCalibrator(model.named_parameters(), samples=samples, model=model)
     # no fingerprint and no collective: the calibrator as it was before the check
-    unchecked._agreement.check = lambda *args: set()  # type: ignore[method-assign]
-    unchecked._agreement.keys = lambda *args: (0, 0)  # type: ignore[method-assign]
+    unchecked.distributed.agreement.check = lambda *args: set()  # type: ignore[method-assign]
+    unchecked.distributed.agreement.keys = lambda *args: (0, 0)  # type: ignore[method-assign]
     times: dict[str, list[float]] = {"checked": [], "unchecked": [], "all_gather": []}
     probe = Agreement()
     from bogc_core.integrations.torch.distributed import LocalView

@@ -48,9 +48,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
-from bogc_core.integrations.torch import GradientCalibrator
+from bogc_core.integrations.torch import Diagnostics, GradientCalibrator, Laplace, Microbatch
 from torch import nn
 
 S = 3
@@ -164,13 +165,15 @@ def make_step(method: str, model_name: str, model: nn.Module, inputs: tuple, ys)
                 p.grad = t
         return step
     samples, _, variant = method.removeprefix("bogc_").partition(":")
-    kw: dict = {"diagnostics_every": 1000}
+    kw: dict = {"diagnostics": Diagnostics(every=1000)}
     if variant == "shortcut":
         kw["model"] = model
     if samples == "laplace":
         heads = model.heads if isinstance(model, Trunk) else [model.fusion, model.audio_head, model.image_head]
-        kw["laplace_layers"] = dict(zip(names, heads))
-    cal = GradientCalibrator(model.named_parameters(), samples=samples, chunks=4, **kw)
+        source: Any = Laplace(layers=dict(zip(names, heads)))
+    else:
+        source = Microbatch(chunks=4) if samples == "microbatch" else samples
+    cal = GradientCalibrator(model.named_parameters(), samples=source, **kw)
 
     def step():
         model.zero_grad(set_to_none=True)

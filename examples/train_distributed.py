@@ -21,7 +21,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from bogc_core.integrations.torch import GradientCalibrator
+from bogc_core.integrations.torch import GradientCalibrator, Microbatch, PerExample
 from torch import nn
 
 
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> float:
         model = DistributedDataParallel(net)  # its own all-reduce never runs (see the docs)
     # model= turns on the per-layer shortcut for the Linear layers. Micro-batches are
     # per rank: chunks=4 // world keeps 4 micro-batches of the global batch.
-    cal = GradientCalibrator(net.named_parameters(), samples=args.samples,
-                             chunks=max(2, 4 // world), model=model)
+    samples = Microbatch(chunks=max(2, 4 // world)) if args.samples == "microbatch" else PerExample()
+    cal = GradientCalibrator(net.named_parameters(), samples=samples, model=model)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     ce = nn.CrossEntropyLoss(reduction="none")
     xa, xb, y = make_data(args.batch * args.steps, seed=1)

@@ -8,7 +8,7 @@ Run: ``python examples/train_two_modality.py --samples microbatch --epochs 5``
 import argparse
 
 import torch
-from bogc_core.integrations.torch import GradientCalibrator
+from bogc_core.integrations.torch import Diagnostics, GradientCalibrator, Laplace
 from torch import nn
 
 
@@ -42,11 +42,12 @@ def main(argv=None):
     xa, xb, y = make_data(2048, gen)
     torch.manual_seed(0)
     model = TwoModalNet()
-    extra = {"laplace_layers": {"fusion": model.fusion, "a": model.head_a, "b": model.head_b}} if args.samples == "laplace" else {}
-    # diagnostics_every=1: the per-source weights are summarised on every step (the default, 50,
+    samples = (Laplace(layers={"fusion": model.fusion, "a": model.head_a, "b": model.head_b})
+               if args.samples == "laplace" else args.samples)
+    # Diagnostics(every=1): the per-source weights are summarised on every step (the default, 50,
     # samples one step in 50 and saves that summary's cost)
-    cal = GradientCalibrator(model.named_parameters(), samples=args.samples, model=model,
-                             diagnostics_every=1, **extra)
+    cal = GradientCalibrator(model.named_parameters(), samples=samples, model=model,
+                             diagnostics=Diagnostics(every=1))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     ce = nn.CrossEntropyLoss(reduction="none")  # per-example losses
     for epoch in range(args.epochs):

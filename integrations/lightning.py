@@ -34,7 +34,7 @@ Example (manual optimisation)::
             calibrated_backward(self, losses)
             opt.step()
 
-    trainer = L.Trainer(callbacks=[BOGCCallback(samples="microbatch", chunks=4)])
+    trainer = L.Trainer(callbacks=[BOGCCallback(samples=Microbatch(chunks=4))])
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 from bogc_core.integrations.torch import GradientCalibrator
+from bogc_core.integrations.torch.source import SampleSource
 
 from bogc_core import CalibrationConfig
 from bogc_core.errors import ConfigError
@@ -65,9 +66,11 @@ class BOGCCallback(pl.Callback):
 
     Parameters
     ----------
-    config, samples, chunks, rho, source_weights :
+    config, samples, source_weights :
         Passed to :class:`~bogc_core.integrations.torch.GradientCalibrator`
-        (defaults: those of ``docs/method.md``, ``samples="microbatch"``, ``chunks=4``).
+        (defaults: those of ``docs/method.md``, ``samples="microbatch"``,
+        that is ``Microbatch(chunks=4)``; the sample source carries its own
+        options, ``rho`` included).
     params : callable, optional
         ``params(module)`` returns the parameters to calibrate, as parameters
         or ``(name, parameter)`` pairs; default every parameter that requires
@@ -79,7 +82,8 @@ class BOGCCallback(pl.Callback):
         Log ``bogc/...`` scalars (fused uncertainty, belief-scale range, mean
         weight and evidence per source) after every training batch.
     **calibrator_kwargs :
-        Any other keyword of ``GradientCalibrator`` (``draws``, ``seed``, ...).
+        Any other keyword of ``GradientCalibrator`` (``diagnostics``,
+        ``on_nonfinite``); ``model`` and ``distributed`` are the callback's.
 
     Attributes
     ----------
@@ -92,9 +96,7 @@ class BOGCCallback(pl.Callback):
     def __init__(
         self,
         config: CalibrationConfig | None = None,
-        samples: str = "microbatch",
-        chunks: int = 4,
-        rho: float | None = None,
+        samples: SampleSource | str = "microbatch",
         source_weights: Mapping[str, float] | None = None,
         params: Callable[[torch.nn.Module], Iterable[Any]] | None = None,
         shortcut: bool = False,
@@ -102,16 +104,14 @@ class BOGCCallback(pl.Callback):
         **calibrator_kwargs: Any,
     ) -> None:
         super().__init__()
-        if "model" in calibrator_kwargs or "process_group" in calibrator_kwargs:
+        if "model" in calibrator_kwargs or "distributed" in calibrator_kwargs:
             raise ConfigError(
-                "calibrator_kwargs: 'model' and 'process_group' are set by the callback; use "
+                "calibrator_kwargs: 'model' and 'distributed' are set by the callback; use "
                 "shortcut=True for the per-layer shortcut"
             )
         self.kwargs = dict(
             config=config,
             samples=samples,
-            chunks=chunks,
-            rho=rho,
             source_weights=source_weights,
             **calibrator_kwargs,
         )
@@ -129,7 +129,7 @@ class BOGCCallback(pl.Callback):
             raise ConfigError(
                 f"accumulate_grad_batches: {trainer.accumulate_grad_batches}, but BOGC replaces "
                 f"p.grad with one calibrated gradient per step; use accumulate_grad_batches=1 "
-                f"and a larger batch, or samples='steps' with rho to pool statistics over steps"
+                f"and a larger batch, or samples=Steps(rho=...) to pool statistics over steps"
             )
         params = (
             self.params(pl_module)

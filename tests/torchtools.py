@@ -117,3 +117,18 @@ class ConvTwoModal(nn.Module):
         h = torch.tanh(self.conv2(torch.tanh(self.conv1(img)))).flatten(1)  # (N, 4*3*1)
         z = torch.tanh(self.enc_v(vec))
         return self.fusion(torch.cat([h, z], 1)), self.head_i(h), self.head_v(z)
+
+
+def source(name: str, layers=None, **opts):
+    """The sample source named ``name`` with the options it takes among ``opts``
+    (``chunks`` only for micro-batches; ``rho=None`` keeps ``Steps``' default)."""
+    from bogc_core.integrations.torch import Laplace, Microbatch, PerExample, Steps
+
+    if name != "microbatch":
+        opts.pop("chunks", None)
+    if name == "laplace":
+        return Laplace(layers, **opts)
+    if name == "steps":
+        opts.pop("chunk_bytes", None)
+        return Steps(**({} if opts.get("rho") is None else {"rho": opts["rho"]}))
+    return {"microbatch": Microbatch, "per_example": PerExample}[name](**opts)

@@ -2,7 +2,7 @@
 
 ::
 
-    cal = GradientCalibrator(model.named_parameters(), samples="microbatch")
+    cal = GradientCalibrator(model.named_parameters(), samples=Microbatch(chunks=4))
     losses = {"audio": ce(out_a, y), "video": ce(out_v, y), "fusion": ce(out, y)}  # (batch,) each
     cal.backward(losses)          # instead of sum(l.mean() for l in losses).backward()
     optimizer.step()
@@ -20,7 +20,6 @@ equal evidence everywhere ``g_hat = sum_k lambda_k * grad(loss_k.mean())``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -29,22 +28,26 @@ from torch import nn
 from bogc_core import CalibrationConfig, GradientStats
 from bogc_core.errors import ConfigError, NonFiniteError, ShapeError
 
-from .collective_step import agree, sample_and_reduce
-from .distributed import Agreement, active_group
+from .collective_step import Distributed
 from .graph import walk
-from .microbatch import Microbatch
-from .options import SAMPLES, check_rho, named_parameters, validate_options
-from .per_example import PerExample
+from .options import (
+    Diagnostics,
+    check_on_nonfinite,
+    check_rho,
+    check_source_weights,
+    diagnostics_options,
+    named_parameters,
+    sample_source,
+)
 from .samples import Moments, Problem, SourceStats, Stats
 from .sharded import compute_params, layer_type, local_grad
 from .shortcut import LinearTaps, Tap
 from .source import SampleContext, SampleSource
 from .state import StepState
-from .steps import Steps
 from .summary import group_entries, model_summary
 from .workspace import Group, Workspace
 
-__all__ = ["GradientCalibrator", "SAMPLES"]
+__all__ = ["GradientCalibrator"]
 
 
 def _checked_one(st: Stats) -> GradientStats:
@@ -129,146 +132,92 @@ class GradientCalibrator:
         The parameters whose gradients are calibrated (names key the
         diagnostics and the state dict; default ``param0``, ``param1``...).
     config : CalibrationConfig
-        Options of ``docs/method.md`` (``scope`` groups tensors, ``backend``
+        Options of ``docs/method.md`` (``scope`` groups tensors, ``fast_path``
         picks the fast path).
-    samples : {"microbatch", "per_example", "laplace", "steps"}
-        Where the gradient samples come from (``docs/method.md``, Stage 0).
-    chunks : int
-        Micro-batches per source and step (``samples="microbatch"``).
-    rho : float in [0, 1] or None
-        Forgetting factor for statistics carried across steps. ``None``:
-        0.9 with ``samples="steps"``, no carrying otherwise. With any other
-        sample source a ``rho`` pools each step's statistics with the decayed
-        earlier ones.
-    process_group : torch.distributed ProcessGroup or None
-        Group to all-reduce statistics over; ``None`` uses the default group
-        when ``torch.distributed`` is initialised.
+    samples : SampleSource or {"microbatch", "per_example", "steps"}
+        Where the gradient samples come from (``docs/method.md``, Stage 0),
+        with its own options: ``Microbatch(chunks=4)``, ``PerExample()``,
+        ``Laplace(layers=..., prior_precision=1.0, draws=8, seed=0)`` or
+        ``Steps(rho=0.9)``; each also takes ``rho`` (statistics carried
+        across steps with that forgetting factor) and, but ``Steps``,
+        ``chunk_bytes``. A name stands for that sample source with its
+        default options (``Laplace`` has none: it needs its layers).
     source_weights : mapping source -> float or None
         Fixed ``lambda_k``, applied after calibration.
     model : nn.Module, optional (keyword)
         Enables the per-layer shortcut for its ``nn.Linear`` and
-        ``nn.Conv2d`` layers (``per_example`` and ``microbatch``): forward
+        ``nn.Conv2d`` layers (``PerExample`` and ``Microbatch``): forward
         hooks record each layer's input and output, and one backward to the
         layer outputs gives every source's statistics (no backward pass per
         example). It assumes each example's loss depends on its own row of
         the layer's output only (no batch norm or attention across the batch
         after the layer); leave ``model`` out otherwise.
-    laplace_layers : mapping source -> nn.Module (keyword)
-        ``samples="laplace"``: the last layer of each source's modality. Its
-        weights get a diagonal Laplace posterior (empirical Fisher + prior
-        precision) from which ``draws`` weight perturbations are drawn.
-    prior_precision : float (keyword)
-        Prior precision of the Laplace posterior (default 1).
-    draws : int (keyword)
-        Monte Carlo draws ``T`` for ``laplace`` (even; antithetic pairs).
-    chunk_bytes : int (keyword)
-        Memory bound of one batch of per-example gradient rows.
-    seed : int (keyword)
-        Seed of the calibrator's own random generator (Laplace draws). Every
-        rank must use the same seed.
-    timeout : datetime.timedelta or None (keyword)
-        Wait at most this long for the all-reduce; ``None`` uses the process
-        group's timeout.
+    distributed : Distributed or None (keyword)
+        The process group and timeout of the collectives
+        (``Distributed(process_group=None, timeout=None)``, the default,
+        uses the default group when ``torch.distributed`` is initialised).
+    diagnostics : Diagnostics or {"summary", "full", "none"} (keyword)
+        What :meth:`backward` reports per calibrated parameter and how often
+        (``Diagnostics(level="summary", every=50, keep_statistics=False)``;
+        a level stands for the default other options).
     on_nonfinite : {"raise", "plain"} (keyword)
         What to do when a gradient sample is NaN or infinite: raise
         :class:`~bogc_core.NonFiniteError` (no ``p.grad`` changes), or write
         the plain summed gradient (with its non-finite values, so that a
         ``GradScaler`` skips the step). ``backward(..., grad_scaler=...)``
         implies ``"plain"``.
-    diagnostics : {"summary", "full", "none"} (keyword)
-        What :meth:`backward` reports per calibrated parameter on a sampled
-        step: ``"summary"`` (mean weight and evidence per source, fused
-        uncertainty, belief-scale range), ``"full"`` (the core's complete
-        ``Calibration.diagnostics``), or ``"none"`` (counts and
-        flags only, no per-parameter entries, never a sampled step).
-    diagnostics_every : int (keyword)
-        Sample the diagnostics on the first step and every this many steps
-        after it (default 50; 1: every step). A sampled step recomputes each
-        calibrated tensor's full calibration for its summary; the other steps
-        report counts and flags only and cost no extra pass over the
-        statistics.
-    keep_statistics : bool (keyword)
-        Keep the statistics of the last step in :attr:`last_statistics`
-        (source -> parameter name -> ``GradientStats``) for inspection; off
-        by default because it holds ``2 S`` parameter copies between steps.
     """
 
     def __init__(
         self,
         params: Iterable[Any],
         config: CalibrationConfig | None = None,
-        samples: str = "microbatch",
-        chunks: int = 4,
-        rho: float | None = None,
-        process_group: Any = None,
+        samples: SampleSource | str = "microbatch",
         source_weights: Mapping[str, float] | None = None,
         *,
         model: nn.Module | None = None,
-        laplace_layers: Mapping[str, nn.Module] | None = None,
-        prior_precision: float = 1.0,
-        draws: int = 8,
-        chunk_bytes: int = 1 << 26,
-        seed: int = 0,
-        timeout: timedelta | None = None,
+        distributed: Distributed | None = None,
+        diagnostics: Diagnostics | str = "summary",
         on_nonfinite: str = "raise",
-        diagnostics: str = "summary",
-        diagnostics_every: int = 50,
-        keep_statistics: bool = False,
     ) -> None:
         self._params = named_parameters(params)
         # A zero-size parameter (a layer of a 0-feature modality) has no gradient entries:
         # it is left out of the graph walk, the shortcut and the calibration, and its
         # p.grad is left alone.
         self._index = {id(p): i for i, (_, p) in enumerate(self._params) if p.numel() > 0}
-        opts = validate_options(
-            config, samples, chunks, rho, source_weights, on_nonfinite=on_nonfinite,
-            diagnostics=diagnostics, diagnostics_every=diagnostics_every, chunk_bytes=chunk_bytes,
-            timeout=timeout, keep_statistics=keep_statistics,
-        )
-        self.options = opts
-        self.config = opts.config
-        self.samples = opts.samples
-        self.chunks = opts.chunks
-        self.rho = opts.rho
-        self.source_weights = opts.source_weights
-        self.on_nonfinite = opts.on_nonfinite
-        self.diagnostics = opts.diagnostics
-        self.diagnostics_every = opts.diagnostics_every
-        self.keep_statistics = opts.keep_statistics
-        self.chunk_bytes = opts.chunk_bytes
-        self.timeout = opts.timeout
-        self.process_group = process_group
-        self._agreement = Agreement()  # per-step check in a process group (docs/distributed.md)
+        config = CalibrationConfig() if config is None else config
+        if not isinstance(config, CalibrationConfig):
+            raise ConfigError(f"config: expected CalibrationConfig, got {type(config).__name__}")
+        self.config = config
+        self.samples = sample_source(samples)
+        self.rho = check_rho(self.samples.rho, self.samples.NAME, config,
+                             f"{type(self.samples).__name__}(rho=)")
+        self.source_weights = check_source_weights(source_weights)
+        if distributed is None:
+            distributed = Distributed()
+        if not isinstance(distributed, Distributed):
+            raise ConfigError(
+                f"distributed: expected Distributed(process_group=..., timeout=...) or None, "
+                f"got {type(distributed).__name__}"
+            )
+        self.distributed = distributed
+        self.diagnostics = diagnostics_options(diagnostics)
+        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self._state = StepState(self.rho) if self.rho is not None else None
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(f"model: expected an nn.Module, got {type(model).__name__}")
         if model is not None:
             _check_model(model, self._params, self._index)
-        if laplace_layers is not None and self.samples != "laplace":
-            raise ConfigError("laplace_layers: only used with samples='laplace'")
-        self._source = self._make_source(laplace_layers, prior_precision, draws)
         self._taps = (
             LinearTaps(model, self._index)
-            if model is not None and self._source.USES_SHORTCUT else None
+            if model is not None and self.samples.USES_SHORTCUT else None
         )
-        self._generator = torch.Generator().manual_seed(int(seed))
+        self._generator = torch.Generator().manual_seed(int(self.samples.seed))
         self._workspace = Workspace([p for _, p in self._params])
         self._steps_done = 0
         #: source -> parameter name -> GradientStats used by the last backward
-        #: (unscaled); filled only with keep_statistics=True.
+        #: (unscaled); filled only with ``Diagnostics(keep_statistics=True)``.
         self.last_statistics: dict[str, dict[str, GradientStats]] = {}
-
-    def _make_source(self, laplace_layers: Mapping[str, nn.Module] | None, prior_precision: float,
-                     draws: int) -> SampleSource:
-        if self.samples == "per_example":
-            return PerExample()
-        if self.samples == "microbatch":
-            return Microbatch(self.chunks)
-        if self.samples == "steps":
-            return Steps()
-        from .laplace import LaplaceSource
-
-        return LaplaceSource(laplace_layers, self._index, prior_precision=prior_precision, draws=draws)
 
     # ----------------------------------------------------------------- public
     @property
@@ -295,13 +244,13 @@ class GradientCalibrator:
         finally:
             if self._taps is not None:
                 self._taps.clear()
-            self._source.clear()
+            self.samples.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """Carried statistics and the random generator's state (all tensors copied)."""
         return {
             "format": 1,
-            "samples": self.samples,
+            "samples": self.samples.NAME,
             "params": self.param_names,
             "state": None if self._state is None else self._state.state_dict(),
             "generator": self._generator.get_state().clone(),
@@ -316,10 +265,10 @@ class GradientCalibrator:
         """
         if not isinstance(state_dict, Mapping) or state_dict.get("format") != 1:
             raise ConfigError("state_dict: not a GradientCalibrator.state_dict() (format 1)")
-        if state_dict.get("samples") != self.samples:
+        if state_dict.get("samples") != self.samples.NAME:
             raise ConfigError(
                 f"state_dict: saved with samples={state_dict.get('samples')!r}, this calibrator "
-                f"uses {self.samples!r}; build it with the same sample source"
+                f"uses {self.samples.NAME!r}; build it with the same sample source"
             )
         shapes = {n: tuple(p.shape) for n, p in self._params}
         saved = state_dict.get("state")
@@ -343,7 +292,7 @@ class GradientCalibrator:
         if self._state is not None:
             if not isinstance(saved, Mapping):
                 raise ConfigError("state_dict['state']: expected a mapping; pass the saved dict as is")
-            rho = check_rho(saved.get("rho"), self.samples, self.config, "state_dict['state']['rho']")
+            rho = check_rho(saved.get("rho"), self.samples.NAME, self.config, "state_dict['state']['rho']")
             new_state = StepState(float(rho) if rho is not None else 0.0)
             new_state.load_state_dict(saved, shapes)
         # Everything checked: commit.
@@ -357,7 +306,7 @@ class GradientCalibrator:
         if self._taps is not None:
             self._taps.remove()
             self._taps = None
-        self._source.remove()
+        self.samples.remove()
 
     # --------------------------------------------------------------- internal
     def _check_losses(self, losses: Mapping[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
@@ -369,7 +318,7 @@ class GradientCalibrator:
         for name, l in losses.items():
             if not isinstance(l, torch.Tensor) or not l.is_floating_point():
                 raise ShapeError(f"losses[{name!r}]: expected a floating torch.Tensor, got {type(l).__name__}")
-            if l.dim() > 1 or (l.dim() == 0 and not self._source.SCALAR_LOSSES):
+            if l.dim() > 1 or (l.dim() == 0 and not self.samples.SCALAR_LOSSES):
                 raise ShapeError(
                     f"losses[{name!r}]: shape {tuple(l.shape)}; pass the per-example loss vector of "
                     f"shape (batch,) (e.g. reduction='none')"
@@ -425,7 +374,7 @@ class GradientCalibrator:
                 if any(r.fan_in.get(i, 0) != 1 for i in idxs):
                     continue
                 if t.out.shape[0] != tensors[k].shape[0] and (
-                    self.samples == "microbatch" or layer_type(t.module) is not nn.Linear
+                    self.samples.NAME == "microbatch" or layer_type(t.module) is not nn.Linear
                 ):
                     continue
                 mine.append(t)
@@ -434,32 +383,39 @@ class GradientCalibrator:
 
     def _sample(self, prob: Problem, sink: Any = None) -> SourceStats:
         """This rank's statistics from the sample source (``sink``: see :class:`SampleContext`)."""
-        ctx = SampleContext(self.chunk_bytes, self._generator, active_group(self.process_group),
-                            self.timeout, sink)
+        ctx = SampleContext(self._generator, self.distributed.group(), self.distributed.timeout,
+                            sink)
         try:
-            return self._source.sample(prob, ctx)
+            return self.samples.sample(prob, ctx)
         except RuntimeError as exc:  # NotImplementedError included
             explained = _explain_autograd_failure(exc)
             if explained is not None:
                 raise explained from exc
             raise
 
-    def _backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any) -> dict[str, Any]:
-        group = active_group(self.process_group)
-        prob: Problem | None = None
+    def _options(self) -> str:
+        """The options every rank of a process group must share, readable."""
+        return (f"samples={self.samples!r} source_weights={self.source_weights} "
+                f"config={self.config!r}")
+
+    def _losses(self, losses: Mapping[str, torch.Tensor], group: Any,
+                grad_scaler: Any) -> tuple[list[str], Problem, float | None]:
+        """Step 1: the checked sources, their graph walk and the loss scale (``None``: no
+        ``grad_scaler``). In a process group every rank keeps the same sources or raises."""
         if group is None:
             names, tensors = self._check_losses(losses)
-        else:  # the same sources on every rank, or the same DistributedError on every rank
-            names, tensors, prob = agree(self, losses, group)
+            prob = None
+        else:
+            names, tensors, prob = self.distributed.agree(
+                losses, self._check_losses, self._problem, self.param_names, self._options())
         scale = None
         if grad_scaler is not None and getattr(grad_scaler, "is_enabled", lambda: True)():
             # scaler.scale() also initialises the scaler's state for unscale_/step.
             tensors = [grad_scaler.scale(l) for l in tensors]
             scale = float(grad_scaler.get_scale())
-        plain_on_nonfinite = self.on_nonfinite == "plain" or scale is not None
         # In a process group a NaN must travel through the all-reduce so that every
         # rank raises (one rank raising alone would leave its peers waiting).
-        if not plain_on_nonfinite and group is None:
+        if self.on_nonfinite == "raise" and scale is None and group is None:
             for s, l in zip(names, tensors):
                 if not bool(torch.isfinite(l.detach()).all()):
                     raise NonFiniteError(
@@ -471,65 +427,97 @@ class GradientCalibrator:
             prob = self._problem(names, tensors)
         else:
             prob.losses = tensors  # scaled by grad_scaler; the graph walk is unchanged
+        return names, prob, scale
+
+    def _statistics(self, prob: Problem, group: Any, scale: float | None) -> SourceStats:
+        """Step 2: the statistics of the (global) batch, of the unscaled gradients."""
+        # Carried statistics keep references to this step's tensors: those must not be
+        # views of the reused buffers, so the sources write into them only without rho.
+        sink = self._workspace.sink if self._state is None else None
+        stats: SourceStats
+        if group is not None and not self.samples.REDUCES_ITSELF:
+            # Every rank joins the all-reduce even when its sampling failed, so that all
+            # raise together; the reduced statistics are new tensors (no sink).
+            reduced = self.distributed.sample_and_reduce(prob, self._sample)
+            stats = {s: {i: st for i, st in per.items()} for s, per in reduced.items()}
+        else:
+            stats = self._sample(prob, sink)
+        stats = self.samples.after_reduce(stats)
+        if scale is not None:
+            stats = {
+                s: {i: Moments(st.count, st.mean / scale, st.m2 / (scale * scale))
+                    for i, st in per.items()}
+                for s, per in stats.items()
+            }
+        return stats
+
+    def _carried(self, stats: SourceStats) -> tuple[SourceStats, Any]:
+        """Step 3: the statistics to calibrate with carried ones merged in (accumulated count
+        and M2, current mean), and the new carried state (``None`` without ``rho``). The merge
+        is pure: the state changes only once the step has succeeded."""
+        if self._state is None:
+            return stats, None
+        keyed = {(s, self._params[i][0]): _checked_one(st)
+                 for s, per in stats.items() for i, st in per.items()}
+        new_state = self._state.updated(keyed)
+        used: SourceStats = {
+            s: {i: Moments(new_state[(s, self._params[i][0])].count, st.mean,
+                           new_state[(s, self._params[i][0])].m2)
+                for i, st in per.items()}
+            for s, per in stats.items()
+        }
+        return used, new_state
+
+    def _nonfinite(self, groups: list[Group]) -> list[tuple[str, str]]:
+        """Step 4: ``(source, parameter name)`` of every non-finite statistic. One reduction per
+        group and one sync: a NaN or inf anywhere makes the sum non-finite."""
+        sums = [g.finite_sum() for g in groups]
+        finite = _all_finite(sums) if sums else []
+        return [(s, self._params[i][0]) for g, ok in zip(groups, finite) if not ok
+                for s, i in g.nonfinite_params()]
+
+    def _commit(self, new_state: Any) -> None:
+        """Step 6: the carried state first (it can be put back), then ``p.grad``."""
+        state = self._state
+        if new_state is None or state is None:
+            self._write()
+            return
+        kept = (state.stats, state.steps)
+        state.commit(new_state)
+        try:
+            self._write()
+        except BaseException:
+            state.stats, state.steps = kept
+            raise
+
+    def _backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any) -> dict[str, Any]:
+        group = self.distributed.group()
+        names, prob, scale = self._losses(losses, group, grad_scaler)
+        out_scale = 1.0 if scale is None else scale
         sources_of: dict[int, tuple[str, ...]] = {}
         for k, s in enumerate(names):
             for i in sorted(prob.reach[k]):
                 sources_of[i] = sources_of.get(i, ()) + (s,)
         groups = self._workspace.layout(sources_of)
-        # Carried statistics keep references to this step's tensors: those must not be
-        # views of the reused buffers, so the sources write into them only without rho.
-        sink = self._workspace.sink if self._state is None else None
-        reduce_here = group is not None and not self._source.REDUCES_ITSELF
-        stats: SourceStats
-        if reduce_here:
-            # Every rank joins the all-reduce even when its sampling failed, so that all
-            # raise together; the reduced statistics are new tensors (no sink).
-            reduced = sample_and_reduce(self, prob, group)
-            stats = {s: {i: st for i, st in per.items()} for s, per in reduced.items()}
-        else:
-            stats = self._sample(prob, sink)
         shortcut = sorted({
             self._params[i][0] for taps in prob.shortcut for t in taps
             for i in (t.weight, t.bias) if i is not None
         })
+        stats = self._statistics(prob, group, scale)
         del prob
-        stats = self._source.after_reduce(stats)
-        if scale is not None:
-            stats = {
-                s: {i: Moments(st.count, st.mean / scale, st.m2 / (scale * scale)) for i, st in per.items()}
-                for s, per in stats.items()
-            }
-        out_scale = 1.0 if scale is None else scale
         produced: dict[int, tuple[str, ...]] = {}
         for s in names:
             for i in stats.get(s, {}):
                 produced[i] = produced.get(i, ()) + (s,)
         if produced != sources_of:  # a source covered other parameters than the graph walk found
             groups = self._workspace.layout(produced)
-
-        # Carried statistics: accumulated count and M2, current mean (the merge is pure;
-        # the state changes only once the step has succeeded).
-        new_state = None
-        used = stats
-        if self._state is not None:
-            keyed = {(s, self._params[i][0]): _checked_one(st) for s, per in stats.items() for i, st in per.items()}
-            new_state = self._state.updated(keyed)
-            del keyed
-            used = {
-                s: {i: Moments(new_state[(s, self._params[i][0])].count, st.mean,
-                                     new_state[(s, self._params[i][0])].m2)
-                    for i, st in per.items()}
-                for s, per in stats.items()
-            }
+        used, new_state = self._carried(stats)
+        del stats
         for g in groups:
             g.fill(used)
-        # One reduction per group and one sync: a NaN or inf anywhere makes the sum non-finite.
-        sums = [g.finite_sum() for g in groups]
-        finite = _all_finite(sums) if sums else []
-        bad = [(s, self._params[i][0]) for g, ok in zip(groups, finite) if not ok
-               for s, i in g.nonfinite_params()]
+        bad = self._nonfinite(groups)
         if bad:
-            if not plain_on_nonfinite:
+            if self.on_nonfinite == "raise" and scale is None:
                 s, pname = bad[0]
                 raise NonFiniteError(
                     f"losses[{s!r}]: the gradient of parameter {pname!r} contains NaN or infinite "
@@ -539,30 +527,20 @@ class GradientCalibrator:
             for g in groups:
                 g.plain(self.source_weights, out_scale)
             self._write()
-            return {"samples": self.samples, "sources": names, "nonfinite": True,
+            return {"samples": self.samples.NAME, "sources": names, "nonfinite": True,
                     "nonfinite_parameters": sorted({p for _, p in bad}), "warmup": False,
                     "parameters": {}}
-        if self.keep_statistics:
+        if self.diagnostics.keep_statistics:
             self.last_statistics = {
                 s: {self._params[i][0]: GradientStats(st.count, st.mean.clone(), st.m2.clone())
                     for i, st in per.items()}
                 for s, per in used.items()
             }
-        del stats, used
+        del used
+        # Step 5: every group's gradient into its buffer, and the diagnostics.
         diag = self._calibrate(groups, names, out_scale)
         diag["shortcut_parameters"] = shortcut
-        # Commit: the carried state first (it can be put back), then p.grad.
-        state = self._state
-        if new_state is not None and state is not None:
-            kept = (state.stats, state.steps)
-            state.commit(new_state)
-            try:
-                self._write()
-            except BaseException:
-                state.stats, state.steps = kept
-                raise
-        else:
-            self._write()
+        self._commit(new_state)
         self._steps_done += 1
         return diag
 
@@ -570,7 +548,8 @@ class GradientCalibrator:
         """Every group's gradient into its ``out`` buffer, and the step's diagnostics."""
         multi = [g for g in groups if len(g.sources) > 1]
         warmup = self.config.prior.beta0 is None and any(g.min_count() < 2 for g in multi)
-        sampled = self.diagnostics != "none" and self._steps_done % self.diagnostics_every == 0
+        level = self.diagnostics.level
+        sampled = level != "none" and self._steps_done % self.diagnostics.every == 0
         lam = self.source_weights
         counts: dict[str, float] = {}
         for g in groups:
@@ -593,11 +572,11 @@ class GradientCalibrator:
             if fl is not None:
                 flags.append(fl)
                 shapes = [self._params[i][1].shape for i in g.params]
-                entries.update(group_entries(g, pnames, shapes, self.config, lam, self.diagnostics))
+                entries.update(group_entries(g, pnames, shapes, self.config, lam, level))
         n_multi = sum(len(g.params) for g in multi)
         n_reached = sum(len(g.params) for g in groups)
         d: dict[str, Any] = {
-            "samples": self.samples,
+            "samples": self.samples.NAME,
             "sources": list(names),
             "counts": counts,
             "num_reached": n_reached,
@@ -617,7 +596,7 @@ class GradientCalibrator:
                 d["fallback"] = fb
             zv = sorted({s for f in flags for s in f.get("zero_variance_sources", [])})
             d["zero_variance_sources"] = zv
-        d["parameters"] = pdiag if self.diagnostics != "none" else {}
+        d["parameters"] = pdiag if level != "none" else {}
         return d
 
     def _write(self) -> None:

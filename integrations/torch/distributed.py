@@ -185,7 +185,8 @@ def verdict(views: Sequence[Mapping[str, Any]]) -> tuple[str | None, set[str]]:
                 "together", set())
     if len({v["options"] for v in views}) > 1:
         return (head + f"calibrator options differ ({_diff(views, 'options')}). Build the "
-                "calibrator with the same samples=, chunks=, rho= and config on every rank", set())
+                "calibrator with the same samples= (and its options), source_weights= and config "
+                "on every rank", set())
     names = [sorted(v["names"]) for v in views]
     if any(n != names[0] for n in names):
         every = set(names[0]).intersection(*names[1:])

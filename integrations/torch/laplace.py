@@ -40,46 +40,65 @@ from .graph import walk
 from .samples import Moments, Problem, SourceStats, Stats, batched_grads, work_dtype
 from .sharded import compute_tensors, layer_type
 from .shortcut import ForwardRecorder
-from .source import SampleContext, SampleSource
+from .source import CHUNK_BYTES, SampleContext, SampleSource
 
-__all__ = ["LaplaceSource"]
+__all__ = ["Laplace"]
 
 
-class LaplaceSource(ForwardRecorder, SampleSource):
-    """Diagonal last-layer Laplace draws for every source (see module docstring)."""
+class Laplace(ForwardRecorder, SampleSource):
+    """Diagonal last-layer Laplace draws for every source (see module docstring).
+
+    ``layers``: mapping source name -> the last layer (an ``nn.Module``) of
+    that source's modality; ``prior_precision`` > 0: the posterior's prior
+    precision ``lambda0``; ``draws``: Monte Carlo draws ``T`` (even:
+    antithetic pairs); ``seed``: seed of the calibrator's random generator
+    (every rank must use the same); ``rho`` and ``chunk_bytes`` as in
+    :class:`~.source.SampleSource`. Forward hooks on Linear layers record
+    their input and output from construction until :meth:`remove`.
+    """
 
     NAME = "laplace"
     REDUCES_ITSELF = True
 
     def __init__(
         self,
-        layers: Mapping[str, nn.Module] | None,
-        param_index: dict[int, int],
+        layers: Mapping[str, nn.Module] | None = None,
+        *,
         prior_precision: float = 1.0,
         draws: int = 8,
+        seed: int = 0,
+        rho: float | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
-        super().__init__()
+        ForwardRecorder.__init__(self)
+        SampleSource.__init__(self, rho, chunk_bytes)
         if not isinstance(layers, Mapping) or not layers:
             raise ConfigError(
-                "laplace_layers: samples='laplace' needs a mapping source name -> the last layer "
-                "(an nn.Module) of that source's modality, e.g. {'audio': model.audio_head}"
+                "Laplace(layers=): needs a mapping source name -> the last layer (an nn.Module) "
+                "of that source's modality, e.g. Laplace(layers={'audio': model.audio_head})"
             )
         self.layers: dict[str, list[torch.Tensor]] = {}  # parameters of each source's layer
         self.module_of: dict[str, nn.Module] = {}
         for name, mod in layers.items():
             if not isinstance(mod, nn.Module):
-                raise ConfigError(f"laplace_layers[{name!r}]: expected an nn.Module, got {type(mod).__name__}")
+                raise ConfigError(f"Laplace(layers=)[{name!r}]: expected an nn.Module, got {type(mod).__name__}")
             ps: list[torch.Tensor] = [p for p in mod.parameters() if p.requires_grad]
             if not ps:
-                raise ConfigError(f"laplace_layers[{name!r}]: the layer has no trainable parameters")
+                raise ConfigError(f"Laplace(layers=)[{name!r}]: the layer has no trainable parameters")
             self.layers[str(name)] = ps
             self.module_of[str(name)] = mod
-        if not (isinstance(prior_precision, (int, float)) and prior_precision > 0):
-            raise ConfigError(f"prior_precision: must be a number > 0, got {prior_precision!r}")
-        if not (isinstance(draws, int) and draws >= 2 and draws % 2 == 0):
-            raise ConfigError(f"draws: must be an even int >= 2 (antithetic pairs), got {draws!r}")
+        if (isinstance(prior_precision, bool) or not isinstance(prior_precision, (int, float))
+                or not prior_precision > 0):
+            raise ConfigError(f"Laplace(prior_precision=): must be a number > 0, got {prior_precision!r}")
+        if not (isinstance(draws, int) and not isinstance(draws, bool) and draws >= 2 and draws % 2 == 0):
+            raise ConfigError(
+                f"Laplace(draws=): must be an even int >= 2 (antithetic pairs), got {draws!r}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"Laplace(seed=): must be an int, got {type(seed).__name__}")
         self.prior_precision = float(prior_precision)
         self.draws = draws
+        self.seed = seed
         # Linear last layers: record (input, output) so that the Fisher diagonal
         # comes from the per-layer identity sum_i g_i^2 = (delta^2)^T (x^2).
         for name, mod in layers.items():
@@ -104,7 +123,7 @@ class LaplaceSource(ForwardRecorder, SampleSource):
         d2, x2 = delta.to(dt).square(), x.to(dt).square()
         # ``head`` holds the tensors the graph reaches (FSDP2: the unsharded ones).
         wb = compute_tensors([mod.weight] + ([] if mod.bias is None else [mod.bias]),
-                             f"laplace_layers[{name!r}]")
+                             f"Laplace(layers=)[{name!r}]")
         by_id = {id(wb[0]): d2.T @ x2}
         if len(wb) > 1:
             by_id[id(wb[1])] = d2.sum(dim=0)
@@ -127,16 +146,20 @@ class LaplaceSource(ForwardRecorder, SampleSource):
                 f += (r * r).sum(dim=0)
         return F
 
+    def options(self) -> dict[str, Any]:
+        return {"layers": sorted(self.layers), "prior_precision": self.prior_precision,
+                "draws": self.draws, "seed": self.seed, **super().options()}
+
     def sample(self, prob: Problem, ctx: SampleContext) -> SourceStats:
-        return self.draw(prob, ctx.generator, ctx.chunk_bytes, ctx.group, ctx.timeout)
+        return self.draw(prob, ctx.generator, self.chunk_bytes, ctx.group, ctx.timeout)
 
     def draw(self, prob: Problem, generator: torch.Generator, chunk_bytes: int, group: Any,
              timeout: timedelta | None = None) -> SourceStats:
         missing = [s for s in prob.names if s not in self.layers]
         if missing:
             raise ConfigError(
-                f"laplace_layers: no last layer named for source(s) {missing}; give every source's "
-                f"modality head, e.g. laplace_layers={{{missing[0]!r}: model.head}}"
+                f"Laplace(layers=): no last layer named for source(s) {missing}; give every "
+                f"source's modality head, e.g. Laplace(layers={{{missing[0]!r}: model.head}})"
             )
         for k, s in enumerate(prob.names):
             if prob.losses[k].dim() != 1 or prob.batch(k) < 1:
@@ -144,18 +167,18 @@ class LaplaceSource(ForwardRecorder, SampleSource):
                     f"losses[{s!r}]: the Laplace posterior needs per-example losses of shape (batch,)"
                 )
         for k, s in enumerate(prob.names):
-            head = compute_tensors(self.layers[s], f"laplace_layers[{s!r}]")
+            head = compute_tensors(self.layers[s], f"Laplace(layers=)[{s!r}]")
             reached = walk(prob.losses[k], {id(h): j for j, h in enumerate(head)}).params
             if not reached:
                 raise ConfigError(
-                    f"laplace_layers[{s!r}]: the layer is not in the graph of losses[{s!r}] (none "
+                    f"Laplace(layers=)[{s!r}]: the layer is not in the graph of losses[{s!r}] (none "
                     f"of its parameters reaches that loss); name the last layer that produces "
-                    f"source {s!r}'s output, e.g. laplace_layers={{{s!r}: model.head_{s}}}"
+                    f"source {s!r}'s output, e.g. Laplace(layers={{{s!r}: model.head_{s}}})"
                 )
         # Phase 1: Fisher diagonals (summed over ranks: the global batch's posterior).
         fishers = []
         for k, s in enumerate(prob.names):
-            head = compute_tensors(self.layers[s], f"laplace_layers[{s!r}]")
+            head = compute_tensors(self.layers[s], f"Laplace(layers=)[{s!r}]")
             f = self._fisher_linear(s, prob.losses[k], head)
             fishers.append(f if f is not None else self._fisher(prob.losses[k], head, chunk_bytes))
         batch = [float(prob.batch(k)) for k in range(len(prob.names))]
@@ -171,7 +194,7 @@ class LaplaceSource(ForwardRecorder, SampleSource):
         results: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = []
         T = self.draws
         for k, s in enumerate(prob.names):
-            head = compute_tensors(self.layers[s], f"laplace_layers[{s!r}]")
+            head = compute_tensors(self.layers[s], f"Laplace(layers=)[{s!r}]")
             targets = sorted(prob.reach[k])
             if not targets:
                 # The source reaches no calibrated parameter: it has nothing to sample

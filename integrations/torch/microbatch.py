@@ -11,7 +11,11 @@ backward passes elsewhere.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from bogc_core.errors import ConfigError
 
 from .accumulate import Accumulator
 from .samples import (
@@ -25,7 +29,7 @@ from .samples import (
     work_dtype,
 )
 from .shortcut import factors
-from .source import SampleContext, SampleSource
+from .source import CHUNK_BYTES, SampleContext, SampleSource
 
 __all__ = ["Microbatch", "microbatch"]
 
@@ -92,13 +96,26 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> Source
 
 
 class Microbatch(SampleSource):
-    """``samples="microbatch"``: ``chunks`` micro-batch samples per source."""
+    """``chunks`` micro-batch samples per source (shorthand ``samples="microbatch"``).
+
+    ``chunks``: micro-batches per source and step, an int >= 2; ``rho`` and
+    ``chunk_bytes`` as in :class:`~.source.SampleSource`.
+    """
 
     NAME = "microbatch"
     USES_SHORTCUT = True
 
-    def __init__(self, chunks: int) -> None:
+    def __init__(self, chunks: int = 4, *, rho: float | None = None,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
+        super().__init__(rho, chunk_bytes)
+        if not (isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 2):
+            raise ConfigError(
+                f"Microbatch(chunks=): must be an int >= 2 (micro-batches per step), got {chunks!r}"
+            )
         self.chunks = chunks
 
+    def options(self) -> dict[str, Any]:
+        return {"chunks": self.chunks, **super().options()}
+
     def sample(self, prob: Problem, ctx: SampleContext) -> SourceStats:
-        return microbatch(prob, self.chunks, ctx.chunk_bytes)
+        return microbatch(prob, self.chunks, self.chunk_bytes)

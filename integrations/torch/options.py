@@ -1,8 +1,9 @@
-"""Validation of every :class:`GradientCalibrator` option, in one place.
+"""Validation of the :class:`GradientCalibrator` options that are not objects of their own.
 
-The constructor, :meth:`GradientCalibrator.load_state_dict` and the Lightning
-callback all check their options here, so that one bad value gives one
-message whichever way it arrived.
+The sample sources (:mod:`.source`) and :class:`~.collective_step.Distributed`
+check their options when built; the constructor and
+:meth:`GradientCalibrator.load_state_dict` check the rest here, so that one
+bad value gives one message whichever way it arrived.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Literal
 
 import torch
@@ -18,49 +18,107 @@ import torch
 from bogc_core import CalibrationConfig
 from bogc_core.errors import ConfigError
 
+from .microbatch import Microbatch
+from .per_example import PerExample
+from .source import SampleSource, check_unit_rho
+from .steps import Steps
+
 __all__ = [
     "SAMPLES",
     "Diagnostics",
-    "Options",
-    "SampleKind",
+    "DiagnosticsLevel",
+    "check_on_nonfinite",
     "check_rho",
     "check_source_weights",
+    "diagnostics_options",
     "named_parameters",
-    "validate_options",
+    "sample_source",
 ]
 
-SampleKind = Literal["per_example", "microbatch", "laplace", "steps"]
-Diagnostics = Literal["summary", "full", "none"]
+DiagnosticsLevel = Literal["summary", "full", "none"]
+#: The ``samples=`` shorthands: each names a sample source with its default options.
 SAMPLES: tuple[str, ...] = ("per_example", "microbatch", "laplace", "steps")
 
 
 @dataclass(frozen=True)
-class Options:
-    """The calibrator's validated options (see :class:`GradientCalibrator`)."""
+class Diagnostics:
+    """What :meth:`GradientCalibrator.backward` reports (shorthand: the level as a string).
 
-    config: CalibrationConfig
-    samples: str
-    chunks: int
-    rho: float | None
-    source_weights: dict[str, float] | None
-    on_nonfinite: str
-    diagnostics: str
-    diagnostics_every: int
-    chunk_bytes: int
-    timeout: timedelta | None
-    keep_statistics: bool
+    ``level``: ``"summary"`` (mean weight and evidence per source, fused
+    uncertainty, belief-scale range per calibrated parameter), ``"full"`` (the
+    core's complete ``Calibration.diagnostics``) or ``"none"`` (counts and
+    flags only, never a sampled step). ``every``: sample the per-parameter
+    entries on the first step and every this many steps after it (1: every
+    step); the other steps cost no extra pass over the statistics.
+    ``keep_statistics``: keep the last step's statistics in
+    ``GradientCalibrator.last_statistics`` (``2 S`` parameter copies between steps).
+    """
+
+    level: str = "summary"
+    every: int = 50
+    keep_statistics: bool = False
+
+    def __post_init__(self) -> None:
+        if self.level not in ("summary", "full", "none"):
+            raise ConfigError(
+                f"Diagnostics(level=): must be 'summary', 'full' or 'none', got {self.level!r}"
+            )
+        if not (isinstance(self.every, int) and not isinstance(self.every, bool) and self.every >= 1):
+            raise ConfigError(
+                f"Diagnostics(every=): must be an int >= 1 (1: every step), got {self.every!r}"
+            )
+        if not isinstance(self.keep_statistics, bool):
+            raise ConfigError(
+                f"Diagnostics(keep_statistics=): expected True or False, got "
+                f"{type(self.keep_statistics).__name__}"
+            )
+
+
+def diagnostics_options(diagnostics: Any) -> Diagnostics:
+    """A :class:`Diagnostics`, or its level as a string for the default other options."""
+    if isinstance(diagnostics, Diagnostics):
+        return diagnostics
+    if isinstance(diagnostics, str):
+        return Diagnostics(level=diagnostics)
+    raise ConfigError(
+        f"diagnostics: expected Diagnostics(...) or one of 'summary', 'full', 'none', got "
+        f"{type(diagnostics).__name__}"
+    )
+
+
+def sample_source(samples: Any) -> SampleSource:
+    """The sample source object; a name of :data:`SAMPLES` stands for its default options."""
+    if isinstance(samples, SampleSource):
+        return samples
+    if samples == "laplace":
+        raise ConfigError(
+            "samples: 'laplace' needs the last layer of each source's modality; pass "
+            "samples=Laplace(layers={'audio': model.audio_head, ...})"
+        )
+    if samples == "per_example":
+        return PerExample()
+    if samples == "microbatch":
+        return Microbatch()
+    if samples == "steps":
+        return Steps()
+    raise ConfigError(
+        f"samples: expected a sample source (Microbatch(), PerExample(), Laplace(layers=...), "
+        f"Steps()) or one of {SAMPLES}, got {samples!r}"
+    )
+
+
+def check_on_nonfinite(on_nonfinite: Any) -> str:
+    if on_nonfinite not in ("raise", "plain"):
+        raise ConfigError(f"on_nonfinite: must be 'raise' or 'plain', got {on_nonfinite!r}")
+    return str(on_nonfinite)
 
 
 def check_rho(rho: Any, samples: str, config: CalibrationConfig, what: str = "rho") -> float | None:
-    """``rho`` as a float in [0, 1] (``None`` stays ``None``); ``samples="steps"`` needs rho > 0.5
-    unless the prior fixes the variance scale."""
+    """``rho`` as a float in [0, 1] (``None`` stays ``None``); the ``steps`` sample source needs
+    rho > 0.5 unless the prior fixes the variance scale."""
+    rho = check_unit_rho(rho, what)
     if rho is None:
         return None
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
-        raise ConfigError(f"{what}: must be a number in [0, 1] or None, got {type(rho).__name__}")
-    rho = float(rho)
-    if not 0.0 <= rho <= 1.0:
-        raise ConfigError(f"{what}: must lie in [0, 1] (1 keeps every step), got {rho}")
     if samples == "steps" and config.prior.beta0 is None and rho <= 0.5:
         raise ConfigError(
             f"{what}: {rho} <= 0.5 keeps fewer than 2 effective steps (1 / (1 - rho)), so the "
@@ -120,56 +178,3 @@ def named_parameters(params: Iterable[Any]) -> list[tuple[str, torch.Tensor]]:
     if len({id(p) for _, p in out}) != len(out):
         raise ConfigError("params: the same tensor appears twice; pass each parameter once")
     return out
-
-
-def validate_options(
-    config: Any,
-    samples: Any,
-    chunks: Any,
-    rho: Any,
-    source_weights: Any,
-    *,
-    on_nonfinite: Any,
-    diagnostics: Any,
-    diagnostics_every: Any,
-    chunk_bytes: Any,
-    timeout: Any,
-    keep_statistics: Any,
-) -> Options:
-    """Every option checked, with the argument's name and the remedy in each error."""
-    config = CalibrationConfig() if config is None else config
-    if not isinstance(config, CalibrationConfig):
-        raise ConfigError(f"config: expected CalibrationConfig, got {type(config).__name__}")
-    if samples not in SAMPLES:
-        raise ConfigError(f"samples: must be one of {SAMPLES}, got {samples!r}")
-    if not (isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 2):
-        raise ConfigError(f"chunks: must be an int >= 2 (micro-batches per step), got {chunks!r}")
-    if rho is None and samples == "steps":
-        rho = 0.9
-    rho = check_rho(rho, samples, config)
-    if on_nonfinite not in ("raise", "plain"):
-        raise ConfigError(f"on_nonfinite: must be 'raise' or 'plain', got {on_nonfinite!r}")
-    if diagnostics not in ("summary", "full", "none"):
-        raise ConfigError(f"diagnostics: must be 'summary', 'full' or 'none', got {diagnostics!r}")
-    if not (isinstance(diagnostics_every, int) and not isinstance(diagnostics_every, bool)
-            and diagnostics_every >= 1):
-        raise ConfigError(
-            f"diagnostics_every: must be an int >= 1 (1: every step), got {diagnostics_every!r}"
-        )
-    if not (isinstance(chunk_bytes, int) and not isinstance(chunk_bytes, bool) and chunk_bytes > 0):
-        raise ConfigError(f"chunk_bytes: must be a positive int, got {chunk_bytes!r}")
-    if timeout is not None and not isinstance(timeout, timedelta):
-        raise ConfigError(f"timeout: expected a datetime.timedelta or None, got {type(timeout).__name__}")
-    return Options(
-        config=config,
-        samples=str(samples),
-        chunks=chunks,
-        rho=rho,
-        source_weights=check_source_weights(source_weights),
-        on_nonfinite=str(on_nonfinite),
-        diagnostics=str(diagnostics),
-        diagnostics_every=diagnostics_every,
-        chunk_bytes=chunk_bytes,
-        timeout=timeout,
-        keep_statistics=bool(keep_statistics),
-    )

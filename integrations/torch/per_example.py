@@ -31,7 +31,7 @@ from .samples import (
 )
 from .sharded import layer_type
 from .shortcut import conv_per_example_sums, factors
-from .source import SampleContext, SampleSource
+from .source import CHUNK_BYTES, SampleContext, SampleSource
 
 __all__ = ["PerExample", "per_example"]
 
@@ -116,10 +116,14 @@ def per_example(prob: Problem, chunk_bytes: int = 1 << 26, sink: Sink = None) ->
 
 
 class PerExample(SampleSource):
-    """``samples="per_example"``: one sample per example."""
+    """One sample per example (shorthand ``samples="per_example"``); ``rho`` and
+    ``chunk_bytes`` as in :class:`~.source.SampleSource`."""
 
     NAME = "per_example"
     USES_SHORTCUT = True
 
+    def __init__(self, *, rho: float | None = None, chunk_bytes: int = CHUNK_BYTES) -> None:
+        super().__init__(rho, chunk_bytes)
+
     def sample(self, prob: Problem, ctx: SampleContext) -> SourceStats:
-        return per_example(prob, ctx.chunk_bytes, ctx.sink)
+        return per_example(prob, self.chunk_bytes, ctx.sink)

@@ -8,10 +8,14 @@ scalar loss as it is), all sources in one batched backward.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from bogc_core.errors import ConfigError
+
 from .samples import Moments, Problem, SourceStats, batched_grads, work_dtype
-from .source import SampleContext, SampleSource
+from .source import SampleContext, SampleSource, check_unit_rho
 
 __all__ = ["Steps", "step_means"]
 
@@ -38,10 +42,26 @@ def step_means(prob: Problem) -> dict[str, dict[int, torch.Tensor]]:
 
 
 class Steps(SampleSource):
-    """``samples="steps"``: one sample per source and step, carried with ``rho``."""
+    """One sample per source and step, carried with ``rho`` (shorthand ``samples="steps"``).
+
+    ``rho``: forgetting factor in [0, 1] (default 0.9); unless the prior fixes
+    the variance scale the calibrator requires ``rho > 0.5`` (at least two
+    effective steps).
+    """
 
     NAME = "steps"
     SCALAR_LOSSES = True
+
+    def __init__(self, rho: float = 0.9) -> None:
+        if rho is None:
+            raise ConfigError(
+                "Steps(rho=): the statistics come from carrying steps, so rho cannot be None; "
+                "give a forgetting factor in (0.5, 1] (0.9 is the default)"
+            )
+        super().__init__(check_unit_rho(rho, "Steps(rho=)"))
+
+    def options(self) -> dict[str, Any]:
+        return {"rho": self.rho}
 
     def sample(self, prob: Problem, ctx: SampleContext) -> SourceStats:
         means = step_means(prob)

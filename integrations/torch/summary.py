@@ -1,7 +1,7 @@
 """The diagnostics :meth:`GradientCalibrator.backward` returns.
 
 Every step reports counts and flags (no device work). On a *sampled* step
-(every ``diagnostics_every`` steps) each calibrated tensor is also summarised
+(every ``Diagnostics(every=)`` steps) each calibrated tensor is also summarised
 by the keys of :attr:`~bogc_core.Calibration.diagnostics`, which the group's
 one ``calibrate_gradient(..., summarize=...)`` call accumulates in the passes
 that write the gradient (the step never forms the ``(S, D)`` outputs, and no

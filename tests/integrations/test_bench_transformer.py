@@ -14,7 +14,7 @@ from bogc_core.integrations.bench.model import ALIGN, FUSION
 from bogc_core.integrations.bench.models import build_model
 from bogc_core.integrations.bench.transformer import TOKENS, WIDTH, FusionTransformer
 from bogc_core.integrations.bench.zeroshot import info_nce
-from bogc_core.integrations.torch import GradientCalibrator
+from bogc_core.integrations.torch import Diagnostics, GradientCalibrator, Microbatch, PerExample
 
 from bogc_core.errors import ConfigError
 
@@ -124,7 +124,9 @@ def test_calibrator_statistics_on_attention_and_layernorm_are_exact(samples):
     model.eval()
     xs, y = _inputs(B=8)
     named = list(model.named_parameters())
-    cal = GradientCalibrator(named, samples=samples, chunks=4, model=model, keep_statistics=True)
+    source = Microbatch(chunks=4) if samples == "microbatch" else PerExample()
+    cal = GradientCalibrator(named, samples=source, model=model,
+                             diagnostics=Diagnostics(keep_statistics=True))
     losses = _losses(model, xs, y)
     want = {s: torch.autograd.grad(loss.mean(), [p for _, p in named], retain_graph=True,
                                    allow_unused=True)

@@ -22,7 +22,7 @@ from bogc_core.integrations.lightning import (  # noqa: E402
     BOGCModule,
     calibrated_backward,
 )
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import GradientCalibrator, Microbatch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
@@ -117,7 +117,7 @@ def _reference(steps: int, config: bc.CalibrationConfig | None, plain: bool = Fa
     """The same training in a plain loop, with a standalone calibrator or loss.backward()."""
     net = Net()
     opt = torch.optim.SGD(net.parameters(), lr=LR)
-    cal = GradientCalibrator(list(net.named_parameters()), config, samples="microbatch", chunks=4)
+    cal = GradientCalibrator(list(net.named_parameters()), config, samples=Microbatch(4))
     loader = DataLoader(_data(), batch_size=BATCH, shuffle=False)
     for step, batch in enumerate(loader):
         if step == steps:
@@ -140,7 +140,7 @@ def _assert_same(a: nn.Module, b: nn.Module, tol: float = 1e-6) -> None:
 @pytest.mark.parametrize("module_cls", [Manual, Auto], ids=["manual", "automatic"])
 def test_two_steps_equal_standalone_calibrator(module_cls: type) -> None:
     module = module_cls()
-    cb = BOGCCallback(samples="microbatch", chunks=4)
+    cb = BOGCCallback(samples=Microbatch(chunks=4))
     trainer = _fit(module, cb)
     assert trainer.global_step == 2
     _assert_same(module.net, _reference(2, None))
@@ -170,7 +170,7 @@ def test_equal_evidence_equals_plain_loss_backward(module_cls: type) -> None:
 def test_checkpoint_carries_calibrator_state(tmp_path: Any) -> None:
     # samples="steps" carries statistics across steps, so resuming needs them back.
     # 32 examples in batches of 16: the checkpoint falls on an epoch boundary.
-    kw = dict(samples="steps", rho=0.9)
+    kw = dict(samples="steps")
     whole = Manual()
     _fit(whole, BOGCCallback(**kw), steps=3, n=32)
 

@@ -27,6 +27,7 @@ import torch.distributed as dist  # noqa: E402
 from bogc_core.integrations.torch import DistributedError, GradientCalibrator  # noqa: E402
 from distlaunch import init_rank, run_ranks  # noqa: E402
 from torch import nn  # noqa: E402
+from torchtools import source  # noqa: E402
 
 from bogc_core import BOGCError  # noqa: E402
 
@@ -83,8 +84,10 @@ def run_case(kwargs, rank: int | None, steps: int = 3):
     kw = dict(kwargs)
     if kw.pop("model", False):
         kw["model"] = m
-    if kw.get("samples") == "laplace":
-        kw["laplace_layers"] = {"fusion": m.fusion, "a": m.head_a, "b": m.head_b}
+    layers = ({"fusion": m.fusion, "a": m.head_a, "b": m.head_b}
+              if kw["samples"] == "laplace" else None)
+    opts = {k: kw.pop(k) for k in ("chunks", "rho", "draws") if k in kw}
+    kw["samples"] = source(kw["samples"], layers, **opts)
     cal = GradientCalibrator(m.named_parameters(), **kw)
     out = []
     for step in range(steps):
@@ -324,7 +327,7 @@ def _dead_peer_worker(rank: int, world: int, out: Path, mid_step: bool = False) 
         if not mid_step:
             os._exit(0)  # dies before the first collective
         # dies after the agreement check, while taking its samples
-        cal._sample = lambda prob: os._exit(0)  # type: ignore[method-assign]
+        cal.samples.sample = lambda prob, ctx: os._exit(0)  # type: ignore[method-assign]
         cal.backward(losses(m, *_half(rank)))
     xa, xb, y = data(0)
     t0 = time.monotonic()

@@ -25,6 +25,7 @@ import torch.distributed as dist  # noqa: E402
 from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
 from distlaunch import init_rank, run_ranks  # noqa: E402
 from torch import nn  # noqa: E402
+from torchtools import source  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo"
@@ -113,15 +114,18 @@ def train(kwargs: dict, rank: int | None, wrap: str | None = None, disagree_firs
     kw = dict(kwargs)
     if kw.pop("model", False):
         kw["model"] = model
-    if kw.pop("laplace_layers", False):  # each source's last layer (fully_shard ones under FSDP2)
-        kw["laplace_layers"] = {"fusion": net.fusion, "a": net.head_a, "b": net.head_b}
+    # each source's last layer (fully_shard ones under FSDP2)
+    layers = ({"fusion": net.fusion, "a": net.head_a, "b": net.head_b}
+              if kw.pop("laplace_layers", False) else None)
+    opts = {k: kw.pop(k) for k in ("chunks", "draws", "seed") if k in kw}
+    kw["samples"] = source(kw["samples"], layers, **opts)
     cal = GradientCalibrator(net.named_parameters(), **kw)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     out, layout = [], {}
-    if cal.samples == "laplace":  # the Linear Fisher shortcut must serve every head, sharded too
-        fallback, full_fisher = [], cal._source._fisher
+    if cal.samples.NAME == "laplace":  # the Linear Fisher shortcut must serve every head, sharded too
+        fallback, full_fisher = [], cal.samples._fisher
         layout["fisher_fallback"] = fallback
-        cal._source._fisher = lambda *a, **k: fallback.append(1) or full_fisher(*a, **k)
+        cal.samples._fisher = lambda *a, **k: fallback.append(1) or full_fisher(*a, **k)
     if disagree_first:
         xa, xb, y = data(0)
         sl = slice(rank * B // 2, (rank + 1) * B // 2)

@@ -72,20 +72,35 @@ class BOGC(Method):
 
     def setup(self, model):
         super().setup(model)
-        from bogc_core.integrations.torch import GradientCalibrator
+        from bogc_core.integrations.torch import Diagnostics, GradientCalibrator
 
         # one sampled diagnostics step per epoch, its first, so every epoch has a point
-        kw: dict[str, Any] = {"config": self.config, "samples": self.samples, "chunks": self.chunks,
-                              "diagnostics_every": max(int(self.steps_per_epoch), 1)}
-        if self.rho is not None:
-            kw["rho"] = self.rho
+        kw: dict[str, Any] = {
+            "config": self.config, "samples": self.sample_source(model),
+            "diagnostics": Diagnostics(every=max(int(self.steps_per_epoch), 1)),
+        }
         if self.samples in ("per_example", "microbatch") and getattr(model, "rows_independent", True):
             # the per-layer shortcut for nn.Linear (no per-example grads); not with a loss that
             # couples the rows of a batch (zeroshot's align), which breaks its row assumption
             kw["model"] = model
-        if self.samples == "laplace":
-            kw["laplace_layers"] = model.laplace_layers()
         self.cal = GradientCalibrator(list(model.named_parameters()), **kw)
+
+    def sample_source(self, model) -> Any:
+        """The calibrator's sample source for ``model``, new for each run (Laplace hooks its
+        heads): ``samples`` with ``chunks`` (micro-batches) and ``rho`` (``None``: the
+        sample source's default)."""
+        from bogc_core.integrations.torch import Laplace, Microbatch, PerExample, Steps
+
+        rho = {} if self.rho is None else {"rho": self.rho}
+        if self.samples == "microbatch":
+            return Microbatch(self.chunks, **rho)
+        if self.samples == "per_example":
+            return PerExample(**rho)
+        if self.samples == "steps":
+            return Steps(**rho)
+        if self.samples == "laplace":
+            return Laplace(layers=model.laplace_layers(), **rho)
+        return self.samples  # anything else: the calibrator names the remedy
 
     def start_epoch(self, epoch: int, max_epochs: int) -> None:
         if self.gamma_schedule is not None:

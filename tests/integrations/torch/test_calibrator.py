@@ -18,6 +18,7 @@ from torchtools import (  # noqa: E402
     losses_of,
     make,
     reference,
+    source,  # noqa: E402
 )
 
 from bogc_core import (  # noqa: E402
@@ -49,8 +50,7 @@ def test_equal_evidence_gives_plain_summed_gradient():
     plain = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad(set_to_none=True)
     for samples in ("per_example", "microbatch", "steps"):
-        cal = GradientCalibrator(m.named_parameters(), CalibrationConfig(gamma=0.0),
-                                 samples=samples, chunks=3, rho=1.0, model=m)
+        cal = GradientCalibrator(m.named_parameters(), CalibrationConfig(gamma=0.0), samples=source(samples, chunks=3, rho=1.0), model=m)
         for _ in range(2):  # steps: leave warm-up
             cal.backward(losses_of(m, xa, xb, y))
         for n, g in plain.items():
@@ -211,7 +211,7 @@ def test_parameters_sharing_one_gradient_tensor():
         return {"u": out.pow(2).sum(1), "v": torch.sin(out).sum(1)}
 
     for samples in ("per_example", "microbatch"):
-        cal = GradientCalibrator(params, samples=samples, chunks=4)
+        cal = GradientCalibrator(params, samples=source(samples, chunks=4))
         cal.backward(ls())
         torch.testing.assert_close(b1.grad, b2.grad)
         samples_ = {"u": {}, "v": {}}
@@ -250,8 +250,7 @@ def test_all_sources_share_one_backward(samples, use_model, monkeypatch):
     # micro-batch rows of all sources fit one call too.
     m = make()
     xa, xb, y = batch(8)
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9 if samples == "steps" else None,
-                             model=m if use_model else None)
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=0.9 if samples == "steps" else None), model=m if use_model else None)
     calls = []
     real = torch.autograd.grad
 

@@ -7,7 +7,7 @@ import io
 import pytest
 
 torch = pytest.importorskip("torch")
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import Diagnostics, GradientCalibrator, Laplace, Microbatch, Steps  # noqa: E402
 from torch import nn  # noqa: E402
 from torchtools import (  # noqa: E402
     batch,
@@ -15,6 +15,7 @@ from torchtools import (  # noqa: E402
     losses_of,
     make,
     reference,
+    source,  # noqa: E402
 )
 
 from bogc_core import (  # noqa: E402
@@ -29,7 +30,7 @@ from bogc_core.errors import ConfigError, InsufficientSamplesError, ShapeError  
 def test_error_changes_no_grad_and_no_state(samples):
     m = make()
     xa, xb, y = batch(8)
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9 if samples == "steps" else None)
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=0.9 if samples == "steps" else None))
     cal.backward(losses_of(m, xa, xb, y))
     before = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     state = cal.state_dict()
@@ -77,12 +78,12 @@ def test_bad_input_raises_bogc_errors():
     with pytest.raises(ConfigError, match="samples"):
         GradientCalibrator(m.parameters(), samples="bogus")
     with pytest.raises(ConfigError, match="chunks"):
-        GradientCalibrator(m.parameters(), chunks=1)
+        GradientCalibrator(m.parameters(), samples=Microbatch(1))
     with pytest.raises(ConfigError, match="rho"):
-        GradientCalibrator(m.parameters(), samples="steps", rho=0.3)
+        GradientCalibrator(m.parameters(), samples=Steps(rho=0.3))
     with pytest.raises(ConfigError, match="params"):
         GradientCalibrator([])
-    with pytest.raises(ConfigError, match="laplace_layers"):
+    with pytest.raises(ConfigError, match="Laplace"):
         GradientCalibrator(m.parameters(), samples="laplace")
     cal = GradientCalibrator(m.parameters())
     with pytest.raises(ShapeError, match="losses"):
@@ -152,14 +153,13 @@ def test_failure_at_every_stage_changes_nothing(samples, stage, monkeypatch):
     m = make()
     xa, xb, y = batch(8)
     rho = 0.9 if samples == "steps" else 0.5
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=rho,
-                             model=m if samples != "steps" else None, diagnostics_every=1)
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=rho), model=m if samples != "steps" else None, diagnostics=Diagnostics(every=1))
     for seed in (1, 2):  # past warm-up, so the fused call and the diagnostics run
         m.zero_grad()
         cal.backward(losses_of(m, *batch(8, seed=seed)))
     snap = _snapshot(m, cal)
     label, owner, attr = next(s for s in _stages() if s[0] == stage)
-    target = {"cal": cal, "source": cal._source}.get(owner, owner) if isinstance(owner, str) else owner
+    target = {"cal": cal, "source": cal.samples}.get(owner, owner) if isinstance(owner, str) else owner
 
     def boom(*args, **kwargs):
         raise RuntimeError(f"injected failure at {label}")
@@ -171,8 +171,7 @@ def test_failure_at_every_stage_changes_nothing(samples, stage, monkeypatch):
     monkeypatch.undo()
     # The calibrator still works and gives what an untouched twin gives.
     twin = make()
-    twin_cal = GradientCalibrator(twin.named_parameters(), samples=samples, rho=rho,
-                                  model=twin if samples != "steps" else None)
+    twin_cal = GradientCalibrator(twin.named_parameters(), samples=source(samples, rho=rho), model=twin if samples != "steps" else None)
     for seed in (1, 2):
         twin.zero_grad()
         twin_cal.backward(losses_of(twin, *batch(8, seed=seed)))
@@ -209,8 +208,7 @@ def test_zero_size_parameter_and_zero_feature_modality(samples, use_model):
     y = torch.randint(0, 2, (8,), generator=g)
     ce = nn.CrossEntropyLoss(reduction="none")
     cfg = CalibrationConfig(gamma=0.0)  # equal evidence: the plain summed gradient
-    cal = GradientCalibrator(m.named_parameters(), cfg, samples=samples, model=m if use_model else None,
-                             rho=0.9 if samples == "steps" else None)
+    cal = GradientCalibrator(m.named_parameters(), cfg, samples=source(samples, rho=0.9 if samples == "steps" else None), model=m if use_model else None)
     f, oa = m(xa, xb)
     diag = cal.backward({"f": ce(f, y), "a": ce(oa, y)})
     assert m.enc_a.weight.grad is None  # no entries, left alone
@@ -234,9 +232,8 @@ def test_steps_with_no_parameter_reached_changes_nothing():
 def test_laplace_head_outside_the_sources_graph_is_a_config_error():
     m = make()
     xa, xb, y = batch(8)
-    cal = GradientCalibrator(m.named_parameters(), samples="laplace",
-                             laplace_layers={"fusion": m.fusion, "a": m.head_b, "b": m.head_b})
-    with pytest.raises(ConfigError, match=r"laplace_layers\['a'\]"):
+    cal = GradientCalibrator(m.named_parameters(), samples=Laplace(layers={"fusion": m.fusion, "a": m.head_b, "b": m.head_b}))
+    with pytest.raises(ConfigError, match=r"Laplace\(layers=\)\['a'\]"):
         cal.backward(losses_of(m, xa, xb, y))
     assert all(p.grad is None for p in m.parameters())
 
@@ -245,8 +242,7 @@ def test_laplace_head_outside_the_sources_graph_is_a_config_error():
 def test_backward_after_user_backward_is_a_bogc_error(samples):
     m = make()
     xa, xb, y = batch(8)
-    kw = {"laplace_layers": {"fusion": m.fusion, "a": m.head_a, "b": m.head_b}} if samples == "laplace" else {}
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, **kw)
+    cal = GradientCalibrator(m.named_parameters(), samples=_samples(m, samples))
     ls = losses_of(m, xa, xb, y)
     sum(l.mean() for l in ls.values()).backward()
     before = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
@@ -264,8 +260,7 @@ def test_low_precision_parameters_accumulate_in_float32(dtype, use_model):
     m64 = make()
     m = make(dtype=dtype)
     xa, xb, y = batch(16)
-    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m if use_model else None,
-                             keep_statistics=True)
+    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m if use_model else None, diagnostics=Diagnostics(keep_statistics=True))
     cal.backward(losses_of(m, xa.to(dtype), xb.to(dtype), y))
     for st in (s for per in cal.last_statistics.values() for s in per.values()):
         assert st.mean.dtype == torch.float32 and st.m2.dtype == torch.float32
@@ -307,12 +302,13 @@ def _embed_losses(m):
     return {"a": ce(oa, y), "b": ce(ob, y)}
 
 
-def _laplace_kw(m, samples):
+def _samples(m, samples, **opts):
+    """The sample source ``samples`` with ``opts``; Laplace gets ``m``'s heads."""
     if samples != "laplace":
-        return {}
+        return source(samples, **opts)
     if isinstance(m, SparseEmbed):
-        return {"laplace_layers": {"a": m.head_a, "b": m.head_b}}
-    return {"laplace_layers": {"fusion": m.fusion, "a": m.head_a, "b": m.head_b}}
+        return source(samples, {"a": m.head_a, "b": m.head_b}, **opts)
+    return source(samples, {"fusion": m.fusion, "a": m.head_a, "b": m.head_b}, **opts)
 
 
 @pytest.mark.parametrize("samples", ["per_example", "microbatch", "steps", "laplace"])
@@ -320,10 +316,9 @@ def test_sparse_embedding_gradients_are_refused(samples):
     """nn.Embedding(sparse=True): refused at construction when model= shows it, else at
     backward before any sampling; p.grad and the carried state are untouched."""
     m = SparseEmbed(sparse=True)
-    kw = _laplace_kw(m, samples)
     with pytest.raises(ConfigError, match=r"params: parameter 'emb.weight' .*sparse=False"):
-        GradientCalibrator(m.named_parameters(), samples=samples, model=m, **kw)
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9, **kw)
+        GradientCalibrator(m.named_parameters(), samples=_samples(m, samples), model=m)
+    cal = GradientCalibrator(m.named_parameters(), samples=_samples(m, samples, rho=0.9))
     for p in m.parameters():
         p.grad = None
     snap = _snapshot(m, cal)
@@ -332,12 +327,12 @@ def test_sparse_embedding_gradients_are_refused(samples):
     _assert_unchanged(m, cal, snap)
     # leaving the embedding out is the remedy: the heads are calibrated as usual
     heads = [(n, p) for n, p in m.named_parameters() if not n.startswith("emb")]
-    diag = GradientCalibrator(heads, samples=samples, **kw).backward(_embed_losses(m))
+    diag = GradientCalibrator(heads, samples=_samples(m, samples)).backward(_embed_losses(m))
     assert diag["num_reached"] == 4 and m.emb.weight.grad is None
     # the dense twin gives the same head gradients
     d = SparseEmbed(sparse=False)
     GradientCalibrator([(n, p) for n, p in d.named_parameters() if not n.startswith("emb")],
-                       samples=samples, **_laplace_kw(d, samples)).backward(_embed_losses(d))
+                       samples=_samples(d, samples)).backward(_embed_losses(d))
     for (n, p), q in zip(heads, [p for n, p in d.named_parameters() if not n.startswith("emb")]):
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 
@@ -361,7 +356,7 @@ def test_a_compiled_graph_is_refused_before_sampling(backend, samples):
     so the answer differs from the uncompiled model's: both are refused, nothing changed."""
     m = make()
     xa, xb, y = batch(8)
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9)
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=0.9))
     cal.backward(losses_of(m, xa, xb, y))
     snap = _snapshot(m, cal)
     compiled = torch.compile(m, backend=backend)
@@ -379,16 +374,15 @@ def test_laplace_source_that_reaches_no_calibrated_parameter_sits_out():
     parameters gives no statistics, and the others are calibrated as without it."""
     m = make()
     xa, xb, y = batch(8)
-    kw = _laplace_kw(m, "laplace")
-    cal = GradientCalibrator(list(m.enc_a.named_parameters()), samples="laplace", seed=3, **kw)
+    cal = GradientCalibrator(list(m.enc_a.named_parameters()), samples=_samples(m, "laplace", seed=3))
     diag = cal.backward(losses_of(m, xa, xb, y))  # "b" does not reach enc_a
     assert set(diag["counts"]) == {"fusion", "a"} and diag["num_calibrated"] == 2
     got = [p.grad.clone() for p in m.enc_a.parameters()]
     m2 = make()
     ls = losses_of(m2, xa, xb, y)
     del ls["b"]
-    GradientCalibrator(list(m2.enc_a.named_parameters()), samples="laplace", seed=3,
-                       **_laplace_kw(m2, "laplace")).backward(ls)
+    GradientCalibrator(list(m2.enc_a.named_parameters()),
+                       samples=_samples(m2, "laplace", seed=3)).backward(ls)
     for g, p in zip(got, m2.enc_a.parameters()):
         torch.testing.assert_close(g, p.grad)
     for samples in ("per_example", "microbatch", "steps"):
@@ -402,7 +396,7 @@ def test_graph_made_stale_by_an_optimizer_step_is_explained(samples):
     m = make()
     xa, xb, y = batch(8)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9, **_laplace_kw(m, samples))
+    cal = GradientCalibrator(m.named_parameters(), samples=_samples(m, samples, rho=0.9))
     ls = losses_of(m, xa, xb, y)
     cal.backward(ls)
     opt.step()
@@ -419,8 +413,7 @@ def test_model_double_after_a_float32_step_follows_the_parameters(samples, use_m
     calibrator's (the same weights: a float32 init is exact in float64)."""
     xa, xb, y = batch(8)
     m = make(dtype=torch.float32)
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, model=m if use_model else None,
-                             keep_statistics=True)
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples), model=m if use_model else None, diagnostics=Diagnostics(keep_statistics=True))
     cal.backward(losses_of(m, xa.float(), xb.float(), y))
     m.double()
     cal.backward(losses_of(m, xa, xb, y))
@@ -443,7 +436,7 @@ def test_carried_statistics_follow_model_double(samples):
     runs = []
     for switch in (True, False):
         m = make(dtype=torch.float32) if switch else make(dtype=torch.float32).double()
-        cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9)
+        cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=0.9))
         cal.backward(losses_of(m, xa.to(next(m.parameters()).dtype), xb.to(next(m.parameters()).dtype), y))
         m.double()
         cal.backward(losses_of(m, xa, xb, y))

@@ -13,7 +13,7 @@ import io
 import pytest
 
 torch = pytest.importorskip("torch")
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import Diagnostics, GradientCalibrator, Laplace  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call, jacrev  # noqa: E402
 
@@ -85,8 +85,7 @@ def exact_variance(m, x, yu, yv, source, head, prior):
 def test_laplace_moments_match_exact_linearised_posterior():
     m, x, yu, yv = setup()
     prior, T = 2.0, 4000
-    cal = GradientCalibrator(m.named_parameters(), samples="laplace", draws=T, prior_precision=prior,
-                             laplace_layers={"u": m.head_u, "v": m.head_v}, keep_statistics=True)
+    cal = GradientCalibrator(m.named_parameters(), samples=Laplace(layers={"u": m.head_u, "v": m.head_v}, draws=T, prior_precision=prior), diagnostics=Diagnostics(keep_statistics=True))
     diag = cal.backward(losses(m, x, yu, yv))
     ls = losses(m, x, yu, yv)
     for src, head in (("u", "head_u"), ("v", "head_v")):
@@ -107,9 +106,9 @@ def test_laplace_resume_is_bit_identical():
     def run(split):
         m, x, yu, yv = setup()
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
-        mk = lambda: GradientCalibrator(  # noqa: E731
-            m.named_parameters(), samples="laplace", draws=6, seed=3,
-            laplace_layers={"u": m.head_u, "v": m.head_v})
+        def mk():
+            return GradientCalibrator(m.named_parameters(), samples=Laplace(
+                layers={"u": m.head_u, "v": m.head_v}, draws=6, seed=3))
         cal, out = mk(), []
         for step in range(4):
             if step == split:
@@ -130,10 +129,10 @@ def test_laplace_resume_is_bit_identical():
 
 def test_laplace_needs_a_layer_per_source():
     m, x, yu, yv = setup()
-    cal = GradientCalibrator(m.named_parameters(), samples="laplace", laplace_layers={"u": m.head_u})
+    cal = GradientCalibrator(m.named_parameters(), samples=Laplace(layers={"u": m.head_u}))
     m.enc.weight.grad = torch.ones_like(m.enc.weight)
-    with pytest.raises(ConfigError, match="laplace_layers.*'v'"):
+    with pytest.raises(ConfigError, match=r"Laplace\(layers=\).*'v'"):
         cal.backward(losses(m, x, yu, yv))
     assert bool((m.enc.weight.grad == 1).all())
     with pytest.raises(ConfigError, match="draws"):
-        GradientCalibrator(m.parameters(), samples="laplace", draws=3, laplace_layers={"u": m.head_u})
+        GradientCalibrator(m.parameters(), samples=Laplace(layers={"u": m.head_u}, draws=3))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import GradientCalibrator, Microbatch  # noqa: E402
 from torchtools import (  # noqa: E402
     assert_grads,
     batch,
@@ -26,8 +26,7 @@ from bogc_core import (  # noqa: E402
 def test_microbatch_matches_loop(use_model):
     m = make()
     xa, xb, y = batch(12)
-    cal = GradientCalibrator(m.named_parameters(), samples="microbatch", chunks=4,
-                             model=m if use_model else None)
+    cal = GradientCalibrator(m.named_parameters(), samples=Microbatch(4), model=m if use_model else None)
     cal.backward(losses_of(m, xa, xb, y))
     G = loop_grads(m, xa, xb, y)
     ref = reference({s: {n: chunk_means(g, 4) for n, g in d.items()} for s, d in G.items()})
@@ -39,7 +38,7 @@ def test_microbatch_unequal_chunks_are_weighted():
     # mean equal to the full-batch gradient.
     m = make()
     xa, xb, y = batch(10)
-    cal = GradientCalibrator(m.named_parameters(), samples="microbatch", chunks=4, model=m)
+    cal = GradientCalibrator(m.named_parameters(), samples=Microbatch(4), model=m)
     cal.backward(losses_of(m, xa, xb, y))
     G = loop_grads(m, xa, xb, y)
     per_param = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import Diagnostics, GradientCalibrator, PerExample  # noqa: E402
 from bogc_core.integrations.torch.shortcut import per_example_sums  # noqa: E402
 from torch import nn  # noqa: E402
 from torchtools import (  # noqa: E402
@@ -18,6 +18,7 @@ from torchtools import (  # noqa: E402
     losses_of,
     make,
     reference,
+    source,  # noqa: E402
     stats_reference,
 )
 
@@ -45,7 +46,7 @@ def test_per_example_small_chunks_match_loop():
     # Two gradient rows per batched backward: the chunked merge must be exact.
     m = make()
     xa, xb, y = batch(7)
-    cal = GradientCalibrator(m.named_parameters(), samples="per_example", chunk_bytes=2 * 8 * 120)
+    cal = GradientCalibrator(m.named_parameters(), samples=PerExample(chunk_bytes=2 * 8 * 120))
     cal.backward(losses_of(m, xa, xb, y))
     assert_grads(m, reference(loop_grads(m, xa, xb, y)))
 
@@ -114,8 +115,7 @@ def test_linear_shortcut_sums_match_materialised():
 def test_shortcut_stats_match_materialised_in_calibrator():
     m = make()
     xa, xb, y = batch(9)
-    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m,
-                             keep_statistics=True)
+    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m, diagnostics=Diagnostics(keep_statistics=True))
     cal.backward(losses_of(m, xa, xb, y))
     G = loop_grads(m, xa, xb, y)
     for s in SOURCES:
@@ -178,7 +178,7 @@ def test_conv2d_shortcut_matches_loop(samples):
         return {"fusion": ce(f, y[i]), "a": ce(a, y[i]), "b": ce(b, y[i])}
 
     # chunk_bytes small enough that the per-example conv gradients come in several blocks.
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, chunks=3, model=m, chunk_bytes=300)
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples, chunks=3, chunk_bytes=300), model=m)
     diag = cal.backward(ls())
     assert {"conv1.weight", "conv1.bias", "conv2.weight"} <= set(diag["shortcut_parameters"])
     names = [n for n, _ in m.named_parameters()]

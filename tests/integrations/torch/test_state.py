@@ -13,6 +13,7 @@ from torchtools import (  # noqa: E402
     batch,
     losses_of,
     make,
+    source,  # noqa: E402
 )
 
 from bogc_core.errors import ConfigError  # noqa: E402
@@ -23,7 +24,7 @@ def test_resume_is_bit_identical(samples):
     def run(split):
         m = make(dtype=torch.float32)
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-        mk = lambda: GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9, model=m)  # noqa: E731
+        mk = lambda: GradientCalibrator(m.named_parameters(), samples=source(samples, rho=0.9), model=m)  # noqa: E731
         cal = mk()
         grads = []
         for step in range(6):
@@ -69,7 +70,7 @@ def test_load_state_dict_rejects_other_model():
 
 def _trained(samples="steps"):
     m = make()
-    cal = GradientCalibrator(m.named_parameters(), samples=samples, rho=0.9, model=None)
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples, rho=0.9), model=None)
     for seed in (1, 2):
         cal.backward(losses_of(m, *batch(8, seed=seed)))
     return m, cal

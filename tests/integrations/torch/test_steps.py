@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import GradientCalibrator, Steps  # noqa: E402
 from torchtools import (  # noqa: E402
     assert_grads,
     batch,
@@ -23,7 +23,7 @@ from bogc_core import (  # noqa: E402
 def test_steps_match_loop_with_forgetting():
     m = make()
     rho = 0.8
-    cal = GradientCalibrator(m.named_parameters(), samples="steps", rho=rho)
+    cal = GradientCalibrator(m.named_parameters(), samples=Steps(rho=rho))
     acc: dict[tuple[str, str], GradientStats] = {}
     for step in range(5):
         xa, xb, y = batch(6, seed=10 + step)
@@ -48,7 +48,7 @@ def test_steps_match_loop_with_forgetting():
 
 def test_steps_accepts_scalar_losses():
     m = make()
-    cal = GradientCalibrator(m.named_parameters(), samples="steps", rho=0.9)
+    cal = GradientCalibrator(m.named_parameters(), samples=Steps(rho=0.9))
     for step in range(4):
         xa, xb, y = batch(6, seed=step)
         ls = {k: v.mean() for k, v in losses_of(m, xa, xb, y).items()}

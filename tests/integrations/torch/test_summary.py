@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import numpy as np  # noqa: E402
 from bogc_core.backends import _adapter  # noqa: E402
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import Diagnostics, GradientCalibrator  # noqa: E402
 from bogc_core.integrations.torch import summary as summary_mod  # noqa: E402
 from torchtools import batch, losses_of, make  # noqa: E402
 
@@ -35,7 +35,7 @@ def _count_engine(monkeypatch) -> list[int]:
 def test_a_diagnostics_step_runs_the_engine_once_per_group(level, monkeypatch):
     m = make()
     cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m,
-                             diagnostics=level, diagnostics_every=1)
+                             diagnostics=Diagnostics(level=level, every=1))
     calls = _count_engine(monkeypatch)
     diag = cal.backward(losses_of(m, *batch(8)))
     groups = [g for g in cal._workspace.groups if len(g.sources) > 1]
@@ -54,7 +54,7 @@ def test_step_diagnostics_equal_calibrate_tensors(scope, weights, dtype):
     rtol = 1e-9 if dtype == torch.float64 else 2e-4
     cfg = CalibrationConfig(scope=scope, weights=weights)
     cal = GradientCalibrator(m.named_parameters(), cfg, samples="per_example", model=m,
-                             diagnostics="full", diagnostics_every=1, keep_statistics=True)
+                             diagnostics=Diagnostics(level="full", every=1, keep_statistics=True))
     diag = cal.backward(losses_of(m, *batch(8, dtype=dtype)))
     stats = cal.last_statistics
     names = [n for n in diag["parameters"] if "weight_mean" in diag["parameters"][n]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import Diagnostics, GradientCalibrator, Steps  # noqa: E402
 from bogc_core.integrations.torch import calibrator as cal_mod  # noqa: E402
 from bogc_core.integrations.torch import per_example as pe_mod  # noqa: E402
 from bogc_core.integrations.torch import samples as samples_mod  # noqa: E402
@@ -73,7 +73,7 @@ def test_shortcut_writes_into_the_workspace():
     # step the group buffers hold exactly the materialised statistics.
     m = make()
     xa, xb, y = batch(8)
-    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m, keep_statistics=True)
+    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m, diagnostics=Diagnostics(keep_statistics=True))
     copies = []
     real = ws_mod.Group.fill
 
@@ -121,7 +121,7 @@ def test_a_source_costs_nothing_where_it_does_not_reach(monkeypatch):
 
 def test_diagnostics_are_sampled_every_k_steps(monkeypatch):
     m = make()
-    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m, diagnostics_every=3)
+    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m, diagnostics=Diagnostics(every=3))
     summaries = []
     real = cal_mod.group_entries
 
@@ -143,8 +143,7 @@ def test_diagnostics_are_sampled_every_k_steps(monkeypatch):
 
 def test_diagnostics_none_never_summarises(monkeypatch):
     m = make()
-    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m, diagnostics="none",
-                             diagnostics_every=1)
+    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m, diagnostics=Diagnostics(level="none", every=1))
     monkeypatch.setattr(cal_mod, "group_entries", lambda *a, **k: pytest.fail("summarised"))
     d = cal.backward(losses_of(m, *batch(8)))
     assert d["parameters"] == {} and not d["sampled"]
@@ -156,8 +155,7 @@ def test_group_with_different_carried_counts_per_tensor():
     g = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64, generator=g))
     q = torch.nn.Parameter(torch.randn(2, dtype=torch.float64, generator=g))
-    cal = GradientCalibrator([("p", p), ("q", q)], samples="steps", rho=0.9, keep_statistics=True,
-                             diagnostics_every=1)
+    cal = GradientCalibrator([("p", p), ("q", q)], samples=Steps(rho=0.9), diagnostics=Diagnostics(every=1, keep_statistics=True))
     for step in range(5):
         x = torch.randn(4, dtype=torch.float64, generator=g)
         u = (p * x[:3]).sum() ** 2 + (0.0 if step < 2 else (q * x[3]).sum() ** 2)
