@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 import scipy.signal
-
 from bogc_core.integrations.data.pca_energy import fit_pca_removal
 
 SR = 8000
