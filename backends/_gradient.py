@@ -1,11 +1,14 @@
-"""The calibrated gradient alone, over flat statistics cut into segments (groups).
+"""The engine: the calibration passes, over flat statistics cut into segments (groups).
 
-This is the engine of every fast path's ``calibrate_gradient``. It computes
-``calibrate(...).gradient`` (``docs/method.md``, Stages 1-5) for ``S``
-sources over one-dimensional statistics of length ``D`` cut into ``G``
-segments, each its own group (own empirical-Bayes ``vbar``, own evidence
-reference ``ref``, own mean fused belief), without materialising any
-``(S, D)`` array, evidence or weights. Only the gradient is written.
+Every fast path runs this engine, for ``calibrate`` and ``calibrate_gradient``
+alike. It computes ``calibrate(...).gradient`` (``docs/method.md``, Stages
+1-5) for ``S`` sources over one-dimensional statistics of length ``D`` cut
+into ``G`` segments, each its own group (own empirical-Bayes ``vbar``, own
+evidence reference ``ref``, own mean fused belief), without materialising any
+``(S, D)`` array. Only the gradient is written, unless :class:`Outputs` asks
+the same passes to write the evidence ``e``, the weights ``w``, the fused
+uncertainty ``U`` and the belief scale ``s`` into caller buffers too (the
+full :class:`~bogc_core.Calibration`).
 
 Passes (the group reductions force them; each pass walks the statistics in
 cache-sized *blocks*, and reductions per segment are taken inside a block by
@@ -57,8 +60,11 @@ from typing import Any
 import numpy as np
 
 from bogc_core._types import CalibrationConfig, Decline
+from bogc_core._weights import gauss_legendre01
 
-__all__ = ["Shim", "NumpyShim", "Plan", "plan_blocks", "gradient", "gauss_legendre01"]
+__all__ = [
+    "FEW_SAMPLES", "Shim", "NumpyShim", "Outputs", "Plan", "plan_blocks", "gradient", "gauss_legendre01",
+]
 
 # A log score is at least 2*log(smallest subnormal) - log(largest float) >
 # -2200 (float64) when finite; -inf (a zero mean) is lifted to this floor so
@@ -69,12 +75,8 @@ _LFLOOR = -1.0e4
 _LOG10_RANGE = 290.0
 _POWERS = {0.5: "sqrt", 1.0: "one", 2.0: "square", 4.0: "square2"}
 _np_clip: Any = getattr(np, "_core", np).umath.clip
-
-
-def gauss_legendre01(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Nodes and weights of ``n``-point Gauss-Legendre quadrature on ``[0, 1]``."""
-    x, w = np.polynomial.legendre.leggauss(n)
-    return tuple(float(v) for v in 0.5 * (x + 1.0)), tuple(float(v) for v in 0.5 * w)
+#: The reason to decline where the reference raises InsufficientSamplesError.
+FEW_SAMPLES = "fewer than 2 samples in every dimension (the reference raises)"
 
 
 class Shim:
@@ -213,6 +215,17 @@ def plan_blocks(D: int, segments: Sequence[int] | None, block: int, shim: Shim) 
 
 
 @dataclass
+class Outputs:
+    """Flat buffers (input dtype) that the passes fill besides the gradient:
+    ``e`` and ``w`` of shape ``(S, D)``, ``U`` and ``s`` of shape ``(D,)``."""
+
+    e: Any
+    w: Any
+    U: Any
+    s: Any
+
+
+@dataclass
 class _Src:
     m: Any  # flat mean, input dtype
     m2: Any  # flat M2, input dtype
@@ -235,6 +248,7 @@ def gradient(
     float32: bool,
     diagnostics: dict[str, Any] | None = None,
     threads: int = 1,
+    outputs: Outputs | None = None,
 ) -> Any:
     """Write ``calibrate(...).gradient`` of every segment into the flat ``out``; return it.
 
@@ -245,9 +259,9 @@ def gradient(
     Raises :class:`Decline` where the reference raises. ``threads > 1`` runs
     passes B and C on that many threads, each over a contiguous run of blocks
     with its own partial sums (NumPy and PyTorch release the GIL inside each
-    array operation).
+    array operation). ``outputs``: also write ``e, w, U, s`` there.
     """
-    if float32 and isinstance(shim, NumpyShim):
+    if float32 and isinstance(shim, NumpyShim) and outputs is None:
         # The compiled loops, where numba is installed and the case is theirs.
         from . import _numba_kernel
 
@@ -275,7 +289,7 @@ def gradient(
         for k, s in enumerate(srcs):
             if isinstance(s.n, float):
                 if not s.n >= 2:
-                    raise Decline("fewer than 2 samples in every dimension (the reference raises)")
+                    raise Decline(FEW_SAMPLES)
                 tot_h = _segment_totals(shim, plan, s.m2)
                 beta0[k] = float(prior.alpha0) * (tot_h / s.n / lengths)
                 zero_var[k] = ~(tot_h > 0)
@@ -290,7 +304,7 @@ def gradient(
                 _accumulate(shim, plan, tot, lambda a, b, m2=m2: m2[a:b])
                 nv_h, vs_h, tot_h = shim.to_host(nv), shim.to_host(vs), shim.to_host(tot)
                 if not bool(np.all(nv_h > 0)):
-                    raise Decline("fewer than 2 samples in every dimension (the reference raises)")
+                    raise Decline(FEW_SAMPLES)
                 beta0[k] = float(prior.alpha0) * (vs_h / nv_h)
                 zero_var[k] = ~(tot_h > 0)
     seg_equal = np.any(zero_var, axis=0) if prior.beta0 is None else np.zeros(G, dtype=bool)
@@ -382,8 +396,11 @@ def gradient(
     b_lo, b_hi = _belief_bound(lo, W, S), _belief_bound(hi, W, S)
     wide = not (b_lo > 0.0 and b_hi / b_lo < 1e8)
     c_b = 1.0 if wide else 1.0 / (math.sqrt(b_lo) * math.sqrt(b_hi))
-    keep_b = belief and (config.s_max is not None or wide)
-    bscratch = xp.empty_like(out) if keep_b else None
+    keep_b = belief and (config.s_max is not None or wide or outputs is not None)
+    if outputs is not None:
+        bscratch = outputs.s  # B until pass D turns it into s
+    else:
+        bscratch = xp.empty_like(out) if keep_b else None
     eq_d = shim.asarray(seg_equal.astype(np.float64))
     beta0_d = shim.asarray(beta0)
     K_d = shim.asarray(K) if K is not None else None
@@ -410,15 +427,7 @@ def gradient(
                     beta = shim.clip(beta, tiny, None)
                 t = xp.sqrt(beta) * _seg_vals(shim, invk_d[k], g0, g1, cnt)
                 t = shim.clip((xp.abs(m) / t) if snr else (1.0 / t), lo_t, hi_t)
-                if p == 1.0:
-                    e = t
-                elif p == 0.5:
-                    e = xp.sqrt(t)
-                elif p == 2.0:
-                    e = t * t
-                else:
-                    e = t * t
-                    e = e * e
+                e = _power(xp, t, p)
                 if any_equal:
                     eqv = _seg_vals(shim, eq_d, g0, g1, cnt)
                     e = e * (1.0 - eqv) + eqv
@@ -435,16 +444,7 @@ def gradient(
                 beta = shim.clip(beta, tiny, None)
                 r = xp.sqrt(beta)
                 r = (xp.abs(mu) / r) if snr else (1.0 / r)
-                if p == 1.0:
-                    e = r
-                elif p == 0.5:
-                    e = xp.sqrt(r)
-                elif p == 2.0:
-                    e = r * r
-                else:
-                    e = r * r
-                    e = e * e
-                e = e * _seg_vals(shim, K_d[k], g0, g1, cnt)
+                e = _power(xp, r, p) * _seg_vals(shim, K_d[k], g0, g1, cnt)
             else:
                 y = _log_part(shim, s, a, b, prior, beta, mu, snr, tiny)
                 e = xp.exp(shim.clip(gamma * y + _seg_vals(shim, lk_d[k], g0, g1, cnt), -L, L))
@@ -464,7 +464,17 @@ def gradient(
         if q_may_overflow:
             Q = shim.clip(Q, None, big)
         Bv = Q / (1.0 + Q)
-        gp = _weighted_sum(shim, config.weights, es, mus, srcs, Bv, W)
+        if outputs is None:
+            gp = _weighted_sum(shim, config.weights, es, mus, srcs, Bv, W)
+        else:
+            ws = _weights(shim, config.weights, es, Bv, W)
+            gp = None
+            for k in range(S):
+                shim.store(outputs.e[k, a:b], es[k])
+                shim.store(outputs.w[k, a:b], ws[k])
+                t = ws[k] * _scaled(mus[k], srcs[k].lam)
+                gp = t if gp is None else gp + t
+            shim.store(outputs.U[a:b], 1.0 / (1.0 + Q))
         dst = out[a:b]
         if belief:
             _add_seg(shim, bsum, Bv, off, g0, g1)
@@ -496,6 +506,8 @@ def gradient(
                     None,
                     smax,
                 )
+                if outputs is not None:
+                    shim.store(bscratch[a:b], sv)
                 shim.store(out[a:b], shim.work(out[a:b]) * (float(S) * sv))
         elif G == 1:
             out *= float(inv[0])
@@ -507,6 +519,8 @@ def gradient(
                 else:
                     f = shim.expand(inv_d[g0 : g1 + 1], plan.counts[i])
                     shim.store(out[a:b], shim.work(out[a:b]) * f)
+    elif outputs is not None:
+        outputs.s[...] = 1.0
     return out
 
 
@@ -542,6 +556,16 @@ def _belief_bound(e: float, W: float, S: int) -> float:
         return 1.0
     q = math.expm1(S * math.log1p(x)) if S * math.log1p(x) < 700 else math.inf
     return 1.0 if q == math.inf else q / (1.0 + q)
+
+
+def _power(xp: Any, r: Any, p: float) -> Any:
+    """``r ** p`` for ``p`` in ``{1/2, 1, 2, 4}`` without a transcendental."""
+    if p == 1.0:
+        return r
+    if p == 0.5:
+        return xp.sqrt(r)
+    e = r * r
+    return e if p == 2.0 else e * e
 
 
 def _as_work(shim: Shim, x: Any) -> Any:
@@ -605,8 +629,8 @@ def _score_sums_two_logs(
 ) -> None:
     """As :func:`_score_sums`, with the reference's separate logs (any magnitudes,
     per-dimension counts): ``-inf`` scores are lifted to a floor and taken back out."""
-    zero = mu == 0
     y = _log_part(shim, s, a, b, prior, beta, mu, True, tiny)
+    zero = y == -math.inf  # a zero mean, or beta = inf: no finite score
     y = shim.clip(y, _LFLOOR, None)
     _add_seg(shim, sums, y, off, g0, g1)
     if off is None:
@@ -673,6 +697,10 @@ def _beta(shim: Shim, s: _Src, a: int, b: int, prior: Any, beta0: Any, mu: Any) 
         n = s.n if isinstance(s.n, float) else shim.work(s.n[a:b])
         d = shim.work(s.m[a:b]) - mu0
         beta = beta + (k0 * n / (2.0 * (k0 + n))) * (d * d)
+        if str(s.m.dtype).endswith("float32"):
+            # beta rounded to the input dtype as the reference holds it: a
+            # (m - mu0)^2 beyond float32 makes beta = inf and the score -inf there.
+            beta = shim.work(shim.cast(beta, s.m))
     return beta
 
 
@@ -696,6 +724,38 @@ def _scaled(mu: Any, lam: float) -> Any:
     return mu if lam == 1.0 else lam * mu
 
 
+def _weights(shim: Shim, kind: str, es: list[Any], Bv: Any, W: float) -> list[Any]:
+    """The fused weights ``w_k`` of one block, one array per source (float64)."""
+    S = len(es)
+    if kind == "uniform" or S == 1:
+        return [shim.xp.ones_like(Bv) * (1.0 / S if kind == "uniform" else 1.0)] * S
+    if kind == "evidence":
+        den = es[0]
+        for e in es[1:]:
+            den = den + e
+        return [e / den for e in es]
+    bs, shares = _dempster_shares(es, W)
+    return [bs[k] * shares[k] / Bv for k in range(S)]
+
+
+def _dempster_shares(es: list[Any], W: float) -> tuple[list[Any], list[Any]]:
+    """Beliefs ``b_k`` and ``E[1/(1 + M_-k)]`` (Gauss-Legendre, exact; docs/method.md Stage 5)."""
+    S = len(es)
+    bs = [e / (e + W) for e in es]
+    us = [W / (e + W) for e in es]
+    nodes, wts = gauss_legendre01((S + 1) // 2)
+    shares: list[Any] = [None] * S
+    for t, wt in zip(nodes, wts):
+        F = [u + bk * t for u, bk in zip(us, bs)]
+        P = F[0]
+        for f in F[1:]:
+            P = P * f
+        for k in range(S):
+            term = wt * (P / F[k])
+            shares[k] = term if shares[k] is None else shares[k] + term
+    return bs, shares
+
+
 def _weighted_sum(
     shim: Shim, kind: str, es: list[Any], mus: list[Any], srcs: list[_Src], Bv: Any, W: float
 ) -> Any:
@@ -713,19 +773,8 @@ def _weighted_sum(
             num = num + es[k] * _scaled(mus[k], srcs[k].lam)
             den = den + es[k]
         return num / den
-    # dempster: w_k = b_k E[1/(1 + M_-k)] / B, Gauss-Legendre exact (docs/method.md, Stage 5)
-    bs = [e / (e + W) for e in es]
-    us = [W / (e + W) for e in es]
-    nodes, wts = gauss_legendre01((S + 1) // 2)
-    shares: list[Any] = [None] * S
-    for t, wt in zip(nodes, wts):
-        F = [u + bk * t for u, bk in zip(us, bs)]
-        P = F[0]
-        for f in F[1:]:
-            P = P * f
-        for k in range(S):
-            term = wt * (P / F[k])
-            shares[k] = term if shares[k] is None else shares[k] + term
+    # dempster: w_k = b_k E[1/(1 + M_-k)] / B
+    bs, shares = _dempster_shares(es, W)
     g: Any = None
     for k in range(S):
         t = bs[k] * shares[k] * (srcs[k].lam * mus[k])

@@ -43,12 +43,14 @@ import numpy as np
 from bogc_core._types import CalibrationConfig
 from bogc_core.errors import ConfigError
 
+from ._gradient import _belief_bound
+
 __all__ = ["AVAILABLE", "ENABLED", "gradient", "set_threads", "get_threads"]
 
 numba: Any
 try:
     import numba
-except ImportError:  # the optional extra [fast] is not installed
+except ImportError:  # numba is not installed (it comes with the torch extra)
     numba = None
 
 AVAILABLE = numba is not None
@@ -363,14 +365,6 @@ def _threads_for(x: np.ndarray) -> int:
         n = _THREADS[0]
     pool = int(numba.config.NUMBA_NUM_THREADS)
     return pool if n is None else max(1, min(n, pool))
-
-
-def _belief_bound(e: float, W: float, S: int) -> float:
-    x = e / W
-    if x == math.inf:
-        return 1.0
-    q = math.expm1(S * math.log1p(x)) if S * math.log1p(x) < 700 else math.inf
-    return 1.0 if q == math.inf else q / (1.0 + q)
 
 
 def gradient(

@@ -42,9 +42,8 @@ import numpy as np
 
 from bogc_core._types import Calibration, CalibrationConfig, Decline
 
-from ._blocked import decline_reason
-from ._gradient import Shim, gauss_legendre01, gradient
-from .numpy_fused import check_gradient_call
+from ._adapter import Adapter
+from ._gradient import FEW_SAMPLES, Shim, gauss_legendre01
 
 __all__ = ["NAME", "accepts", "calibrate", "calibrate_gradient", "CupyShim"]
 
@@ -196,10 +195,6 @@ def _fuse_kernel(S: int, weights: str) -> cp.ElementwiseKernel:
     )
 
 
-def accepts(space: Any) -> bool:
-    return bool(array_api_compat.is_cupy_namespace(space.xp))
-
-
 def _full(
     space: Any,
     names: Sequence[str],
@@ -207,10 +202,7 @@ def _full(
     lambdas: Sequence[float],
     config: CalibrationConfig,
 ) -> Calibration:
-    """The full result (float32/float64 CuPy arrays); raises :class:`Decline` to decline."""
-    problem = decline_reason(space, stats, config)
-    if problem:
-        raise Decline(problem)
+    """The full result (float32/float64 CuPy arrays, checked by :func:`._adapter.run`)."""
     dtype = np.dtype(space.dtype)
     shape = tuple(stats[0].shape)
     D, S = math.prod(shape), len(stats)
@@ -228,11 +220,11 @@ def _full(
             n_b = cp.broadcast_to(n, shape)
             n_valid = float(_eb_count(n_b))
             if not n_valid > 0:
-                raise Decline("fewer than 2 samples in every dimension (the reference raises)")
+                raise Decline(FEW_SAMPLES)
             vbar = float(_eb_sum(n_b, s.m2)) / n_valid
         else:
             if not float(n) >= 2:
-                raise Decline("fewer than 2 samples in every dimension (the reference raises)")
+                raise Decline(FEW_SAMPLES)
             vbar = float(cp.sum(s.m2, dtype=cp.float64)) / float(n) / D
         beta0s.append(float(prior.alpha0) * vbar)
         if not bool(cp.any(s.m2 > 0)):
@@ -278,17 +270,6 @@ def _full(
 
 
 
-def calibrate(
-    space: Any,
-    names: Sequence[str],
-    stats: Sequence[Any],
-    lambdas: Sequence[float],
-    config: CalibrationConfig,
-) -> Calibration:
-    """The full :class:`Calibration` of one group (float32/float64 CuPy arrays)."""
-    return _full(space, names, stats, lambdas, config)
-
-
 class CupyShim(Shim):
     """The gradient engine's operations on CuPy arrays (one block per call)."""
 
@@ -324,44 +305,31 @@ class CupyShim(Shim):
         return cp.asnumpy(x)
 
 
-def calibrate_gradient(
-    space: Any,
-    names: Sequence[str],
-    stats: Sequence[Any],
-    lambdas: Sequence[float],
-    config: CalibrationConfig,
-    *,
-    out: Any = None,
-    segments: Sequence[int] | None = None,
-    diagnostics: dict[str, Any] | None = None,
-) -> Any:
-    """``calibrate(...).gradient`` alone, per segment (module :mod:`._gradient`)."""
-    shape, D = check_gradient_call(space, stats, config, segments, out)
-    dtype = np.dtype(space.dtype)
-    target = cp.empty(shape, dtype=dtype) if out is None else out
-    contiguous = bool(target.flags.c_contiguous)
-    flat = target.reshape(-1) if contiguous else cp.empty(D, dtype=dtype)
-    counts: list[Any] = []
-    for s in stats:
-        c = s.count
-        counts.append(float(c.reshape(-1)[0]) if c.size == 1 else cp.broadcast_to(c, shape).reshape(-1))
-    gradient(
-        CupyShim(),
-        names,
-        [s.mean.reshape(-1) for s in stats],
-        [s.m2.reshape(-1) for s in stats],
-        counts,
-        lambdas,
-        config,
-        flat,
-        segments,
-        D,
-        space.tiny,
-        dtype == np.float32,
-        diagnostics,
-    )
-    if not contiguous:
-        target[...] = flat.reshape(shape)
-    if diagnostics is not None:
-        diagnostics["path"] = NAME
-    return target
+def _identity(x: Any) -> Any:
+    return x
+
+
+class CupyAdapter(Adapter):
+    """The engine for ``calibrate_gradient``; the full result runs the CUDA kernels."""
+
+    name = NAME
+
+    def accepts(self, space: Any) -> bool:
+        return bool(array_api_compat.is_cupy_namespace(space.xp))
+
+    def engine(self, space: Any, native: bool) -> tuple[Shim, Any, int, int]:
+        return CupyShim(), _identity, 1 << 62, 1
+
+    def empty(self, space: Any, shape: tuple[int, ...], output: bool = False) -> Any:
+        return cp.empty(shape, dtype=space.dtype)
+
+    def contiguous(self, x: Any) -> bool:
+        return bool(x.flags.c_contiguous)
+
+    kernels = staticmethod(_full)
+
+
+ADAPTER = CupyAdapter()
+accepts = ADAPTER.accepts
+calibrate = ADAPTER.calibrate
+calibrate_gradient = ADAPTER.calibrate_gradient

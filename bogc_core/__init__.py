@@ -20,7 +20,6 @@ namespaces; ``bogc_core.validate`` is the ``bogc validate`` command.
 """
 
 from ._calibration import calibrate, calibrate_gradient
-from ._deprecated import install_alias
 from ._dispatch import fast_paths, register_fast_path
 from ._evidence import evidence
 from ._fusion import Opinion, combine, fuse_single, reduced_dempster
@@ -54,16 +53,6 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
-
-# Old module paths whose names are now functions: importable, never attributes.
-install_alias(
-    "bogc_core.calibrate",
-    ("bogc_core._calibration", "bogc_core._tensors", "bogc_core._inputs"),
-    "bogc_core",
-)
-install_alias("bogc_core.evidence", ("bogc_core._evidence",), "bogc_core")
-install_alias("bogc_core.posterior", ("bogc_core._posterior",), "bogc_core")
-del install_alias
 
 __all__ = [
     "DEFAULT_CLIP",

@@ -160,43 +160,6 @@ def _belief_scale(fused_b: Array, config: CalibrationConfig) -> Array:
     return s
 
 
-def reference_gradient(
-    names: Sequence[str],
-    stats: Sequence[GradientStats],
-    lambdas: Sequence[float],
-    space: Space,
-    config: CalibrationConfig,
-) -> tuple[Array, list[str]]:
-    """The calibrated gradient alone of one group (validated inputs), and the
-    names of the zero-variance sources: only what ``g_hat`` needs is computed
-    (no fused uncertainty; with ``weights="evidence"`` no weight array)."""
-    xp = space.xp
-    posts = [posterior(s, config.prior) for s in stats]
-    zero_var = _zero_variance(names, stats, space, config)
-    S = len(posts)
-    shape = tuple(posts[0].mu.shape)
-    mu = xp.stack([xp.broadcast_to(p.mu, shape) for p in posts], axis=0)
-    lam = xp.reshape(space.asarray(list(lambdas)), (S,) + (1,) * len(shape))
-    if config.weights == "uniform":
-        combo = xp.sum(lam * mu, axis=0)
-        e = None if config.scale == "none" else _evidence(posts, config, bool(zero_var))
-    else:
-        e = _evidence(posts, config, bool(zero_var))
-        if config.weights == "evidence":
-            # w = e / sum(e) before the product: e * mu can overflow where w * mu cannot.
-            combo = S * xp.sum((e / xp.sum(e, axis=0)) * lam * mu, axis=0)
-        else:
-            W = config.prior_weight
-            fused_b, _ = fuse_beliefs(e, W)
-            w = fused_weights("dempster", e, e / (e + W), W / (e + W), fused_b)
-            combo = S * xp.sum(w * lam * mu, axis=0)
-    if config.scale == "belief":
-        assert e is not None
-        fused_b, _ = fuse_beliefs(e, config.prior_weight)
-        return _belief_scale(fused_b, config) * combo, zero_var
-    return combo, zero_var
-
-
 def calibrated_update(
     posts: Sequence[Posterior],
     lambdas: Sequence[float],
@@ -290,8 +253,7 @@ def calibrate_gradient(
     declined, ``zero_variance_sources``).
 
     The fast path of the input's array library computes it when it accepts
-    the input; otherwise the reference computes only what the gradient needs,
-    one segment at a time.
+    the input; otherwise the reference runs, one segment at a time.
     """
     config = resolved_config(config)
     names, stats, lambdas, space, in_dtype = _prepare(
@@ -346,9 +308,9 @@ def calibrate_gradient(
         parts, zero_var = [], []
         for a, b in bounds or [(0, 0)]:
             seg = stats if bounds is None else [_segment(st, a, b) for st in stats]
-            part, zv = reference_gradient(names, seg, lambdas, space, config)
-            parts.append(part)
-            zero_var += zv
+            cal = reference_calibrate(names, seg, lambdas, space, config)
+            parts.append(cal.gradient)
+            zero_var += cal.flags["zero_variance_sources"]
         g = parts[0] if len(parts) == 1 else space.xp.concat(parts)
         info.update(path="reference", zero_variance_sources=sorted(set(zero_var)))
     _finished(space, g, check_values)

@@ -44,15 +44,9 @@ __all__ = ["fast_paths", "register_fast_path"]
 #: priority order: ``library -> ((name, module), ...)``.
 FAST_PATHS: dict[str, tuple[tuple[str, str], ...]] = {
     "numpy": (("numpy-fused", "bogc_core.backends.numpy_fused"),),
-    "torch": (
-        ("torch-fused", "bogc_core.backends.torch_fused"),
-        ("torch-compiled", "bogc_core.backends.torch_compiled"),
-    ),
+    "torch": (("torch-fused", "bogc_core.backends.torch_fused"),),
     "cupy": (("cupy-fused", "bogc_core.backends.cupy_fused"),),
 }
-
-#: Fast paths that ``fast_path="auto"`` never picks (asked for by name only).
-OPT_IN: frozenset[str] = frozenset({"torch-compiled"})
 
 Runner = Callable[
     ["Space", Sequence[str], Sequence["GradientStats"], Sequence[float], CalibrationConfig],
@@ -191,7 +185,7 @@ def choose(space: Space, example: Array, config: CalibrationConfig) -> FastPath 
     """The fast path for ``example``'s array type and ``config.fast_path``, or ``None``
     for the reference.
 
-    ``"auto"``: the first fast path of the library (skipping opt-in ones) whose
+    ``"auto"``: the first fast path of the library whose
     ``accepts(space)`` holds, then paths given to :func:`register_fast_path`; ``None``
     if there is none. A name: that path, or :class:`ConfigError` if it does
     not exist or does not accept the input.
@@ -202,8 +196,6 @@ def choose(space: Space, example: Array, config: CalibrationConfig) -> FastPath 
     lib = _library(example)
     if want == "auto":
         for name, _ in FAST_PATHS.get(lib, ()):
-            if name in OPT_IN:
-                continue
             fp = _load(name)
             if fp.accepts(space):
                 return fp

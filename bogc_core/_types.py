@@ -8,7 +8,6 @@ package but :mod:`.errors`, so no import cycle can pass through it.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -85,15 +84,14 @@ class NormalGammaPrior:
             )
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True)
 class CalibrationConfig:
     """Options of :func:`calibrate` (defaults of docs/method.md).
 
     ``fast_path`` chooses the implementation: ``"auto"`` takes the fast path
     of the input's array library when it accepts the input, ``"reference"``
     forces the Array API reference, any other name asks for that fast path
-    (``bogc_core.fast_paths()`` lists them). ``backend=`` is the deprecated
-    name of ``fast_path``.
+    (``bogc_core.fast_paths()`` lists them).
     """
 
     gamma: float = 0.5
@@ -107,44 +105,10 @@ class CalibrationConfig:
     scope: Scope = "tensor"
     fast_path: str = "auto"
 
-    def __init__(
-        self,
-        gamma: float = 0.5,
-        evidence_from: EvidenceFrom = "snr",
-        prior_weight: float = 1.0,
-        prior: NormalGammaPrior | None = None,
-        weights: WeightRule = "evidence",
-        scale: ScaleRule = "belief",
-        s_max: float | None = None,
-        clip: float = DEFAULT_CLIP,
-        scope: Scope = "tensor",
-        fast_path: str = "auto",
-        backend: str | None = None,
-    ) -> None:
-        # ``backend`` is not a field, so dataclasses.replace never copies it
-        # back over a new ``fast_path``.
-        if backend is not None:
-            warnings.warn(
-                "CalibrationConfig(backend=...) is deprecated; use fast_path=...",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            fast_path = backend
-        values = dict(
-            gamma=gamma, evidence_from=evidence_from, prior_weight=prior_weight,
-            prior=NormalGammaPrior() if prior is None else prior, weights=weights, scale=scale,
-            s_max=s_max, clip=clip, scope=scope, fast_path=fast_path,
-        )  # fmt: skip
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
-        self.__post_init__()
-
-    @property
-    def backend(self) -> str:
-        """Deprecated alias of :attr:`fast_path`."""
-        return self.fast_path
-
     def __post_init__(self) -> None:
+        if self.prior is None:  # None asks for the default prior
+            object.__setattr__(self, "prior", NormalGammaPrior())
+
         def bad(name: str, allowed: str) -> ConfigError:
             return ConfigError(f"{name}: must be {allowed}, got {getattr(self, name)!r}")
 

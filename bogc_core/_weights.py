@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 from ._namespace import resolve
 from ._types import WEIGHTS, Array
@@ -90,14 +89,3 @@ def fused_weights(
         return _dempster(b, u, fused_belief)
     raise ConfigError(f"weights: must be one of {WEIGHTS}, got {kind!r}")
 
-
-def source_weights(
-    kind: str, e: Array, b: Array = None, u: Array = None, fused_belief: Array = None
-) -> Array:
-    """Deprecated name of :func:`fused_weights`."""
-    warnings.warn(
-        "bogc_core.weights.source_weights is deprecated; use bogc_core.fused_weights",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return fused_weights(kind, e, b, u, fused_belief)

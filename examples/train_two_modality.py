@@ -43,23 +43,28 @@ def main(argv=None):
     torch.manual_seed(0)
     model = TwoModalNet()
     extra = {"laplace_layers": {"fusion": model.fusion, "a": model.head_a, "b": model.head_b}} if args.samples == "laplace" else {}
-    cal = GradientCalibrator(model.named_parameters(), samples=args.samples, model=model, **extra)
+    # diagnostics_every=1: the per-source weights are summarised on every step (the default, 50,
+    # samples one step in 50 and saves that summary's cost)
+    cal = GradientCalibrator(model.named_parameters(), samples=args.samples, model=model,
+                             diagnostics_every=1, **extra)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     ce = nn.CrossEntropyLoss(reduction="none")  # per-example losses
-    sampled: dict = {}
     for epoch in range(args.epochs):
+        weights: dict = {}  # source -> its mean weight on each calibrated step of the epoch
         for idx in torch.randperm(1536, generator=gen).split(64):  # first 1536 examples train
             fused, out_a, out_b = model(xa[idx], xb[idx])
             opt.zero_grad(set_to_none=True)
             diag = cal.backward({"fusion": ce(fused, y[idx]), "a": ce(out_a, y[idx]), "b": ce(out_b, y[idx])})
-            if diag.get("sampled"):  # full diagnostics on the first step and every 50th
-                sampled = diag
+            for source, w in diag.get("weight_mean", {}).items():  # absent on a warm-up step
+                weights.setdefault(source, []).append(w)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
         with torch.no_grad():
             acc = (model(xa[1536:], xb[1536:])[0].argmax(1) == y[1536:]).float().mean().item()
-        w = {k: round(v, 3) for k, v in sampled.get("weight_mean", {}).items()}
-        print(f"epoch {epoch}: test accuracy {acc:.3f}  mean source weights {w}")
+        steps = max((len(v) for v in weights.values()), default=0)
+        w = {k: round(sum(v) / len(v), 3) for k, v in weights.items()}
+        print(f"epoch {epoch}: test accuracy {acc:.3f}  mean source weights over the epoch's "
+              f"{steps} calibrated steps {w}")
     return acc
 
 

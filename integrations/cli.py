@@ -62,6 +62,8 @@ _EXTRA_OF = {
 _EXTRAS_OF_COMMAND = {"bench": ("torch", "bench")}
 
 _CONVERT_MODULE = "bogc_core.integrations.data.convert"
+#: classes listed one by one by ``bogc data check``; the rest are summarised
+_SHOWN_CLASSES = 50
 
 
 class UsageError(Exception):
@@ -152,17 +154,24 @@ def _run_data(argv: list[str]) -> int:
     if args.action is None:
         parser.print_help()
         return EXIT_USAGE if not argv else 0
+    import numpy as np
+
     from .data import load_dataset
 
-    d = load_dataset(args.dataset)
-    counts = [int((d.y == c).sum()) for c in range(d.n_classes)]
+    d = load_dataset(args.dataset, argument="dataset")
+    counts = np.bincount(d.y, minlength=d.n_classes)
     n_test = int(d.test_mask.sum())
-    split = "given by test_mask" if d.split_given else "stratified 20%, seed 0 (no test_mask)"
+    split = ("given by test_mask" if d.split_given
+             else "no test_mask: a stratified 20% of each class, seed 0")
     print(f"{d.name}: {d.n} samples, {d.n_classes} classes, {d.n - n_test} train / {n_test} test "
           f"({split})")
     for m in d.modalities:
         print(f"  x_{m}: {d.dims()[m]} features")
-    shown = ", ".join(f"{c!r}: {k}" for c, k in zip(d.classes, counts))
+    shown = ", ".join(f"{c!r}: {int(k)}" for c, k in zip(d.classes[:_SHOWN_CLASSES], counts))
+    if d.n_classes > _SHOWN_CLASSES:
+        lo, hi = int(counts.min()), int(counts.max())
+        shown += (f", ... ({d.n_classes - _SHOWN_CLASSES} more classes; every class has "
+                  + (f"{lo}" if lo == hi else f"{lo} to {hi}") + " samples)")
     print(f"  samples per class (label in the file: count): {shown}")
     return 0
 

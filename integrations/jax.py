@@ -225,9 +225,9 @@ def calibrate_pytrees(
     config = CalibrationConfig() if config is None else config
     if not isinstance(config, CalibrationConfig):
         raise ConfigError(f"config: expected CalibrationConfig, got {type(config).__name__}")
-    if config.backend not in ("auto", "reference"):
+    if config.fast_path not in ("auto", "reference"):
         raise ConfigError(
-            f"backend: {config.backend!r} is not available for JAX pytrees; use 'auto' or "
+            f"fast_path: {config.fast_path!r} is not available for JAX pytrees; use 'auto' or "
             f"'reference'"
         )
     names, stats, counts, treedef = _leaf_stats(grads)

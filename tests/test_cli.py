@@ -242,6 +242,74 @@ def test_string_labels_are_mapped_in_sorted_order(tmp_path: Path,
     assert "3 classes" in out and "'cat': 10" in out and "x_b: 6 features" in out
 
 
+def test_data_check_describes_the_default_split_in_balanced_parentheses(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.savez(tmp_path / "d.npz", **good_arrays())
+    code, out, _ = run(["data", "check", str(tmp_path / "d.npz")], capsys)
+    first = out.splitlines()[0]
+    assert code == 0 and first.endswith("(no test_mask: a stratified 20% of each class, seed 0)")
+    assert first.count("(") == first.count(")") == 1
+
+
+def test_data_check_summarises_a_long_class_list(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # labels 1..80, six rows each, and label 80 six rows more
+    y = np.concatenate([np.repeat(np.arange(1, 81), 6), np.full(6, 80)])
+    np.savez(tmp_path / "d.npz", y=y, x_a=np.ones((y.size, 2)))
+    code, out, _ = run(["data", "check", str(tmp_path / "d.npz")], capsys)
+    line = out.splitlines()[-1]
+    assert code == 0 and "'1': 6" not in line and "1: 6" in line
+    assert line.count(": 6") == cli._SHOWN_CLASSES  # the first classes one by one
+    assert line.endswith("... (30 more classes; every class has 6 to 12 samples)")
+
+
+def _per_class_loop_mask(y: np.ndarray, frac: float = 0.2) -> np.ndarray:
+    """The stratified default split written as the per-class loop it replaces."""
+    rng = np.random.default_rng(0)
+    mask = np.zeros(y.shape[0], dtype=bool)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        mask[idx[: max(1, int(round(frac * idx.size)))]] = True
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_default_split_is_the_per_class_loop_without_its_cost(seed: int) -> None:
+    from bogc_core.integrations.data import _default_test_mask
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, rng.integers(2, 60), size=rng.integers(10, 2000))
+    y = np.unique(y, return_inverse=True)[1].reshape(-1)  # class ids 0..C-1, as the loader has
+    np.testing.assert_array_equal(_default_test_mask(y), _per_class_loop_mask(y))
+
+
+@pytest.mark.parametrize("classes", [10_000, 1_000_000])
+def test_sample_ids_stored_as_labels_name_y_before_any_split(
+        classes: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # one row per class and no test_mask: the fault is in 'y', found in one pass over it
+    path = tmp_path / "ids.npz"
+    np.savez(path, y=np.arange(classes), x_a=np.zeros((classes, 1), dtype=np.float32))
+
+    def no_split(y: np.ndarray, frac: float = 0.2) -> np.ndarray:
+        raise AssertionError("the split must not be drawn for classes too small for any split")
+
+    monkeypatch.setattr("bogc_core.integrations.data._default_test_mask", no_split)
+    code, out, err = run(["data", "check", str(path)], capsys)
+    assert_one_line_error(code, err, "y: class 0 has 1 row,", f"{classes} of the {classes} "
+                          "classes", "sample ids", "store each row's class label in 'y'")
+    assert "test_mask" not in err and out == ""
+
+
+def test_small_classes_in_y_are_named_with_their_count(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    y = np.concatenate([np.repeat(np.arange(3), 8), [3, 3]])  # class 3 has two rows
+    np.savez(tmp_path / "d.npz", y=y, x_a=np.ones((y.size, 2)))
+    code, _, err = run(["data", "check", str(tmp_path / "d.npz")], capsys)
+    assert_one_line_error(code, err, "y: class 3 has 2 rows", "add samples", "drop them")
+    assert "sample ids" not in err
+
+
 def test_the_smallest_accepted_data_set_loads(tmp_path: Path) -> None:
     per = MIN_TRAIN_PER_CLASS + MIN_TEST_PER_CLASS
     arrays = good_arrays(n_per_class=per, n_classes=2)
@@ -288,7 +356,7 @@ def test_debug_shows_the_traceback_of_a_user_error(
     code, _, err = run(["data", "check", str(tmp_path / "none.npz"), *debug], capsys)
     assert code == EXIT_USAGE
     assert ("Traceback" in err) == bool(debug)
-    assert err.strip().splitlines()[-1].startswith("bogc: error: name_or_path:")
+    assert err.strip().splitlines()[-1].startswith("bogc: error: dataset:")
 
 
 def test_debug_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -12,7 +12,10 @@ each method is trained on ``--seeds`` seeds with early stopping on validation
 and after the fixed budget of ``--epochs`` epochs. ``--all`` runs every
 setting of each data set of ``--dataset`` (a comma list); ``--search`` runs
 the pre-registered validation search over BOGC's variants instead. Every
-file written is printed.
+file written is printed. Before any training, every file the run will write
+is checked: a folder that already holds one of them (an earlier run) is
+refused with exit status 2 unless ``--overwrite`` is given, and a file that
+could not be written is refused too, so a failed start leaves ``--out`` as it was.
 """
 
 from __future__ import annotations
@@ -66,7 +69,12 @@ def _parser() -> argparse.ArgumentParser:
                    "fewshot (--shots labelled rows per class); noisy (Gaussian noise of --noise-std "
                    "on --noise-modality) (default standard)")
     p.add_argument("--out", default="bogc-bench",
-                   help="output folder, checked for writing before any training (default ./bogc-bench)")
+                   help="output folder (default ./bogc-bench); every file the run will write is "
+                   "checked before any training, and a folder holding an earlier run's files is "
+                   "refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier run in --out (other files there are "
+                   "left alone)")
     p.add_argument("--no-tune", action="store_true",
                    help="skip the validation search and use learning rate 0.03 for every method")
     p.add_argument("--tune", action="store_true",
@@ -121,16 +129,64 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--search: needs bogc's learning rate chosen on validation; drop --no-tune")
 
 
-def check_writable(out: Path) -> None:
-    """Create ``out`` and write a probe file in it, or raise :class:`ConfigError`."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".bogc-bench-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(f"--out: cannot write to {str(out)!r} ({exc.strerror or exc}); choose a "
-                          f"writable folder") from None
+def planned_outputs(args: argparse.Namespace, out: Path, datasets: list[str]) -> list[Path]:
+    """Every file the run will write, in the order it writes them (``datasets``: loaded names)."""
+    from .plots import ACCURACY_PNG, DIAGNOSTICS_PNG
+
+    per_setting = ("results.json", ACCURACY_PNG, DIAGNOSTICS_PNG)
+    if not args.all:
+        return [out / "search.json"] * args.search + [out / f for f in per_setting]
+    paths: list[Path] = []
+    for name in datasets:
+        base = out / name
+        paths += [base / "search.json"] * args.search
+        for folder in args.settings.split(","):
+            paths += [base / folder / f for f in per_setting]
+            if ALL_JOBS[folder][0] == "standard":
+                paths.append(base / "cost_accuracy.png")
+    paths.append(out / "summary.md")
+    return list(dict.fromkeys(paths))
+
+
+def _refuse(path: Path, why: str, fix: str) -> ConfigError:
+    return ConfigError(f"--out: cannot write {str(path)!r} ({why}); {fix}")
+
+
+def check_writable(out: Path, paths: list[Path], overwrite: bool) -> None:
+    """Refuse, before any training and without changing anything, a run that could not write
+    every file of ``paths`` (under ``out``) or that would replace an earlier run's files
+    without ``overwrite``. Raises :class:`ConfigError`; creates no folder and no file."""
+    earlier = [p for p in paths if p.exists() or p.is_symlink()]
+    if earlier and not overwrite:
+        shown = ", ".join(str(p.relative_to(out)) for p in earlier[:3])
+        more = f" and {len(earlier) - 3} more" if len(earlier) > 3 else ""
+        raise ConfigError(f"--out: {str(out)!r} already holds the results of an earlier run "
+                          f"({shown}{more}); pass --overwrite to replace them, or choose another "
+                          f"--out")
+    fix = "make it writable or choose another --out"
+    for p in earlier:
+        if p.is_dir():
+            raise _refuse(p, "it is a folder", "move it away or choose another --out")
+        try:
+            with open(p, "r+b"):  # opened for writing, nothing written
+                pass
+        except OSError as exc:
+            raise _refuse(p, exc.strerror or str(exc), fix) from None
+    for folder in dict.fromkeys(p.parent for p in paths if p not in earlier):
+        ancestor = folder
+        while not (ancestor.exists() or ancestor.is_symlink()) and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise _refuse(folder, f"{str(ancestor)!r} is a file, not a folder",
+                          "choose a writable folder for --out")
+        try:  # a file can be created where the folders will be made
+            fd, probe = tempfile.mkstemp(prefix=".bogc-bench-", dir=ancestor)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise _refuse(folder, exc.strerror or str(exc),
+                          f"make {str(ancestor)!r} writable or choose a writable folder for "
+                          f"--out") from None
 
 
 def _progress(total: int, desc: str, disable: bool):
@@ -256,7 +312,7 @@ def run_one(runner: Runner, setting: str, names: list[str], seeds: list[int], tu
     doc = summarize(runner.data.name, runner.data.modalities, setting, runs, seeds,
                     runner.cfg.as_dict(), split_info, runner.described, tuning, extra)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / name for name in plot(doc, out)]
+    written = [Path(p) for p in plot(doc, out)]  # plot() returns them under out
     doc["plots"] = [p.name for p in written]
     with open(out / "results.json", "w") as f:
         json.dump(doc, f, indent=1)
@@ -306,7 +362,6 @@ def _main(args: argparse.Namespace) -> int:
     from .report import cost_plot, write_summary
 
     out = Path(args.out)
-    check_writable(out)
     torch.set_num_threads(args.threads)
     quick = args.quick
     names = registry.expand(args.methods) if args.methods or not quick else list(registry.QUICK_METHODS)
@@ -324,7 +379,9 @@ def _main(args: argparse.Namespace) -> int:
     cfg = TrainConfig(max_epochs=max_epochs, patience=args.patience, fixed_epochs=fixed_epochs,
                       batch_size=args.batch_size)
     datasets = args.dataset.split(",") if args.all else [args.dataset]
-    loaded = [load_dataset(ds) for ds in datasets]  # refuse a bad name before any training
+    # refuse a bad name, and any file that could not be written, before any training
+    loaded = [load_dataset(ds, argument="--dataset") for ds in datasets]
+    check_writable(out, planned_outputs(args, out, [d.name for d in loaded]), args.overwrite)
     t0 = time.perf_counter()
     written: list[Path] = []
     search: dict[str, Any] = {}

@@ -21,7 +21,9 @@ modality removed under three rules (:data:`MISSING_RULES`):
 - ``zero_fill``: the removed modality's features enter the fusion head as zeros;
 - ``mean_impute``: as their mean over the training rows;
 - ``surviving_heads``: the prediction is the argmax of the mean of the surviving
-  modalities' unimodal-head probabilities (the fusion head is not used).
+  modalities' unimodal-head probabilities (the fusion head is not used). With
+  one modality nothing survives: the rule does not apply, its entry is None
+  and :data:`NOT_APPLICABLE` says why.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from .settings import Split
 
 MISSING_RULES = ("zero_fill", "mean_impute", "surviving_heads")
 SELECTIONS = ("plateau", "fixed")
+#: why a missing-modality rule gives no prediction when a data set has one modality
+NOT_APPLICABLE = {"surviving_heads": "the data set has one modality: when it is removed no "
+                                     "unimodal head survives to average"}
 
 
 @dataclass
@@ -87,12 +92,13 @@ def evaluate(model: MultiModalNet, split: Split, xtr: list[torch.Tensor],
     probs = [torch.softmax(u, dim=1) for u in zs]
     model(xtr)
     means = [h.mean(dim=0) for h in model.last_features]
-    missing: dict[str, dict[str, np.ndarray]] = {r: {} for r in MISSING_RULES}
+    missing: dict[str, dict[str, np.ndarray | None]] = {r: {} for r in MISSING_RULES}
     for i, m in enumerate(split.modalities):
         missing["zero_fill"][m] = model(xte, drop=(i,))[0].argmax(1).numpy() == y
         missing["mean_impute"][m] = model(xte, drop=(i,), fill=means)[0].argmax(1).numpy() == y
         keep = [p for j, p in enumerate(probs) if j != i]
-        missing["surviving_heads"][m] = torch.stack(keep).mean(0).argmax(1).numpy() == y
+        missing["surviving_heads"][m] = (torch.stack(keep).mean(0).argmax(1).numpy() == y
+                                         if keep else None)
     out = {
         "correct": pred == y,
         "accuracy": accuracy(y, pred),
@@ -115,14 +121,15 @@ def train_run(split: Split, method: Method, seed: int, cfg: TrainConfig,
     torch.manual_seed(seed)
     dims = {m: x.shape[1] for m, x in zip(split.modalities, split.train)}
     model = MultiModalNet(dims, split.n_classes, cfg.hidden, cfg.feat)
-    method.setup(model)
-    opt = torch.optim.SGD(model.parameters(), lr=method.lr or 0.03, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
     xtr, ytr = _tensors(split.train), torch.from_numpy(split.y_train)
     xva, xte = _tensors(split.val), _tensors(split.test)
     n = ytr.shape[0]
     bs = min(cfg.batch_size, n)
     steps = max(math.ceil(n / bs), cfg.min_steps_per_epoch)
+    method.steps_per_epoch = steps
+    method.setup(model)
+    opt = torch.optim.SGD(model.parameters(), lr=method.lr or 0.03, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     curve: list[float] = []
     val_curve: list[float] = []

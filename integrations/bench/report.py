@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .metrics import example_bootstrap, holm, mean_std, paired_difference
-from .protocol import MISSING_RULES
+from .protocol import MISSING_RULES, NOT_APPLICABLE
 
 BASELINE = "sum"
 
@@ -55,6 +55,12 @@ def _curve_mean(curves: list[list[float]]) -> list[float]:
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return [float(v) for v in np.nanmean(a, axis=0)]
+
+
+def _curve_seeds(curves: list[list[float]]) -> list[int]:
+    """How many of ``curves`` reach each epoch (the count behind each :func:`_curve_mean` point)."""
+    n = max((len(c) for c in curves), default=0)
+    return [sum(len(c) > i for c in curves) for i in range(n)]
 
 
 def _holm_table(entries: list[dict[str, Any]]) -> None:
@@ -97,6 +103,9 @@ def _selection(data_modalities: tuple[str, ...], setting: str, runs: dict[str, l
             for rule in MISSING_RULES:
                 rules[rule] = {}
                 for m in data_modalities:
+                    if any(r["missing_correct"][rule][m] is None for r in rr):
+                        rules[rule][m] = None  # the rule does not apply (NOT_APPLICABLE)
+                        continue
                     c = np.stack([r["missing_correct"][rule][m] for r in rr])
                     bc = None if is_base else np.stack([r["missing_correct"][rule][m] for r in base])
                     rules[rule][m] = _block(c.mean(axis=1).tolist(),
@@ -107,7 +116,8 @@ def _selection(data_modalities: tuple[str, ...], setting: str, runs: dict[str, l
     _holm_table(list(methods.values()))
     if setting == "missing":
         for rule in MISSING_RULES:
-            _holm_table([methods[n]["missing_rules"][rule][m] for n in methods for m in data_modalities])
+            _holm_table([b for n in methods for m in data_modalities
+                         if (b := methods[n]["missing_rules"][rule][m]) is not None])
     return methods
 
 
@@ -135,6 +145,8 @@ def summarize(dataset: str, modalities: tuple[str, ...], setting: str, runs: dic
             "val_accuracy_mean": float(np.mean([r["val_accuracy"]["plateau"] for r in rs])),
             "config": described.get(n, {}),
             "test_curve_mean": _curve_mean([r["test_curve"] for r in rs]),
+            # seeds still training at each epoch (early stopping ends some runs sooner)
+            "curve_seeds": _curve_seeds([r["test_curve"] for r in rs]),
             "val_curve_mean": _curve_mean([r["val_curve"] for r in rs]),
         })
         diags = [r["diagnostics"] for r in rs]
@@ -155,13 +167,32 @@ def summarize(dataset: str, modalities: tuple[str, ...], setting: str, runs: dic
         "fixed_budget": fixed,
         "tuning": tuning,
     }
+    if setting == "missing":
+        na = {rule: why for rule, why in NOT_APPLICABLE.items()
+              if any(e["missing_rules"][rule][m] is None for e in methods.values()
+                     for m in modalities)}
+        if na:
+            doc["not_applicable"] = na
     doc.update(extra)
     return doc
 
 
 # ------------------------------------------------------------------ formatting
 def pp(x: float) -> str:
-    return f"{100 * x:+.2f}"
+    """``x`` in percentage points, signed; a value that rounds to zero prints ``+0.00``."""
+    text = f"{100 * x:+.2f}"
+    return "+0.00" if text == "-0.00" else text
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 seed``, ``2 seeds``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _cell(block: dict | None, width: int = 0) -> str:
+    """A missing-modality accuracy in %, or ``n/a`` where the rule does not apply."""
+    text = "n/a" if block is None else f"{100 * block['accuracy_mean']:.2f}"
+    return f"{text:>{width}}"
 
 
 def diff_text(d: dict | None, bootstrap: bool = True) -> str:
@@ -207,8 +238,10 @@ def title(doc: dict) -> str:
 def format_table(doc: dict) -> str:
     """Plain-text table of the headline (early-stopped) and the fixed-budget accuracy."""
     tc = doc["train_config"]
-    lines = [f"{title(doc)}, {len(doc['seeds'])} seeds; early stopping (patience {tc['patience']}, "
-             f"max {tc['max_epochs']} epochs) and a fixed budget of {tc['fixed_epochs']} epochs",
+    seeds = counted(len(doc["seeds"]), "seed")
+    lines = [f"{title(doc)}, {seeds}; early stopping (patience {tc['patience']}, "
+             f"max {counted(tc['max_epochs'], 'epoch')}) and a fixed budget of "
+             f"{counted(tc['fixed_epochs'], 'epoch')}",
              f"{'method':<22} {'accuracy':>15} {'diff to sum [95% t CI]':>32} "
              f"{'fixed budget':>14} {'diff':>8} {'time/sum':>8}"]
     for n, e in doc["methods"].items():
@@ -226,16 +259,19 @@ def format_table(doc: dict) -> str:
             lines.append(f"{'method':<22} " + " ".join(f"{'-' + m:>10}" for m in mods))
             for n, e in doc["methods"].items():
                 lines.append(f"{n:<22} " + " ".join(
-                    f"{100 * e['missing_rules'][rule][m]['accuracy_mean']:>10.2f}" for m in mods))
+                    _cell(e["missing_rules"][rule][m], 10) for m in mods))
+        for rule, why in doc.get("not_applicable", {}).items():
+            lines.append(f"n/a: rule {rule} does not apply: {why}")
     return "\n".join(lines)
 
 
 def markdown_tables(doc: dict) -> list[str]:
     """Markdown lines for one document (headline, fixed budget, imbalance lens, missing rules)."""
     tc = doc["train_config"]
-    L = [f"**{title(doc)}**: {len(doc['seeds'])} seeds; early stopping on validation (patience "
-         f"{tc['patience']}, at most {tc['max_epochs']} epochs); fixed budget {tc['fixed_epochs']} "
-         f"epochs.", "",
+    seeds = counted(len(doc["seeds"]), "seed")
+    L = [f"**{title(doc)}**: {seeds}; early stopping on validation (patience "
+         f"{tc['patience']}, at most {counted(tc['max_epochs'], 'epoch')}); fixed budget "
+         f"{counted(tc['fixed_epochs'], 'epoch')}.", "",
          "| method | accuracy % | diff to sum, pp [95% t over seeds] / [95% bootstrap over test examples] "
          "| fixed budget % | fixed-budget diff, pp [95% t] | epochs | time / sum |",
          "|---|---|---|---|---|---|---|"]
@@ -262,10 +298,11 @@ def markdown_tables(doc: dict) -> list[str]:
                 cells = []
                 for m in mods:
                     b = e["missing_rules"][rule][m]
-                    d = b.get("accuracy_diff_to_sum")
-                    cells.append(f"{100 * b['accuracy_mean']:.2f}"
-                                 + (f" ({diff_text(d, bootstrap=False)})" if d else ""))
+                    d = b.get("accuracy_diff_to_sum") if b is not None else None
+                    cells.append(_cell(b) + (f" ({diff_text(d, bootstrap=False)})" if d else ""))
                 L.append(f"| {n} | " + " | ".join(cells) + " |")
+            if rule in doc.get("not_applicable", {}):
+                L += ["", f"n/a: the rule does not apply: {doc['not_applicable'][rule]}."]
     L.append("")
     return L
 

@@ -36,6 +36,7 @@ to this file for provenance and licences):
 
 from __future__ import annotations
 
+import difflib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -102,34 +103,42 @@ class Dataset:
 
 
 def _default_test_mask(y: np.ndarray, frac: float = 0.2) -> np.ndarray:
+    """A stratified test mask: ``max(1, round(frac * n_c))`` random rows of each class ``c``.
+
+    One generator (seed 0) permutes each class's rows in turn, in class order.
+    The rows are grouped by one stable sort, so a million classes cost one
+    permutation each, not a pass over ``y`` each.
+    """
     rng = np.random.default_rng(0)
     mask = np.zeros(y.shape[0], dtype=bool)
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
+    order = np.argsort(y, kind="stable")  # each class's rows in increasing order
+    starts = np.flatnonzero(np.r_[True, y[order][1:] != y[order][:-1]])
+    for idx in np.split(order, starts[1:]):
+        idx = rng.permutation(idx)
         mask[idx[: max(1, int(round(frac * idx.size)))]] = True
     return mask
 
 
-def _open(path: Path, key: str) -> Any:
+def _open(path: Path, key: str, argument: str) -> Any:
     """``np.load`` of a ``.npz`` that is known to be a zip archive, pickles refused."""
     try:
         with open(path, "rb") as f:
             magic = f.read(6)
     except OSError as exc:
-        raise DataError(f"name_or_path: {key!r} cannot be read ({exc.strerror or exc}); "
+        raise DataError(f"{argument}: {key!r} cannot be read ({exc.strerror or exc}); "
                         f"check the file's permissions") from exc
     if magic.startswith(_NPY_MAGIC):
-        raise DataError(f"name_or_path: {key!r} is a single .npy array, not a .npz archive; "
+        raise DataError(f"{argument}: {key!r} is a single .npy array, not a .npz archive; "
                         f"save the labels and features together with "
                         f"numpy.savez(path, y=..., x_<modality>=...)")
     if not magic.startswith(_ZIP_MAGIC):
-        raise DataError(f"name_or_path: {key!r} is not a .npz archive (it does not start like a "
+        raise DataError(f"{argument}: {key!r} is not a .npz archive (it does not start like a "
                         f"zip file, e.g. it is text or a pickle); save it with numpy.savez or "
                         f"numpy.savez_compressed")
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"name_or_path: {key!r} is a damaged .npz archive ({exc}); save it again "
+        raise DataError(f"{argument}: {key!r} is a damaged .npz archive ({exc}); save it again "
                         f"with numpy.savez or numpy.savez_compressed") from exc
 
 
@@ -196,7 +205,34 @@ def _features(m: str, arr: np.ndarray, n: int) -> np.ndarray:
     return f
 
 
-def load_dataset(name_or_path: str | os.PathLike) -> Dataset:
+def _rows(k: int) -> str:
+    return f"{k} row" if k == 1 else f"{k} rows"
+
+
+def _check_class_sizes(y: np.ndarray, classes: np.ndarray) -> None:
+    """Refuse classes too small for any split, before a split is drawn (one pass over ``y``).
+
+    A class needs :data:`MIN_TRAIN_PER_CLASS` training and :data:`MIN_TEST_PER_CLASS`
+    test rows whatever ``test_mask`` says, so a smaller one is a fault of ``y``.
+    """
+    least = MIN_TRAIN_PER_CLASS + MIN_TEST_PER_CLASS
+    sizes = np.bincount(y, minlength=classes.size)
+    small = np.flatnonzero(sizes < least)
+    if small.size == 0:
+        return
+    c = int(small[0])
+    head = (f"y: class {classes[c].item()!r} has {_rows(int(sizes[c]))}, fewer than the {least} "
+            f"each class needs ({MIN_TRAIN_PER_CLASS} training rows and {MIN_TEST_PER_CLASS} test "
+            f"row)")
+    if small.size > 1:
+        head += f"; {small.size} of the {classes.size} classes are that small"
+    if 2 * int(np.count_nonzero(sizes == 1)) > classes.size:
+        raise DataError(f"{head}. Most labels occur on one row only, so 'y' looks like sample "
+                        f"ids rather than class labels; store each row's class label in 'y'")
+    raise DataError(f"{head}; add samples to the small classes or drop them")
+
+
+def load_dataset(name_or_path: str | os.PathLike, *, argument: str = "name_or_path") -> Dataset:
     """Load a shipped data set by name (``"av-mnist"``, ``"av-digits"``, ``"mfeat"``) or a user
     ``.npz`` path.
 
@@ -205,17 +241,21 @@ def load_dataset(name_or_path: str | os.PathLike) -> Dataset:
     file is missing, is not a ``.npz``, holds pickled objects, complex or
     non-finite features, mismatched sample counts, or too few rows per class.
     The caller's files are only read; features are returned as new float32 arrays.
+    ``argument`` is the name the messages give the first argument (the command
+    line passes ``--dataset``).
     """
     key = str(name_or_path)
     path = SHIPPED.get(key.lower(), Path(key))
     if not path.is_file():
         what = "is a folder, not" if path.is_dir() else "is neither a shipped data set " \
             f"{sorted(SHIPPED)} nor"
+        close = difflib.get_close_matches(key.lower(), list(SHIPPED), n=1)
+        hint = f"did you mean {close[0]!r}? " if close and not path.is_dir() else ""
         raise DataError(
-            f"name_or_path: {key!r} {what} an existing .npz file; pass one of "
-            f"{sorted(SHIPPED)} or a path to a .npz with 'y' and 'x_<modality>' arrays"
+            f"{argument}: {key!r} {what} an existing .npz file; {hint}pass one of "
+            f"{sorted(SHIPPED)} or the path of a .npz file with 'y' and 'x_<modality>' arrays"
         )
-    with _open(path, key) as npz:
+    with _open(path, key, argument) as npz:
         files = list(npz.files)
         if "y" not in files:
             raise DataError(f"y: {key!r} has no 'y' array (labels); keys are {files}; store the "
@@ -235,14 +275,15 @@ def load_dataset(name_or_path: str | os.PathLike) -> Dataset:
     if classes.size < 2:
         raise DataError(f"y: needs at least two classes, got {classes.tolist()}; a classifier "
                         f"needs samples of two or more labels")
+    if mask_raw is not None and (mask_raw.shape != (n,) or mask_raw.dtype != bool):
+        raise DataError(
+            f"test_mask: must be a boolean array of shape ({n},), got {mask_raw.dtype} "
+            f"{mask_raw.shape}; omit it to get a stratified 20% test split"
+        )
+    _check_class_sizes(y, classes)
     if mask_raw is None:
         mask, given = _default_test_mask(y), False
     else:
-        if mask_raw.shape != (n,) or mask_raw.dtype != bool:
-            raise DataError(
-                f"test_mask: must be a boolean array of shape ({n},), got {mask_raw.dtype} "
-                f"{mask_raw.shape}; omit it to get a stratified 20% test split"
-            )
         mask, given = mask_raw.copy(), True
     if mask.all() or not mask.any():
         raise DataError("test_mask: must mark some but not all samples as test; omit it to get "

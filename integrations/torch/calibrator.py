@@ -123,7 +123,7 @@ class GradientCalibrator:
         What :meth:`backward` reports per calibrated parameter on a sampled
         step: ``"summary"`` (mean weight and evidence per source, fused
         uncertainty, belief-scale range), ``"full"`` (the core's complete
-        :func:`bogc_core.diagnostics.summarize`), or ``"none"`` (counts and
+        ``Calibration.diagnostics``), or ``"none"`` (counts and
         flags only, no per-parameter entries, never a sampled step).
     diagnostics_every : int (keyword)
         Sample the diagnostics on the first step and every this many steps

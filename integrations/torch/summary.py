@@ -2,7 +2,7 @@
 
 Every step reports counts and flags (no device work). On a *sampled* step
 (every ``diagnostics_every`` steps) each calibrated tensor is also summarised
-by :func:`bogc_core.diagnostics.summarize` of its full
+by the :attr:`~bogc_core.Calibration.diagnostics` of its full
 :class:`~bogc_core.Calibration` (recomputed from the step's flat statistics;
 the training step itself never forms the ``(S, D)`` outputs), and the model
 gets numel-weighted means of the per-tensor values.
@@ -17,20 +17,19 @@ from typing import Any
 import torch
 
 from bogc_core import CalibrationConfig, GradientStats, calibrate_tensors
-from bogc_core._diagnostics import summarize
 
 from .workspace import Group
 
 __all__ = ["SUMMARY_KEYS", "group_entries", "model_summary"]
 
-# The keys of summarize() that diagnostics="summary" keeps per tensor.
+# The keys of Calibration.diagnostics that diagnostics="summary" keeps per tensor.
 SUMMARY_KEYS = ("sources", "weight_mean", "evidence_mean", "fused_uncertainty_mean",
                 "belief_scale_min", "belief_scale_max", "path", "fallback")
 
 
 def group_entries(group: Group, names: list[str], shapes: list[torch.Size], config: CalibrationConfig,
                   lam: Mapping[str, float] | None, level: str) -> dict[str, dict[str, Any]]:
-    """Per tensor of a calibrated group: ``summarize()`` of its calibration (``level="full"``),
+    """Per tensor of a calibrated group: the ``diagnostics`` of its calibration (``level="full"``),
     or the :data:`SUMMARY_KEYS` of it (``level="summary"``); keyed by parameter name."""
     stats = group.stats()
     per_tensor = []
@@ -45,7 +44,7 @@ def group_entries(group: Group, names: list[str], shapes: list[torch.Size], conf
     cals = calibrate_tensors(per_tensor, config, None if lam is None else dict(lam), check_values=False)
     out = {}
     for name, cal in zip(names, cals):
-        d = summarize(cal)
+        d = dict(cal.diagnostics)
         out[name] = d if level == "full" else {k: d[k] for k in SUMMARY_KEYS if k in d}
     return out
 

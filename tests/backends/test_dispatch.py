@@ -44,9 +44,8 @@ def test_unknown_or_mismatched_backend_is_a_config_error(fused):
     stats = make_sources(fused, "float64", random_raw(np.random.default_rng(0), 2, (4,)))
     with pytest.raises(ConfigError, match="fast_path"):
         calibrate(stats, CalibrationConfig(fast_path="no-such-backend"))
-    with pytest.warns(DeprecationWarning, match="fast_path"):
-        old = CalibrationConfig(backend=fused.name)
-    assert old.fast_path == fused.name and calibrate(stats, old).flags["path"] == fused.name
+    named = CalibrationConfig(fast_path=fused.name)
+    assert calibrate(stats, named).flags["path"] == fused.name
     other = "numpy-fused" if fused.name != "numpy-fused" else "torch-fused"
     if other in available():
         with pytest.raises(ConfigError, match="fast_path"):
@@ -195,7 +194,7 @@ def test_closed_form_inverse_variance(fused):
 
 
 def test_evidence_range_reason_is_precise():
-    from bogc_core.backends._blocked import evidence_range_problem
+    from bogc_core.backends._adapter import evidence_range_problem
 
     f32 = np.finfo(np.float32)
     assert evidence_range_problem(CalibrationConfig(), float(f32.tiny), float(f32.max)) is None

@@ -233,29 +233,18 @@ def test_property_matches_reference(
     check_equal(fused, dtype, raw, config, lambdas=list(rng.uniform(0, 2, size=S)))
 
 
-def test_block_boundaries(fused, dtype):
+def test_block_boundaries(fused, dtype, monkeypatch):
     """More dimensions than one block (and not a multiple of it)."""
+    from bogc_core.backends import _adapter
+
     rng = np.random.default_rng(3)
-    if fused.lib == "numpy":
-        from bogc_core.backends import numpy_fused as mod
-
-        n = mod.BLOCK * 2 + 17
-    elif fused.lib == "torch":
-        from bogc_core.backends import torch_fused as mod
-
-        mod.set_block(fused.device, 1000)
-        n = 2 * 1000 + 17
-    else:
-        n = 5000
-    try:
-        for config in (CONFIGS[0], CONFIGS[1], CONFIGS[7]):
-            check_equal(fused, dtype, random_raw(rng, 3, (n,)), config)
-            raw = random_raw(rng, 2, (n,))
-            raw[0] = (rng.integers(1, 6, size=n).astype(float), raw[0][1], raw[0][2])
-            check_equal(fused, dtype, raw, config)
-    finally:
-        if fused.lib == "torch":
-            mod.set_block(fused.device, mod.DEFAULT_BLOCK[fused.device])
+    monkeypatch.setitem(_adapter.BLOCK, "cpu", 1000)
+    n = 2 * 1000 + 17
+    for config in (CONFIGS[0], CONFIGS[1], CONFIGS[7]):
+        check_equal(fused, dtype, random_raw(rng, 3, (n,)), config)
+        raw = random_raw(rng, 2, (n,))
+        raw[0] = (rng.integers(1, 6, size=n).astype(float), raw[0][1], raw[0][2])
+        check_equal(fused, dtype, raw, config)
 
 
 def test_scope_global_through_fused_path(fused, dtype):
@@ -282,12 +271,12 @@ def test_zero_means_recompute_nothing(fused, dtype, monkeypatch):
     """The full result's log-score pass keeps the one-log form for zero means."""
     if fused.lib == "cupy":
         pytest.skip("the CuPy kernels have no block recomputation to avoid")
-    from bogc_core.backends import _blocked
+    from bogc_core.backends import _gradient
 
     def refuse(*args, **kwargs):
         raise AssertionError("block recomputed for zero means")
 
-    monkeypatch.setattr(_blocked, "_safe_block", refuse)
+    monkeypatch.setattr(_gradient, "_score_sums_two_logs", refuse)
     rng = np.random.default_rng(8)
     raw = random_raw(rng, 3, (300,))
     for _, m, _ in raw:

@@ -70,7 +70,7 @@ class Path:
 def _numba() -> str | None:
     from bogc_core.backends import _numba_kernel
 
-    return None if _numba_kernel.AVAILABLE else "numba not installed (optional extra [fast])"
+    return None if _numba_kernel.AVAILABLE else "numba not installed (it comes with the torch extra, or [fast])"
 
 
 def _paths() -> list[Any]:
@@ -205,10 +205,9 @@ def test_every_option_with_segments(path, dtype, name, S, per_dim):
 @pytest.mark.parametrize("name", ["default", "gamma_general", "dempster", "s_max"])
 def test_one_group_and_blocks_across_segments(path, dtype, name, monkeypatch):
     """Blocks smaller than segments, and segments that straddle block boundaries."""
-    monkeypatch.setattr(path.mod(), "GRADIENT_BLOCK", 16, raising=False)
-    import bogc_core.backends.numpy_fused as nf
+    from bogc_core.backends import _adapter
 
-    monkeypatch.setattr(nf, "GRADIENT_BLOCK", 16)
+    monkeypatch.setitem(_adapter.BLOCK, "cpu", 16)
     rng = np.random.default_rng(1)
     raw = random_raw(rng, 3, 101)
     check(path, dtype, raw, CONFIGS[name])
@@ -356,9 +355,9 @@ def test_zero_means_take_no_slow_path(path, dtype, monkeypatch):
 def test_threads_split_blocks(dtype, threads, monkeypatch):
     """Passes B and C on several threads (contiguous runs of blocks, partial
     sums per thread) give the reference's gradient."""
-    from bogc_core.backends import numpy_fused
+    from bogc_core.backends import _adapter, numpy_fused
 
-    monkeypatch.setattr(numpy_fused, "GRADIENT_BLOCK", 16)
+    monkeypatch.setitem(_adapter.BLOCK, "cpu", 16)
     numpy_fused.set_threads(threads)
     try:
         rng = np.random.default_rng(9)

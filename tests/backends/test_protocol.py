@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -19,7 +18,6 @@ from .conftest import _cupy, _torch_cpu
 MODULES = {
     "numpy_fused": ("numpy-fused", None),
     "torch_fused": ("torch-fused", _torch_cpu()),
-    "torch_compiled": ("torch-compiled", _torch_cpu()),
     "cupy_fused": ("cupy-fused", _cupy()),
 }
 
@@ -76,23 +74,3 @@ def test_decline_is_raised_not_returned():
     for fn in (numpy_fused.calibrate, numpy_fused.calibrate_gradient):
         with pytest.raises(Decline, match="dtype"):
             fn(space, ["a"], st, [1.0], CalibrationConfig())
-
-
-@pytest.mark.skipif(_torch_cpu() is not None, reason="torch not installed")
-def test_block_names_and_deprecated_chunk_aliases():
-    import torch
-    from bogc_core.backends import numpy_fused, torch_fused
-
-    assert numpy_fused.CHUNK == numpy_fused.BLOCK
-    assert torch_fused.DEFAULT_CHUNK is torch_fused.DEFAULT_BLOCK
-    before = torch_fused.block_for(torch.device("cpu"))
-    with pytest.warns(DeprecationWarning, match="set_block"):
-        torch_fused.set_chunk("cpu", 1234)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert torch_fused.block_for(torch.device("cpu")) == 1234 * max(1, torch.get_num_threads())
-        with pytest.warns(DeprecationWarning, match="block_for"):
-            assert torch_fused.chunk_for(torch.device("cpu")) == 1234 * max(1, torch.get_num_threads())
-    finally:
-        torch_fused.set_block("cpu", before // max(1, torch.get_num_threads()))

@@ -374,8 +374,6 @@ def test_unknown_fast_path(ns):
     st = bc.GradientStats.from_samples(ns.asarray(np.arange(6.0).reshape(3, 2)))
     with pytest.raises(ConfigError, match=r"fast_path: 'warp' is not available"):
         bc.calibrate([st, st], bc.CalibrationConfig(fast_path="warp"))
-    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match=r"fast_path: 'warp'"):
-        bc.calibrate([st, st], bc.CalibrationConfig(backend="warp"))
 
 
 def test_inputs_never_modified(ns, rng):

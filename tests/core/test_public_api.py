@@ -16,14 +16,11 @@ import bogc_core
 import bogc_core.testing
 
 API_MD = Path(__file__).resolve().parents[2] / "docs" / "api.md"
-# Old module paths kept for compatibility (deprecated shims).
-SHIMS = {"stats", "opinion", "weights", "diagnostics", "dispatch"}
-PRIVATE_HELPERS = {"_deprecated"}
 
 
 def _stage_modules():
     for info in pkgutil.iter_modules(bogc_core.__path__):
-        if info.name.startswith("_") and info.name not in PRIVATE_HELPERS:
+        if info.name.startswith("_"):
             yield importlib.import_module(f"bogc_core.{info.name}")
 
 
@@ -53,14 +50,14 @@ def test_every_exported_name_is_documented():
 
 def test_no_submodule_is_shadowed_by_a_public_name():
     modules = {info.name for info in pkgutil.iter_modules(bogc_core.__path__)}
-    clash = (modules - SHIMS) & set(bogc_core.__all__)
+    clash = modules & set(bogc_core.__all__)
     assert not clash, clash
     assert callable(bogc_core.calibrate) and callable(bogc_core.evidence)
     assert callable(bogc_core.posterior)
 
 
 def test_public_modules_are_only_the_documented_ones():
-    public = {info.name for info in pkgutil.iter_modules(bogc_core.__path__)} - SHIMS
+    public = {info.name for info in pkgutil.iter_modules(bogc_core.__path__)}
     # backends/ and integrations/ are mapped into bogc_core when installed
     public = {m for m in public if not m.startswith("_")} - {"backends", "integrations"}
     assert public == {"errors", "testing", "validate"}, public

@@ -235,7 +235,7 @@ def test_all_and_search_with_an_unrelated_results_json_under_out(tmp_path, capsy
     (["--epochs", "5", "--max-epochs", "3"], "--max-epochs"),
     (["--noise-std", "nan"], "--noise-std"),
     (["--settings", "standard,bogus"], "--settings"),
-    (["--dataset", "nope"], "name_or_path"),
+    (["--dataset", "nope"], "--dataset"),
     (["--methods", "sum,whatever"], "methods"),
 ])
 def test_bad_arguments_are_one_line_errors_before_training(tmp_path, capsys, argv, needle):

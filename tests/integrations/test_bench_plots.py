@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -84,7 +85,7 @@ def test_identical_methods_are_drawn_once_with_a_note() -> None:
     try:
         labels = [line.get_label() for line in fig.axes[0].get_lines()]
         assert labels == ["sum", "bogc = bogc_tuned", "pcgrad", "my_method"]
-        texts = [t.get_text() for t in fig.axes[0].texts]
+        texts = [t.get_text() for ax in fig.axes for t in ax.texts]
         assert any("bogc = bogc_tuned: identical results" in t for t in texts)
         # the ablation panel carries sum and bogc as anchors
         assert [line.get_label() for line in fig.axes[1].get_lines()] == [
@@ -128,16 +129,71 @@ def test_colours_are_fixed_per_method_whatever_the_order() -> None:
     assert proc.stdout.strip() == plots.color_of("my_method"), proc.stderr
 
 
-def test_full_y_range_and_integer_epoch_ticks() -> None:
-    fig = plots.accuracy_figure(_doc(ORDER_A))
+def _visible(ax: Any) -> list[float]:
+    """The y-values of the points drawn inside the x-range of ``ax``."""
+    x0, x1 = ax.get_xlim()
+    return [float(y) for line in ax.get_lines()
+            for x, y in zip(line.get_xdata(), line.get_ydata()) if x0 <= x <= x1]
+
+
+def test_y_axis_spans_the_data_and_a_zoom_row_shows_the_later_epochs() -> None:
+    doc = _doc(ORDER_A)
+    fig = plots.accuracy_figure(doc)
     try:
-        for ax in fig.axes:
+        assert len(fig.axes) == 4  # two panels (main, ablations), all epochs and the zoom
+        top, zoom = fig.axes[:2], fig.axes[2:]
+        every = [100 * v for e in doc["methods"].values() for v in e["test_curve_mean"]]
+        for ax in top:
             lo, hi = ax.get_ylim()
-            ys = [y for line in ax.get_lines() for y in line.get_ydata()]
-            assert lo <= min(ys) and hi >= max(ys) and hi >= 100.0
-            assert lo <= 12.0 if ax is fig.axes[0] else lo <= 20.0  # the first epoch is in view
+            # the data range of the figure with a margin: every point, the first epoch included
+            assert min(every) - 10.0 < lo < min(every) and max(every) < hi <= 100.5
+        # the zoom row: the second half of every curve (epochs 2 and 3 of 3) fills it
+        tails = [100 * v for e in doc["methods"].values() for v in e["test_curve_mean"][1:]]
+        for ax, full in zip(zoom, top):
+            lo, hi = ax.get_ylim()
+            assert ax.get_xlim()[0] > 1.0 and lo < 70.0 and hi > 96.0
+            assert hi - lo < 0.5 * (full.get_ylim()[1] - full.get_ylim()[0])
+            assert all(lo <= y <= hi for y in _visible(ax))
+        assert min(tails) == pytest.approx(70.0)
+        for ax in fig.axes:
             ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
             assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(fig)
+
+
+def test_a_narrow_plateau_is_readable() -> None:
+    # the issue's case: every method between 97 and 98 % after a first epoch at 40 %
+    methods = {n: _entry([0.40, 0.970 + i / 1000, 0.972 + i / 1000, 0.975 + i / 1000,
+                          0.978 + i / 2000], [0.97, 0.98]) for i, n in enumerate(
+                              ["sum", "bogc", "pcgrad"])}
+    fig = plots.accuracy_figure({"dataset": "toy", "setting": "standard", "methods": methods})
+    try:
+        lo, hi = fig.axes[1].get_ylim()  # the zoom of the one panel, epochs 3 to 5
+        assert fig.axes[1].get_xlim()[0] == pytest.approx(2.8)
+        assert 97.0 < lo < 97.2 and 97.9 < hi < 98.0
+    finally:
+        plt.close(fig)
+
+
+def test_curves_of_seeds_that_stop_early_are_dashed_and_explained() -> None:
+    doc = _doc(["sum", "pcgrad"])
+    doc["methods"]["sum"]["test_curve_mean"] = [0.30, 0.85, 0.94, 0.95]
+    doc["methods"]["sum"]["curve_seeds"] = [2, 2, 1, 1]  # one seed stopped after epoch 2
+    doc["methods"]["pcgrad"]["curve_seeds"] = [2, 2, 2]
+    fig = plots.accuracy_figure(doc)
+    try:
+        ax = fig.axes[0]
+        lines = ax.get_lines()
+        solid = [line for line in lines if line.get_linestyle() == "-"]
+        dashed = [line for line in lines if line.get_linestyle() == "--"]
+        assert [line.get_label() for line in solid] == ["sum", "pcgrad"]
+        assert list(solid[0].get_xdata()) == [1, 2] and list(solid[1].get_xdata()) == [1, 2, 3]
+        # the dashed part starts at the last epoch every seed ran, in the method's colour
+        assert len(dashed) == 1 and list(dashed[0].get_xdata()) == [2, 3, 4]
+        assert dashed[0].get_color() == solid[0].get_color()
+        texts = " ".join(t.get_text() for a in fig.axes for t in a.texts)
+        assert "mean over all 2 seeds" in texts and "seeds still training" in texts
     finally:
         plt.close(fig)
 
@@ -152,6 +208,24 @@ def test_diagnostics_use_math_text_and_source_colours() -> None:
         for ax in fig.axes:
             ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
             assert all(float(t).is_integer() for t in ticks)
+    finally:
+        plt.close(fig)
+
+
+def test_diagnostics_draw_every_present_epoch_and_skip_missing_ones() -> None:
+    doc = _doc(ORDER_A)
+    nan = float("nan")
+    # epoch 2 was never sampled: NaN in memory, null (None) in strict JSON
+    doc["methods"]["bogc"]["diagnostics_curve_mean"] = {
+        "weight/fusion": [0.5, nan, 0.62], "weight/audio": [0.3, None, 0.2],
+        "uncertainty": [0.1, nan, 0.04]}
+    fig = plots.diagnostics_figure(doc)
+    try:
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                assert list(line.get_xdata()) == [1, 3]  # the present points only
+                assert line.get_marker() == "o"  # a lone point is visible too
+                assert all(math.isfinite(v) for v in line.get_ydata())
     finally:
         plt.close(fig)
 

@@ -208,8 +208,8 @@ def test_bad_options_raise() -> None:
         calibrate_pytrees(trees, source_weights=[1.0, 2.0])
     with pytest.raises(bc.ShapeError, match="missing"):
         calibrate_pytrees(trees, source_weights={"s0": 1.0})
-    with pytest.raises(bc.ConfigError, match="backend"):
-        calibrate_pytrees(trees, bc.CalibrationConfig(backend="torch"))
+    with pytest.raises(bc.ConfigError, match="fast_path"):
+        calibrate_pytrees(trees, bc.CalibrationConfig(fast_path="torch-fused"))
     with pytest.raises(bc.ConfigError, match="config"):
         calibrate_pytrees(trees, config={"gamma": 0.5})
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..model import MultiModalNet
+from ..model import FUSION, MultiModalNet
 
 
 class Method:
@@ -24,6 +24,8 @@ class Method:
     grid: dict[str, list[Any]] = {}
     #: learning rate; None means the harness default (``TrainConfig.lr``)
     lr: float | None = None
+    #: optimiser steps in one epoch, set by the protocol before :meth:`setup`
+    steps_per_epoch: int = 1
 
     def setup(self, model: MultiModalNet) -> None:
         """Called once per run, before training (create calibrators, state...)."""
@@ -62,6 +64,26 @@ def source_grads(
     for s, loss in losses.items():
         out[s] = list(torch.autograd.grad(loss.mean(), params, retain_graph=True, allow_unused=True))
     return out
+
+
+def fusion_only_grads(model: MultiModalNet, losses: dict[str, torch.Tensor]) -> None:
+    """Set ``p.grad`` of every parameter as joint training with detached unimodal heads.
+
+    The encoders and the fusion head get ``grad mean(L_fusion)``; head ``m`` gets
+    ``grad_{theta_m} mean(L_m)``, the gradient of its loss on the *detached* encoder
+    features ``head_m(stopgrad(h_m))``: the head's own gradient does not depend on
+    whether ``h_m`` is detached, so only the encoders' share of ``L_m`` is dropped.
+    """
+    trunk = model.encoder_parameters() + list(model.fusion_head.parameters())
+    heads = [list(h.parameters()) for h in model.heads]
+    g_trunk = torch.autograd.grad(losses[FUSION].mean(), trunk, retain_graph=True)
+    g_heads = [torch.autograd.grad(losses[m].mean(), hp, retain_graph=True)
+               for m, hp in zip(model.modalities, heads)]
+    for p, g in zip(trunk, g_trunk):
+        p.grad = g.detach().clone()
+    for hp, gs in zip(heads, g_heads):
+        for p, g in zip(hp, gs):
+            p.grad = g.detach().clone()
 
 
 def flat(ts: list[torch.Tensor]) -> torch.Tensor:

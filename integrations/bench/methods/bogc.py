@@ -74,7 +74,9 @@ class BOGC(Method):
         super().setup(model)
         from bogc_core.integrations.torch import GradientCalibrator
 
-        kw: dict[str, Any] = {"config": self.config, "samples": self.samples, "chunks": self.chunks}
+        # one sampled diagnostics step per epoch, its first, so every epoch has a point
+        kw: dict[str, Any] = {"config": self.config, "samples": self.samples, "chunks": self.chunks,
+                              "diagnostics_every": max(int(self.steps_per_epoch), 1)}
         if self.rho is not None:
             kw["rho"] = self.rho
         if self.samples in ("per_example", "microbatch"):

@@ -10,7 +10,9 @@ zero where loss ``k`` does not reach), flattened to one vector of length ``D``::
 
 solved in closed form for two losses and by Frank-Wolfe for more (started from the
 best pair's closed-form point, as the authors' solver does), on the Gram
-matrix ``M_ij = g_i . g_j``. Each Frank-Wolfe step moves towards the vertex
+matrix ``M_ij = g_i . g_j`` (float64), then solved exactly on the face Frank-Wolfe
+reached (see :func:`_polish`), so the weights are the exact min-norm point rather
+than Frank-Wolfe's ``O(1/k)`` approximation of it. Each Frank-Wolfe step moves towards the vertex
 ``t = argmin_r (M alpha)_r`` with the exact line search of the two-point
 problem::
 
@@ -56,7 +58,8 @@ def min_norm(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-8) -> torc
 
     ``gram``: ``(S, S)`` Gram matrix ``g_i . g_j``. Closed form for ``S = 2``,
     Frank-Wolfe from the best two-loss point otherwise (``max_iter`` steps or until
-    the weights move less than ``tol``). Computed in float64.
+    the weights move less than ``tol``), then the exact solve on the face it reached
+    (:func:`_polish`). Computed in float64.
     """
     M = gram.detach().to(torch.float64)
     S = M.shape[0]
@@ -88,7 +91,36 @@ def min_norm(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-8) -> torc
         alpha = new
         if moved < tol:
             break
-    return alpha
+    return _polish(M, alpha)
+
+
+def _polish(M: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Exact minimiser on the face that Frank-Wolfe found (it converges only as ``O(1/k)``).
+
+    On a support ``A`` the stationarity condition of ``min a^T M a`` subject to
+    ``sum a = 1`` is ``M_AA a_A = lambda 1``, so ``a_A = M_AA^+ 1 / (1^T M_AA^+ 1)``.
+    Where a weight comes out negative its loss leaves the support and the solve
+    is repeated. The result replaces ``alpha`` only if it is feasible and no worse.
+    """
+    best, best_cost = alpha, float(alpha @ M @ alpha)
+    support = [int(i) for i in torch.nonzero(alpha > 0).flatten()]
+    while support:
+        sub = M[support][:, support]
+        x = torch.linalg.lstsq(sub, torch.ones(len(support), 1, dtype=M.dtype)).solution[:, 0]
+        den = float(x.sum())
+        if den <= 0.0:
+            break
+        a = x / den
+        if bool((a < 0).any()):
+            support.pop(int(torch.argmin(a)))
+            continue
+        cand = torch.zeros_like(alpha)
+        cand[support] = a
+        cost = float(cand @ M @ cand)
+        if cost <= best_cost:
+            best, best_cost = cand, cost
+        break
+    return best
 
 
 class MGDA(Method):
@@ -106,8 +138,9 @@ class MGDA(Method):
             flat([g[s][i] if g[s][i] is not None else torch.zeros_like(params[i]) for i in shared_idx])
             for s in names
         ])
-        alpha = min_norm(vecs @ vecs.T).to(vecs.dtype)
-        d = unflat(alpha @ vecs, [params[i] for i in shared_idx])
+        v64 = vecs.to(torch.float64)
+        alpha = min_norm(v64 @ v64.T)
+        d = unflat((alpha @ v64).to(vecs.dtype), [params[i] for i in shared_idx])
         for i, t in zip(shared_idx, d):
             params[i].grad = t.detach().clone()
         for i, p in enumerate(params):

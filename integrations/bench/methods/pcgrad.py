@@ -1,43 +1,106 @@
 """PCGrad: gradient surgery by projecting conflicting gradients.
 
-Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020.
-Applied to each encoder's (flattened) per-source gradients ``g_1..g_S``. For
-each ``i``, start from ``g_i^PC = g_i``; for every other source ``j`` (in a
-random order) with ``g_i^PC . g_j < 0``::
+Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020,
+Algorithm 1, over *all* shared parameters. With ``g_k`` the gradient of loss
+``k`` (fusion and every unimodal loss) with respect to every encoder's
+parameters (zero where loss ``k`` does not reach), flattened to one vector of
+length ``D`` (the rows of the ``(S, D)`` Jacobian ``J``): for each ``i``, start
+from ``g_i^PC = g_i``; for every other loss ``j``, in a random order, with
+``g_i^PC . g_j < 0``::
 
     g_i^PC <- g_i^PC - (g_i^PC . g_j) / ||g_j||^2 * g_j
 
-(the projection uses the *original* ``g_j``). The update is ``sum_i g_i^PC``.
-For non-conflicting gradients it equals the plain sum.
+(the projection uses the *original* ``g_j``). The shared update is
+``sum_i g_i^PC``; for non-conflicting gradients it is the plain sum. Each
+``g_i^PC`` stays in the span of the rows, so the update is ``w @ J`` with weights
+``w`` ``(S,)`` computed from the Gram matrix ``J J^T`` alone. The random order is
+TorchJD's (``torchjd.aggregation.PCGrad``): for loss ``i``, a fresh permutation of
+all ``S`` losses, ``i`` itself skipped; drawn from the method's own generator,
+so the update equals TorchJD's on the same Jacobian when its global generator
+is seeded alike. Task-specific parameters (the heads) get their own loss's
+gradient, as in the paper (PCGrad acts on the shared parameters).
+
+``pcgrad_per_encoder`` (ablation, the earlier variant): the same surgery applied
+separately to each encoder's two gradients (fusion and its modality), which
+is not the paper's rule when gradients conflict in one encoder and agree in
+another.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from .base import EncoderRuleMethod, flat, unflat
+from .base import EncoderRuleMethod, Method, flat, source_grads, unflat
+
+
+def pcgrad_weights(gram: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Weights ``w`` ``(S,)`` with ``sum_i g_i^PC = w @ J``, from ``gram = J J^T`` ``(S, S)``.
+
+    Without ``generator`` the other losses are visited in index order. Computed in float64.
+    """
+    G = gram.detach().to(torch.float64)
+    S = G.shape[0]
+    total = torch.zeros(S, dtype=torch.float64)
+    for i in range(S):
+        order = torch.randperm(S, generator=generator).tolist() if generator is not None else range(S)
+        w = torch.zeros(S, dtype=torch.float64)
+        w[i] = 1.0
+        for j in order:
+            if j == i:
+                continue
+            dot = float(G[j] @ w)  # g_i^PC . g_j
+            if dot < 0.0 and G[j, j] > 0.0:
+                w[j] -= dot / G[j, j]
+        total += w
+    return total
 
 
 def pcgrad(grads: list[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
     """``grads``: list of S flat vectors ``(D,)``; returns ``sum_i g_i^PC`` ``(D,)``."""
-    S = len(grads)
-    out = torch.zeros_like(grads[0])
-    for i in range(S):
-        gi = grads[i].clone()
-        others = [j for j in range(S) if j != i]
-        order = torch.randperm(len(others), generator=generator).tolist() if generator is not None else range(len(others))
-        for o in order:
-            gj = grads[others[o]]
-            dot = torch.dot(gi, gj)
-            nn2 = torch.dot(gj, gj)
-            if dot < 0 and nn2 > 0:
-                gi = gi - dot / nn2 * gj
-        out = out + gi
-    return out
+    J = torch.stack(grads)
+    return (pcgrad_weights(J @ J.T, generator).to(J.dtype)) @ J
 
 
-class PCGrad(EncoderRuleMethod):
+class PCGrad(Method):
+    """``pcgrad``: Algorithm 1 on the Jacobian of all shared parameters and all losses."""
+
     name = "pcgrad"
+
+    def setup(self, model):
+        super().setup(model)
+        self.gen = torch.Generator().manual_seed(0)
+
+    def backward(self, losses, logits, y):
+        params = list(self.model.parameters())
+        shared = {id(p) for p in self.model.encoder_parameters()}
+        g = source_grads(losses, params)
+        names = list(losses)
+        shared_idx = [i for i, p in enumerate(params) if id(p) in shared]
+        J = torch.stack([
+            flat([g[s][i] if g[s][i] is not None else torch.zeros_like(params[i]) for i in shared_idx])
+            for s in names
+        ])
+        J64 = J.to(torch.float64)
+        w = pcgrad_weights(J64 @ J64.T, self.gen)
+        d = unflat((w @ J64).to(J.dtype), [params[i] for i in shared_idx])
+        new: dict[int, torch.Tensor | None] = dict(zip(shared_idx, d))
+        for i, p in enumerate(params):
+            if id(p) not in shared:
+                reach = [g[s][i] for s in names if g[s][i] is not None]
+                new[i] = sum(reach) if reach else None
+        for i, p in enumerate(params):
+            t = new[i]
+            p.grad = None if t is None else t.detach().clone()
+        diag: dict[str, Any] = {f"pcgrad_w/{s}": float(x) for s, x in zip(names, w)}
+        return diag
+
+
+class PCGradPerEncoder(EncoderRuleMethod):
+    """``pcgrad_per_encoder`` (ablation): the surgery per encoder, on its two gradients."""
+
+    name = "pcgrad_per_encoder"
 
     def setup(self, model):
         super().setup(model)

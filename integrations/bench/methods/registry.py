@@ -2,7 +2,8 @@
 
 - ``MAIN_METHODS`` run in every setting and every docs table.
 - ``ABLATIONS``: BOGC with one stage changed, and the earlier (unfaithful)
-  variants of two baselines, kept only as labelled ablations.
+  variants of three baselines (PCGrad and MGDA per encoder, OGM-GE with the
+  unimodal gradients or dominant-only noise), kept only as labelled ablations.
 - ``SEARCH``: the pre-registered variants of BOGC's free choices, compared
   with ``bogc`` on the validation split only (``bogc bench --search``).
 
@@ -13,6 +14,7 @@ the pre-registered search instead).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +23,11 @@ from bogc_core.errors import ConfigError
 
 from .base import Method
 from .bogc import BOGC, INVERSE_VARIANCE
+from .fusion_only import FusionOnly
 from .mgda import MGDA, MGDAPerEncoder
 from .mmpareto import MMPareto
-from .ogm_ge import OGMGE, OGMGEDominantNoise
-from .pcgrad import PCGrad
+from .ogm_ge import OGMGE, OGMGEDominantNoise, OGMGEUnimodal
+from .pcgrad import PCGrad, PCGradPerEncoder
 from .summed import Sum, Uniform
 
 
@@ -37,6 +40,7 @@ def _bogc(name: str, samples: str = "microbatch", rho: float | None = None,
 
 METHODS: dict[str, Callable[[], Method]] = {
     "sum": Sum,
+    "fusion_only": FusionOnly,
     "bogc": _bogc("bogc"),
     "bogc_normmatched": _bogc("bogc_normmatched", norm_match=True),
     "pcgrad": PCGrad,
@@ -52,7 +56,9 @@ METHODS: dict[str, Callable[[], Method]] = {
     "bogc_per_example": _bogc("bogc_per_example", samples="per_example"),
     "bogc_laplace": _bogc("bogc_laplace", samples="laplace"),
     "bogc_steps": _bogc("bogc_steps", samples="steps", rho=0.9),
+    "pcgrad_per_encoder": PCGradPerEncoder,
     "mgda_per_encoder": MGDAPerEncoder,
+    "ogm_ge_unimodal": OGMGEUnimodal,
     "ogm_ge_dominant_noise": OGMGEDominantNoise,
     "bogc_scope_global": _bogc("bogc_scope_global", scope="global"),
     "bogc_rho0.5": _bogc("bogc_rho0.5", rho=0.5),
@@ -62,12 +68,17 @@ METHODS: dict[str, Callable[[], Method]] = {
     "bogc_smax2": _bogc("bogc_smax2", s_max=2.0),
 }
 
-MAIN_METHODS = ["sum", "bogc", "bogc_normmatched", "pcgrad", "mgda", "mmpareto", "ogm_ge"]
+MAIN_METHODS = ["sum", "fusion_only", "bogc", "bogc_normmatched", "pcgrad", "mgda", "mmpareto",
+                "ogm_ge"]
 ABLATIONS = ["bogc_w_uniform", "bogc_w_dempster", "bogc_scale_none", "bogc_per_example",
-             "bogc_laplace", "bogc_steps", "bogc_scope_global", "bogc_rho0.5", "mgda_per_encoder", "ogm_ge_dominant_noise",
+             "bogc_laplace", "bogc_steps", "bogc_scope_global", "bogc_rho0.5",
+             "pcgrad_per_encoder", "mgda_per_encoder", "ogm_ge_unimodal", "ogm_ge_dominant_noise",
              "uniform", "inverse_variance"]
 SEARCH = ["bogc", "bogc_ev_precision", "bogc_gamma_anneal", "bogc_smax2"]
 QUICK_METHODS = ["sum", "bogc", "pcgrad"]
+
+#: the group names ``--methods`` accepts besides method names
+GROUPS = ("main", "ablations", "search", "all")
 
 #: the validation grid of every method, in increasing order: ties (equal mean
 #: validation accuracy) go to the first point, the smaller learning rate
@@ -82,8 +93,10 @@ def build(name: str) -> Method:
     try:
         return METHODS[name]()
     except KeyError:
-        raise ConfigError(f"methods: unknown method {name!r}; choose from {sorted(METHODS)}, "
-                          f"'main', 'ablations', 'search' or 'all'") from None
+        close = difflib.get_close_matches(name, [*METHODS, *GROUPS], n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ConfigError(f"--methods: unknown method {name!r}; {hint}choose from "
+                          f"{sorted(METHODS)}, 'main', 'ablations', 'search' or 'all'") from None
 
 
 def expand(spec: str | None) -> list[str]:

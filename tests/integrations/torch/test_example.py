@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -20,11 +22,19 @@ def load():
 
 
 def test_example_trains_with_microbatch(capsys):
-    acc = load().main(["--samples", "microbatch", "--epochs", "1"])
+    acc = load().main(["--samples", "microbatch", "--epochs", "2"])
     out = capsys.readouterr().out
     assert "epoch 0: test accuracy" in out
-    # 4 classes, so chance is 0.25; one epoch of the informative modality gets far above it.
+    # 4 classes, so chance is 0.25; the informative modality gets far above it.
     assert acc > 0.8
+    # each epoch prints the mean over its own 24 steps (1536 rows / 64), so the two differ
+    weights = re.findall(r"over the epoch's 24 calibrated steps (\{.*\})", out)
+    assert len(weights) == 2
+    first, second = (ast.literal_eval(w) for w in weights)
+    assert set(first) == {"fusion", "a", "b"} and first != second
+    # each calibrated dimension's weights sum to 1, and the summary is a numel-weighted mean over
+    # the calibrated tensors (0 for a source that does not reach one); 3 rounded decimals each
+    assert sum(first.values()) == pytest.approx(1.0, abs=2e-3)
 
 
 @pytest.mark.parametrize("samples", ["per_example", "steps", "laplace"])
