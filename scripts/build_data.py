@@ -7,7 +7,7 @@ Run once, by a maintainer, after checking the source files' sha256 sums::
 ``RAW_DATA_DIR`` holds the downloads in folders ``uci_mfeat_handwritten/``,
 ``fsdd/`` and ``mnist_t10k/`` (see ``integrations/data/README.md``).
 
-Writes two compressed ``.npz`` files in the user-data format of API.md
+Writes three compressed ``.npz`` files in the user-data format of API.md
 (``y``, ``x_<modality>``, boolean ``test_mask``):
 
 ``mfeat.npz``
@@ -23,6 +23,15 @@ Writes two compressed ``.npz`` files in the user-data format of API.md
     MNIST pool 0-4999 for training pairs and 5000-9999 for test pairs, each
     clip given a distinct image of its digit drawn without replacement with
     ``numpy.random.default_rng(20261129)``.
+``av-mnist.npz``
+    The ``av-digits`` rows and pairs made hard the AV-MNIST way (Vielzeuf et
+    al. 2018, MultiBench): ``image``: the 14x14 images with the leading
+    principal components carrying ``PCA_REMOVED`` (75 %) of the training
+    images' variance projected out (PCA fitted on the training rows only),
+    rounded, int16; ``audio``: each clip plus white noise at ``SNR_DB``
+    (-10 dB) drawn with ``numpy.random.default_rng(NOISE_SEED)`` in row order,
+    then the same log-mel features, float16. ``pca_components`` and
+    ``pca_removed`` record k and the variance share removed.
 
 The package never reads the raw downloads at run time; only this script does.
 """
