@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from bogc_core._fusion import belief_bound as _belief_bound
 from bogc_core._types import CalibrationConfig, Decline
 from bogc_core._weights import gauss_legendre01
 
@@ -149,8 +150,13 @@ class NumpyShim(Shim):
 
     def total(self, x: Any) -> Any:
         # Pairwise summation in the block's own dtype is accurate to a few
-        # ulps of the sum; a float64 cast would cost more than the sum.
-        return float(np.add.reduce(x, axis=None))
+        # ulps of the sum; a float64 cast would cost more than the sum. It is
+        # taken only where the float32 sum overflows (float32 M2 ~ 1e33 over
+        # 1e5 dimensions), so the result does not depend on numba's presence.
+        t = float(np.add.reduce(x, axis=None))
+        if math.isfinite(t) or x.dtype == np.float64:
+            return t
+        return float(np.add.reduce(x, axis=None, dtype=np.float64))
 
     def count_true(self, mask: Any) -> Any:
         return float(np.count_nonzero(mask))
@@ -547,15 +553,6 @@ def _run_blocks(n: int, threads: int, make_acc: Any, body: Any) -> list[Any]:
     for f in [pool.submit(run, k) for k in range(len(parts))]:
         f.result()
     return accs
-
-
-def _belief_bound(e: float, W: float, S: int) -> float:
-    """Fused belief ``B = 1 - (1 + e/W)^-S`` when every source has evidence ``e``."""
-    x = e / W
-    if x == math.inf:
-        return 1.0
-    q = math.expm1(S * math.log1p(x)) if S * math.log1p(x) < 700 else math.inf
-    return 1.0 if q == math.inf else q / (1.0 + q)
 
 
 def _power(xp: Any, r: Any, p: float) -> Any:

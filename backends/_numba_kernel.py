@@ -40,10 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from bogc_core._fusion import belief_bound as _belief_bound
 from bogc_core._types import CalibrationConfig
 from bogc_core.errors import ConfigError
-
-from ._gradient import _belief_bound
 
 __all__ = ["AVAILABLE", "ENABLED", "gradient", "set_threads", "get_threads"]
 

@@ -22,6 +22,9 @@ D. One ``ElementwiseKernel`` turns ``B`` into ``s = B/mean(B)`` (clipped at
 Recomputing ``l`` in C costs arithmetic, which a GPU has to spare, instead of
 an ``(S, D)`` write and read.
 
+The kernel sources are in :mod:`._cuda_kernels` (importable without CuPy),
+which the ``nvcc`` and ``cuda_host`` tests compile and run without a GPU.
+
 ``calibrate_gradient`` runs the gradient engine of :mod:`._gradient` on CuPy
 arrays, one block per call (whole-array kernels; segment sums by
 ``cupyx.scatter_add``). Not yet run on a GPU: ``benchmarks/gpu_check.sh``
@@ -42,157 +45,43 @@ import numpy as np
 
 from bogc_core._types import Calibration, CalibrationConfig, Decline
 
+from . import _cuda_kernels as cuda
 from ._adapter import Adapter
-from ._gradient import FEW_SAMPLES, Shim, gauss_legendre01
+from ._gradient import FEW_SAMPLES, Shim
 
 __all__ = ["NAME", "accepts", "calibrate", "calibrate_gradient", "CupyShim"]
 
 NAME = "cupy-fused"
 
-_PREAMBLE = r"""
-__device__ __forceinline__ float bogc_neginf(float) { return __int_as_float(0xff800000); }
-__device__ __forceinline__ double bogc_neginf(double) {
-    return __longlong_as_double(0xfff0000000000000ULL);
-}
 
-// Posterior mean mu and log score l of one (source, dimension): docs/method.md
-// Stages 1-2 exactly as bogc_core.posterior / bogc_core.evidence compute them.
-template <typename T>
-__device__ __forceinline__ void bogc_score(
-    T n, T m, T m2, T beta0, T alpha0, T kappa0, T mu0, T tiny, int snr, T& mu, T& l) {
-    T kappa = kappa0 + n;
-    T alpha = alpha0 + (T)0.5 * n;
-    T beta;
-    if (kappa0 == (T)0) {
-        mu = m;
-        beta = beta0 + (T)0.5 * m2;
-    } else {
-        T d = m - mu0;
-        mu = (kappa0 * mu0 + n * m) / kappa;
-        beta = beta0 + (T)0.5 * m2 + (kappa0 * n / ((T)2 * kappa)) * (d * d);
-    }
-    l = log(max(alpha, tiny)) + log(max(kappa, tiny)) - log(max(beta, tiny));
-    if (snr) {
-        T a = fabs(mu);
-        l = (a == (T)0) ? bogc_neginf(a) : l + (T)2 * log(a);
-    }
-}
+def _reduction(k: cuda.Reduction) -> cp.ReductionKernel:
+    return cp.ReductionKernel(
+        k.in_params,
+        k.out_params,
+        k.map_expr,
+        k.reduce_expr,
+        k.post_map_expr,
+        k.identity,
+        k.name,
+        preamble=k.preamble,
+    )
 
-template <typename T>
-__device__ __forceinline__ double bogc_finite_score(
-    T n, T m, T m2, T beta0, T alpha0, T kappa0, T mu0, T tiny, int snr) {
-    T mu, l;
-    bogc_score(n, m, m2, beta0, alpha0, kappa0, mu0, tiny, snr, mu, l);
-    return isfinite(l) ? (double)l : 0.0;
-}
 
-template <typename T>
-__device__ __forceinline__ double bogc_finite_count(
-    T n, T m, T m2, T beta0, T alpha0, T kappa0, T mu0, T tiny, int snr) {
-    T mu, l;
-    bogc_score(n, m, m2, beta0, alpha0, kappa0, mu0, tiny, snr, mu, l);
-    return isfinite(l) ? 1.0 : 0.0;
-}
-"""
+def _elementwise(k: cuda.Elementwise) -> cp.ElementwiseKernel:
+    return cp.ElementwiseKernel(k.in_params, k.out_params, k.operation, k.name, preamble=k.preamble)
 
-_SCORE_ARGS = "T n, T m, T m2, T beta0, T alpha0, T kappa0, T mu0, T tiny, int32 snr"
-_score_sum = cp.ReductionKernel(
-    _SCORE_ARGS,
-    "float64 out",
-    "bogc_finite_score(n, m, m2, beta0, alpha0, kappa0, mu0, tiny, snr)",
-    "a + b",
-    "out = a",
-    "0",
-    "bogc_score_sum",
-    preamble=_PREAMBLE,
-)
-_score_count = cp.ReductionKernel(
-    _SCORE_ARGS,
-    "float64 out",
-    "bogc_finite_count(n, m, m2, beta0, alpha0, kappa0, mu0, tiny, snr)",
-    "a + b",
-    "out = a",
-    "0",
-    "bogc_score_count",
-    preamble=_PREAMBLE,
-)
-# Empirical Bayes with per-dimension counts: sum of M2/n and number of terms over n >= 2.
-_eb_sum = cp.ReductionKernel(
-    "T n, T m2",
-    "float64 out",
-    "n >= (T)2 ? (double)m2 / (double)n : 0.0",
-    "a + b",
-    "out = a",
-    "0",
-    "bogc_eb_sum",
-)
-_eb_count = cp.ReductionKernel(
-    "T n",
-    "float64 out",
-    "n >= (T)2 ? 1.0 : 0.0",
-    "a + b",
-    "out = a",
-    "0",
-    "bogc_eb_count",
-)
-_scale = cp.ElementwiseKernel(
-    "T mean_b, T s_max, int32 clip_s",
-    "T s, T g",
-    "T v = s / mean_b; if (clip_s) v = min(v, s_max); s = v; g = v * g;",
-    "bogc_belief_scale",
-)
+
+_score_sum = _reduction(cuda.SCORE_SUM)
+_score_count = _reduction(cuda.SCORE_COUNT)
+_eb_sum = _reduction(cuda.EB_SUM)
+_eb_count = _reduction(cuda.EB_COUNT)
+_scale = _elementwise(cuda.SCALE)
 
 
 @functools.lru_cache(maxsize=64)
 def _fuse_kernel(S: int, weights: str) -> cp.ElementwiseKernel:
-    """Stage 2-5 kernel for ``S`` sources: writes ``e_k, w_k, U, B`` and ``S * sum_k w_k lam_k mu_k``."""
-    ins = ", ".join(f"T n{k}, T m{k}, T v{k}, T b0{k}, T lam{k}" for k in range(S))
-    ins += ", T ref, T gamma, T L, T W, T alpha0, T kappa0, T mu0, T tiny, int32 snr, int32 flat"
-    outs = ", ".join(
-        [f"T e{k}" for k in range(S)] + [f"T w{k}" for k in range(S)] + ["T U, T B, T G"]
-    )
-    body = [f"T ev[{S}]; T mu[{S}]; T l;"]
-    for k in range(S):
-        body.append(
-            f"bogc_score(n{k}, m{k}, v{k}, b0{k}, alpha0, kappa0, mu0, tiny, snr, mu[{k}], l);"
-            # gamma = 0 (and the zero-variance fallback) give e = 1 even where l = -inf.
-            f"{{ T z = (flat || gamma == (T)0) ? (T)0 : gamma * (l - ref);"
-            f"   ev[{k}] = exp(min(max(z, -L), L)); e{k} = ev[{k}]; }}"
-        )
-    body.append("T log_u = (T)0;")
-    for k in range(S):
-        body.append(f"log_u -= log1p(ev[{k}] / W);")
-    body.append("T Bv = -expm1(log_u); U = exp(log_u); B = Bv;")
-    body.append(f"T w[{S}];")
-    if weights == "evidence":
-        body.append("T tot = ev[0];" + "".join(f"tot = tot + ev[{k}];" for k in range(1, S)))
-        body += [f"w[{k}] = ev[{k}] / tot;" for k in range(S)]
-    elif weights == "uniform":
-        body += [f"w[{k}] = (T)1 / (T){S};" for k in range(S)]
-    elif S == 1:
-        body.append("w[0] = (T)1;")
-    else:  # dempster: bogc_core.weights._dempster, Gauss-Legendre exact for degree S - 1
-        nodes, gws = gauss_legendre01((S + 1) // 2)
-        body.append(f"T bb[{S}], uu[{S}], sh[{S}], f[{S}];")
-        for k in range(S):
-            body.append(
-                f"bb[{k}] = ev[{k}] / (ev[{k}] + W); uu[{k}] = W / (ev[{k}] + W); sh[{k}] = (T)0;"
-            )
-        for t, gw in zip(nodes, gws, strict=False):
-            body.append("{ T P = (T)1;")
-            for k in range(S):
-                body.append(f"f[{k}] = uu[{k}] + bb[{k}] * (T){t!r}; P = P * f[{k}];")
-            for k in range(S):
-                body.append(f"sh[{k}] = sh[{k}] + (T){gw!r} * (P / f[{k}]);")
-            body.append("}")
-        body += [f"w[{k}] = bb[{k}] * sh[{k}] / Bv;" for k in range(S)]
-    body += [f"w{k} = w[{k}];" for k in range(S)]
-    body.append("T acc = w[0] * lam0 * mu[0];")
-    body += [f"acc = acc + w[{k}] * lam{k} * mu[{k}];" for k in range(1, S)]
-    body.append(f"G = (T){S} * acc;")
-    return cp.ElementwiseKernel(
-        ins, outs, "\n".join(body), f"bogc_fuse_{S}_{weights}", preamble=_PREAMBLE
-    )
+    """Stage 2-5 kernel for ``S`` sources (:func:`._cuda_kernels.fuse`)."""
+    return _elementwise(cuda.fuse(S, weights))
 
 
 def _full(

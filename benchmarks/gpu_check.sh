@@ -5,8 +5,11 @@
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
 #
 # 1. installs CuPy if it is missing (keeps the installed torch);
-# 2. runs the CUDA equivalence tests of tests/backends (torch-CUDA and CuPy,
-#    full result and calibrate_gradient); -rs lists any skip reason;
+# 2. runs the whole CUDA and CuPy suite: every test whose id names cuda or
+#    cupy (torch-CUDA and CuPy fast paths, full result and calibrate_gradient;
+#    the core on the CuPy namespace) and the kernel checks without a GPU
+#    (markers nvcc and cuda_host: the same kernels compiled for sm_80/sm_90
+#    and run on the CPU); -rs lists any skip reason;
 # 3. runs the kernel benchmark on the GPU: calibrate_gradient of torch-fused
 #    and cupy-fused against the floor (one torch.sum over the stacked (2S, D)
 #    statistics) and the device copy bandwidth; the fraction of the copy
@@ -34,8 +37,10 @@ fi
 echo "== project importable"
 "$PY" -c "import bogc_core" 2>/dev/null || timeout 120 "$PY" -m pip install --quiet --no-deps -e .
 
-echo "== GPU equivalence tests (torch-CUDA and CuPy)"
-timeout 150 "$PY" -m pytest tests/backends -q -rs -k "cuda" -p no:cacheprovider || echo "GPU tests failed (see above)"
+echo "== CUDA and CuPy tests, and the kernel checks (nvcc, cuda_host)"
+command -v nvcc g++ || echo "nvcc or g++ missing: the nvcc / cuda_host checks will skip"
+timeout 300 "$PY" -m pytest tests -q -rs -p no:cacheprovider -k "cuda or cupy" \
+  || echo "CUDA/CuPy tests failed (see above)"
 
 echo "== GPU kernel benchmark (float32; D = 1e4 .. 1e8, S = 2 .. 16)"
 timeout 240 "$PY" benchmarks/kernel.py --device cuda --quick --big \

@@ -15,6 +15,7 @@ the plain weighted sum of losses.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -50,6 +51,18 @@ def _finished(space: Space, g: Array, check_values: bool) -> None:
         )
 
 
+def _empty(names: Sequence[str], shape: tuple[int, ...], space: Space,
+           config: CalibrationConfig, flags: Mapping[str, Any]) -> Calibration:
+    """The calibration of statistics with no elements: empty arrays of the output shapes
+    (the fast paths decline such an input, visibly, and the reference has nothing to do)."""
+    S = len(names)
+    e = space.full((S,) + shape, 1.0)
+    g = space.full(shape, 0.0)
+    all_flags: dict[str, Any] = {"path": "reference", "zero_variance_sources": []}
+    all_flags.update(flags)
+    return Calibration(g, e, g, g, e, list(names), config.prior_weight, all_flags)
+
+
 def _cast_calibration(cal: Calibration, dtype: Any) -> Calibration:
     xp = resolve(cal.gradient).xp
     return Calibration(
@@ -81,7 +94,9 @@ def calibrate(
     belief-scale mean are taken over all its dimensions (see
     :func:`calibrate_tensors` for several tensors). Returns a
     :class:`Calibration` in the input's namespace and dtype (float16 and
-    bfloat16 are computed in float32).
+    bfloat16 are computed in float32). Statistics with no elements (``D = 0``)
+    give a :class:`Calibration` of empty arrays: there is nothing to
+    calibrate, so no empirical-Bayes prior is needed either.
 
     ``check_values=False`` skips the scans of every statistic for NaN, inf and
     negative values and of the result for overflow (shapes, namespaces and
@@ -94,14 +109,16 @@ def calibrate(
         stats_per_source, source_weights, check_values
     )
     check_ranges(space, len(stats), lambdas, config)
-    fp = _dispatch.choose(space, stats[0].mean, config)
     flags: dict[str, Any] = {}
     cal: Calibration | None = None
+    fp = _dispatch.choose(space, stats[0].mean, config)
     if fp is not None:
         try:
             cal = fp.calibrate(space, names, stats, lambdas, config)
         except Decline as d:
             flags["fallback"] = f"{fp.name}: {d.reason}"
+    if cal is None and math.prod(stats[0].shape) == 0:
+        cal = _empty(names, stats[0].shape, space, config, flags)
     if cal is None:
         cal = reference_calibrate(names, stats, lambdas, space, config, flags)
     _finished(space, cal.gradient, check_values)
@@ -245,8 +262,11 @@ def calibrate_gradient(
     result equals calibrating each segment on its own and concatenating. This
     is how a whole model is calibrated in one call with ``scope="tensor"``.
 
-    ``out``: an array of the result's shape, namespace, dtype and device that
-    receives the gradient (returned); ``None`` allocates.
+    ``out``: a writable array of the result's shape, namespace, dtype and
+    device that receives the gradient (returned); ``None`` allocates.
+
+    Statistics with no elements (``D = 0``, a zero-size parameter) give an
+    empty result (as :func:`calibrate` does), whatever the prior.
 
     ``diagnostics``: ``None`` (no diagnostics, no extra pass), or a dict that
     is filled with scalar diagnostics (``path``, ``fallback`` when a fast path
@@ -278,11 +298,18 @@ def calibrate_gradient(
         if out.dtype != in_dtype:
             raise DTypeError(f"out: dtype {out.dtype} differs from the statistics' {in_dtype}")
         check_same_shape(tuple(out.shape), shape, "out")
+        if not getattr(getattr(out, "flags", None), "writeable", True):
+            # A read-only NumPy array (np.broadcast_to, a memory map opened "r", ...):
+            # it is the caller's buffer, so it is refused rather than copied.
+            raise ConfigError(
+                "out: the array is read-only (out.flags.writeable is False); pass a writable "
+                "array, or out=None and use the returned array"
+            )
     if diagnostics is not None and not isinstance(diagnostics, dict):
         raise ConfigError(f"diagnostics: must be None or a dict, got {type(diagnostics).__name__}")
-    fp = _dispatch.choose(space, stats[0].mean, config)
     info: dict[str, Any] = {}
     g: Array | None = None
+    fp = _dispatch.choose(space, stats[0].mean, config)
     direct_out = out is not None and in_dtype == space.dtype
     if fp is not None:
         try:
@@ -304,6 +331,9 @@ def calibrate_gradient(
         except Decline as d:
             info = {"fallback": f"{fp.name}: {d.reason}"}
             g = None
+    if g is None and math.prod(shape) == 0:
+        g = space.full(shape, 0.0)  # nothing to calibrate (see calibrate)
+        info.update(path="reference", zero_variance_sources=[])
     if g is None:
         parts, zero_var = [], []
         for a, b in bounds or [(0, 0)]:

@@ -134,6 +134,15 @@ def combine(opinions: Sequence[Opinion], tol: float | None = None) -> tuple[Opin
     return fused, 1.0 - keep
 
 
+def belief_bound(e: float, W: float, S: int) -> float:
+    """Scalar fused belief ``B = 1 - (1 + e/W)^-S`` when every source has evidence ``e``."""
+    x = e / W
+    if x == math.inf:
+        return 1.0
+    q = math.expm1(S * math.log1p(x)) if S * math.log1p(x) < 700 else math.inf
+    return 1.0 if q == math.inf else q / (1.0 + q)
+
+
 def fuse_beliefs(e: Array, prior_weight: float = 1.0) -> tuple[Array, Array]:
     """K = 1 fusion of stacked evidence ``e[S, *shape]`` (no checks): ``(B, U)``.
 

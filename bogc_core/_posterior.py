@@ -14,6 +14,7 @@ location ``mu_n`` and squared scale ``beta_n / (alpha_n * kappa_n)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ._namespace import resolve
@@ -65,9 +66,13 @@ def empirical_beta0(stats: GradientStats, alpha0: float) -> Array:
     """``alpha0 * vbar``, ``vbar = mean_d(M2/n)`` over dimensions with ``n >= 2`` (0-d array).
 
     Raises :class:`InsufficientSamplesError` when no dimension has two samples.
+    Statistics with no dimensions (``D = 0``) give 0: there is nothing to
+    calibrate, and the result is empty whatever ``beta0`` is.
     """
     space = stats.space
     xp = space.xp
+    if math.prod(stats.shape) == 0:
+        return space.asarray(0.0)
     valid = xp.astype(stats.count >= 2, space.dtype)
     valid = valid * xp.ones(stats.shape, dtype=space.dtype, device=space.device)
     n_valid = xp.sum(valid)
@@ -78,7 +83,12 @@ def empirical_beta0(stats: GradientStats, alpha0: float) -> Array:
             "'microbatch'), accumulate statistics across steps (samples='steps'), or give "
             "NormalGammaPrior(beta0=...) explicitly"
         )
-    vbar = xp.sum(stats.variance * valid) / n_valid
+    v = stats.variance * valid
+    vbar = xp.sum(v) / n_valid
+    if not bool(xp.isfinite(vbar)):
+        # The sum over D overflows the dtype although every term is finite
+        # (float32 M2 ~ 1e33 over 1e5 dimensions): average terms scaled first.
+        vbar = xp.sum(v / n_valid)
     return alpha0 * vbar
 
 

@@ -16,7 +16,10 @@ steps are done without Python branches:
   ``jnp.where`` rather than an ``if``.
 
 Checks that need values (finite inputs) run only on concrete arrays, that is
-outside ``jit``; inside ``jit`` a NaN gradient gives a NaN update.
+outside ``jit``; inside ``jit`` a NaN gradient gives a NaN update. The core's
+range checks of the options (``gamma``, ``clip``, ``prior_weight`` and the
+fixed source weights against the leaves' dtype) need no values and run in
+both cases.
 
 Example::
 
@@ -39,7 +42,8 @@ import jax.numpy as jnp
 
 from bogc_core import CalibrationConfig, GradientStats, Posterior, posterior
 from bogc_core._calibration import calibrated_update
-from bogc_core._inputs import resolve_source_weights
+from bogc_core._inputs import _work_space, check_ranges, resolve_source_weights
+from bogc_core._namespace import Space
 from bogc_core.errors import (
     ConfigError,
     DTypeError,
@@ -232,6 +236,10 @@ def calibrate_pytrees(
         )
     names, stats, counts, treedef = _leaf_stats(grads)
     lam = resolve_source_weights(names, source_weights)
+    # The core's range checks (gamma, clip, prior_weight, source weights against the
+    # dtype), from the static dtype: they need no values, so they hold under jit too.
+    for dtype in sorted({str(st.mean.dtype) for row in stats for st in row}):
+        check_ranges(_work_space(Space(jnp, jnp.dtype(dtype), None)), len(names), lam, config)
     if config.prior.beta0 is None:
         for name, row_n in zip(names, counts, strict=True):
             for i, n in enumerate(row_n):

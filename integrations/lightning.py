@@ -215,8 +215,18 @@ def calibrated_backward(
 
     ``losses`` maps a source name to its per-example losses ``(batch,)``
     (``reduction="none"``; a scalar with ``samples="steps"``). Sets ``p.grad``
-    of the calibrated parameters and returns the diagnostics.
+    of the calibrated parameters and returns the diagnostics. Refused in a
+    module with automatic optimisation, as ``manual_backward`` is: there
+    Lightning would step on the gradient of the returned total instead (or,
+    when ``training_step`` returns ``None``, never step at all).
     """
+    if getattr(module, "automatic_optimization", False):
+        raise ConfigError(
+            "module: calibrated_backward needs manual optimisation; set "
+            "self.automatic_optimization = False in the module's __init__ (as "
+            "manual_backward does), or keep automatic optimisation, inherit BOGCModule and "
+            "return self.bogc_loss(losses) from training_step"
+        )
     return find_callback(module).backward(module.trainer, losses)
 
 

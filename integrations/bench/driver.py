@@ -3,10 +3,13 @@
 Usage::
 
     bogc bench [--quick] [--dataset NAME_OR_PATH] [--methods LIST] [--seeds N]
-               [--epochs N] [--setting {standard,missing,fewshot,noisy}] [--out DIR]
+               [--epochs N] [--setting {standard,missing,fewshot,noisy,zeroshot}]
+               [--model {mlp,transformer}] [--out DIR]
 
-Every method's learning rate is chosen on the validation split first (same
-grid for every method, ``--tune-seeds`` seeds; ``--no-tune`` skips it), then
+Every method's learning rate is chosen on the validation split first, the
+same way for every method (base grid 0.003 to 1.0 in half-decade steps, two
+points beyond its edges toward the best one, successive halving over
+``--tune-seeds`` seeds; ``--no-tune`` skips it), then
 each method is trained on ``--seeds`` seeds with early stopping on validation
 (``--max-epochs``, ``--patience``) and evaluated at the best validation epoch
 and after the fixed budget of ``--epochs`` epochs. ``--all`` runs every
@@ -32,21 +35,25 @@ from typing import Any
 
 from bogc_core.errors import BOGCError, ConfigError
 
-SETTING_CHOICES = ("standard", "missing", "fewshot", "noisy")
+SETTING_CHOICES = ("standard", "missing", "fewshot", "noisy", "zeroshot")
 #: the folders of ``--all``: (setting, shots)
 ALL_JOBS = {"standard": ("standard", None), "missing": ("missing", None), "fewshot-5": ("fewshot", 5),
-            "noisy": ("noisy", None), "fewshot-10": ("fewshot", 10)}
+            "noisy": ("noisy", None), "fewshot-10": ("fewshot", 10),
+            "zeroshot": ("zeroshot", None)}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bogc bench",
         description="Train one multi-modal model per method (BOGC and baselines), each with its "
-        "learning rate chosen on validation, and compare them paired by seed and test example.",
+        "learning rate chosen on validation, and compare them with the sum of losses paired by "
+        "seed: the mean difference, its 95%% t interval, a mark (level: the interval covers 0; "
+        "*: significant after Holm's correction; ~: not after it) and the minimum detectable "
+        "effect at 80%% power.",
     )
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: methods sum,bogc,pcgrad, 2 seeds, 1 tuning seed, at most 3 "
-                   "epochs, 512 training rows (about a minute)")
+                   help="smoke run: methods sum,bogc,pcgrad, 2 seeds, 1 tuning seed (8 learning "
+                   "rates), at most 3 epochs, 512 training rows (under a minute)")
     p.add_argument("--dataset", default="av-mnist",
                    help="shipped data set ('av-mnist', 'av-digits', 'mfeat') or a .npz path with y, "
                    "x_<modality> and optional test_mask (default av-mnist; with --all or --search a "
@@ -67,7 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", choices=SETTING_CHOICES, default="standard",
                    help="standard; missing (one modality removed at test time, three rules); "
                    "fewshot (--shots labelled rows per class); noisy (Gaussian noise of --noise-std "
-                   "on --noise-modality) (default standard)")
+                   "on --noise-modality); zeroshot (train on the seen classes, retrieve unseen-class "
+                   "rows across modalities; needs 4 or more classes) (default standard)")
+    p.add_argument("--model", choices=("mlp", "transformer"), default="mlp",
+                   help="mlp: one MLP encoder per modality and late fusion; transformer: a 2-layer "
+                   "fusion transformer over every modality's tokens, each parameter shared by "
+                   "every loss (default mlp)")
     p.add_argument("--out", default="bogc-bench",
                    help="output folder (default ./bogc-bench); every file the run will write is "
                    "checked before any training, and a folder holding an earlier run's files is "
@@ -76,14 +88,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace the files of an earlier run in --out (other files there are "
                    "left alone)")
     p.add_argument("--no-tune", action="store_true",
-                   help="skip the validation search and use learning rate 0.03 for every method")
+                   help="skip the validation search and use learning rate 0.03 for every method "
+                   "(no tuning record; the protocol entry says so)")
     p.add_argument("--tune", action="store_true",
                    help="kept for compatibility: tuning on validation is the default")
     p.add_argument("--reuse-tuning", default=None, metavar="DIR",
                    help="take the validation choices from DIR/<dataset>/standard/results.json of an "
                    "earlier --all run instead of tuning again (the record is copied along)")
     p.add_argument("--tune-seeds", type=int, default=None,
-                   help="seeds per grid point on validation, >= 1 (default 3; quick 1)")
+                   help="seeds of the learning-rate search on validation, >= 1 (default 3; quick "
+                   "1): every point of the grid 0.003-1.0 (half-decade steps) and 2 points beyond "
+                   "its edges train on the first seed, then half of the points alive on each "
+                   "further seed (successive halving; 14 runs per method with 3 seeds)")
     p.add_argument("--shots", type=int, default=5, help="labelled examples per class in fewshot (default 5)")
     p.add_argument("--noise-std", type=float, default=2.0,
                    help="standard deviation of the noise, in standardised units, in noisy (default 2)")
@@ -213,20 +229,56 @@ def reused_tuning(root: Path, dataset: str, names: list[str]) -> dict[str, Any]:
 
 def tune_methods(data, names: list[str], cfg, tune_seeds: list[int], max_train: int | None,
                  disable: bool) -> dict[str, Any]:
-    """Validation search of :data:`registry.GRID` for every method, in the standard setting."""
+    """Every method's learning rate chosen on validation (:func:`.protocol.tune_lr` over
+    :data:`registry.LR_GRID` and its extensions), in the standard setting."""
     from .methods import registry
-    from .protocol import grid_points, tune
+    from .protocol import tune_lr, tuning_budget
     from .settings import make_split
 
     split = make_split(data, "standard", max_train=max_train)
     records: dict[str, Any] = {}
-    total = len(names) * len(grid_points(registry.GRID))
-    with _progress(total, f"tune {data.name}", disable) as bar:
+    per_method = tuning_budget(len(registry.LR_GRID), registry.LR_EXTENSIONS, len(tune_seeds))
+    with _progress(len(names) * per_method, f"tune {data.name}", disable) as bar:
         for n in names:
             bar.set_postfix_str(n)
-            records[n] = tune(split, registry.build(n), cfg, registry.GRID, tune_seeds,
-                              on_point=lambda: bar.update(1))
+            records[n] = tune_lr(split, registry.build(n), cfg, tune_seeds, registry.lr_at,
+                                 registry.LR_BASE, registry.LR_EXTENSIONS,
+                                 on_run=lambda: bar.update(1))
     return records
+
+
+def protocol_record(tuning: dict[str, Any], no_tune: bool) -> dict[str, Any]:
+    """The ``protocol`` entry of ``results.json``: how the choices were made, the budget, and
+    how many choices are interior to the grid tried."""
+    from .methods import registry
+    from .protocol import SELECTIONS
+
+    interior = [(n, sel, bool(r["interior"][sel])) for n, r in tuning.items()
+                if "interior" in r for sel in SELECTIONS]
+    return {
+        "grid": f"learning rate on the ladder 1, 3 x 10^k (half-decade steps); base grid "
+                f"{registry.LR_GRID} ({registry.LR_GRID[-1] / registry.LR_GRID[0]:.0f}x), "
+                f"plus {registry.LR_EXTENSIONS} points beyond its edges, the same rule for "
+                f"every method (see 'extensions' per method under 'tuning')",
+        "base_grid": list(registry.LR_GRID),
+        "extensions_per_method": registry.LR_EXTENSIONS,
+        "own_hyperparameters": "fixed at their defaults for every method (BOGC's "
+                               "CalibrationConfig(), OGM-GE's alpha, MMPareto's gamma); "
+                               "only the learning rate is tuned",
+        "scheme": "successive halving over the tuning seeds: every grid point on the first "
+                  "seed, then half of the points alive (the next best by plateau and by fixed, "
+                  "in turn) on each further seed; the choice is the best of the last rung",
+        "budget": {n: r.get("configurations") for n, r in tuning.items()},
+        "tie_rule": "highest mean validation accuracy; on equal means the smaller learning rate; "
+                    "a diverged run (non-finite loss or gradient) scores 0",
+        "selection": "tuned in the standard setting on the validation split; 'plateau' choices "
+                     "by the best-epoch validation accuracy, 'fixed' choices by the validation "
+                     "accuracy after the fixed budget; reused in every setting",
+        "tuning": "off (learning rate "
+                  f"{registry.FALLBACK_LR})" if no_tune else "on",
+        "interior": {"count": sum(i for *_, i in interior), "of": len(interior),
+                     "at_edge": [f"{n}/{sel}" for n, sel, i in interior if not i]},
+    }
 
 
 class Runner:
@@ -284,7 +336,7 @@ class Runner:
 def run_one(runner: Runner, setting: str, names: list[str], seeds: list[int], tuning: dict,
             out: Path, shots: int) -> tuple[dict, list[Path]]:
     from .plots import plot
-    from .report import format_table, summarize
+    from .report import dump_json, format_table, summarize
 
     runs, split_info = runner.run_setting(setting, names, seeds, shots)
     notes = [
@@ -293,19 +345,17 @@ def run_one(runner: Runner, setting: str, names: list[str], seeds: list[int], tu
         "never on the test split",
     ]
     extra: dict[str, Any] = {
-        "protocol": {
-            "grid": "learning rate in {0.03, 0.1} for every method (own hyper-parameters "
-                    "fixed)",
-            "tie_rule": "highest mean validation accuracy; on equal means the smaller learning rate",
-            "selection": "tuned in the standard setting on the validation split; 'plateau' choices "
-                         "by the best-epoch validation accuracy, 'fixed' choices by the validation "
-                         "accuracy after the fixed budget; reused in every setting",
-            "tuning": "on" if not runner.args.no_tune else "off (learning rate 0.03)",
-        },
+        "protocol": protocol_record(tuning, runner.args.no_tune),
         "hyperparameters": {n: {sel: runner.params(n, sel) for sel in ("plateau", "fixed")}
                             for n in names},
         "notes": notes,
     }
+    if setting == "zeroshot":
+        from .zeroshot import summary
+
+        extra["zeroshot"] = summary(runs, split_info)
+        notes.append("zeroshot: learning rates are the ones chosen in the standard setting (the "
+                     "same model without the align loss)")
     if runner.data.name == "av-digits":
         notes.append("av-digits pairs audio and image by class only (AV-MNIST style): "
                               "nothing co-occurs across modalities beyond the label")
@@ -314,8 +364,7 @@ def run_one(runner: Runner, setting: str, names: list[str], seeds: list[int], tu
     out.mkdir(parents=True, exist_ok=True)
     written = [Path(p) for p in plot(doc, out)]  # plot() returns them under out
     doc["plots"] = [p.name for p in written]
-    with open(out / "results.json", "w") as f:
-        json.dump(doc, f, indent=1)
+    dump_json(doc, out / "results.json")
     written.insert(0, out / "results.json")
     print(format_table(doc), flush=True)
     return doc, written
@@ -359,7 +408,7 @@ def _main(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from .methods import registry
     from .protocol import TrainConfig
-    from .report import cost_plot, write_summary
+    from .report import cost_plot, dump_json, write_summary
 
     out = Path(args.out)
     torch.set_num_threads(args.threads)
@@ -377,11 +426,17 @@ def _main(args: argparse.Namespace) -> int:
     tune_seeds = [100 + i for i in range(args.tune_seeds or (1 if quick else 3))]
     max_train = 512 if quick else None
     cfg = TrainConfig(max_epochs=max_epochs, patience=args.patience, fixed_epochs=fixed_epochs,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, model=args.model)
     datasets = args.dataset.split(",") if args.all else [args.dataset]
     # refuse a bad name, and any file that could not be written, before any training
     loaded = [load_dataset(ds, argument="--dataset") for ds in datasets]
     check_writable(out, planned_outputs(args, out, [d.name for d in loaded]), args.overwrite)
+    jobs = [ALL_JOBS[j][0] for j in args.settings.split(",")] if args.all else [args.setting]
+    if "zeroshot" in jobs:  # refuse too few classes or modalities before any training
+        from .settings import make_split
+
+        for data in loaded:
+            make_split(data, "zeroshot")
     t0 = time.perf_counter()
     written: list[Path] = []
     search: dict[str, Any] = {}
@@ -399,8 +454,7 @@ def _main(args: argparse.Namespace) -> int:
             search[data.name]["bogc"] = tuning["bogc"]
             path = out / data.name / "search.json" if args.all else out / "search.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(dict(search[data.name], dataset=data.name,
-                                            train_config=cfg.as_dict()), indent=1))
+            dump_json(dict(search[data.name], dataset=data.name, train_config=cfg.as_dict()), path)
             written.append(path)
         runner = Runner(data, cfg, chosen, max_train, args)
         if not args.all:

@@ -13,6 +13,7 @@ its own modality; each head from one.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +21,10 @@ from torch import nn
 from bogc_core.errors import ConfigError
 
 FUSION = "fusion"
+#: the contrastive loss source of the ``zeroshot`` setting (:mod:`.zeroshot`)
+ALIGN = "align"
+#: ``--model`` choices: this module's late-fusion MLP, :mod:`.transformer`'s fusion transformer
+MODELS = ("mlp", "transformer")
 
 
 class MultiModalNet(nn.Module):
@@ -79,3 +84,20 @@ class MultiModalNet(nn.Module):
         groups.append((list(self.fusion_head.parameters()), (FUSION,)))
         groups += [(list(h.parameters()), (m,)) for h, m in zip(self.heads, self.modalities)]
         return groups
+
+
+def build_model(name: str, dims: dict[str, int], n_classes: int, hidden: int = 64, feat: int = 32,
+                align: bool = False) -> Any:
+    """The ``--model`` network; ``align`` adds the ``zeroshot`` projections and source."""
+    if name == "mlp":
+        if align:
+            from .zeroshot import AlignedNet
+
+            return AlignedNet(dims, n_classes, hidden, feat)
+        return MultiModalNet(dims, n_classes, hidden, feat)
+    if name == "transformer":
+        from .transformer import FusionTransformer
+        from .zeroshot import EMBED_DIM
+
+        return FusionTransformer(dims, n_classes, EMBED_DIM if align else None)
+    raise ConfigError(f"model: must be one of {MODELS}, got {name!r}")

@@ -4,8 +4,11 @@ A document is one data set and one setting. ``methods[m]`` holds the
 headline numbers (the ``plateau`` result: early stopping on validation);
 ``fixed_budget[m]`` the same fields after exactly ``fixed_epochs`` epochs.
 Every difference to ``sum`` is paired by seed (``paired_difference``: t
-interval, t-test p and its Holm adjustment across the table's comparisons)
-and by test example (``bootstrap``). In the ``missing`` setting,
+interval, t-test p, its Holm adjustment across the table's comparisons, and
+``mde``, the minimum detectable effect at 80 % power) and by test example
+(``bootstrap``). The mark of a difference (:func:`mark`) follows the printed
+t interval alone. :func:`restat` recomputes every t statistic and Holm
+adjustment of a document from its stored per-seed accuracies. In the ``missing`` setting,
 ``methods[m]["missing_rules"][rule][modality]`` holds
 ``accuracy_mean, accuracy_std, accuracies, accuracy_diff_to_sum``.
 """
@@ -66,8 +69,73 @@ def _curve_seeds(curves: list[list[float]]) -> list[int]:
 def _holm_table(entries: list[dict[str, Any]]) -> None:
     """Add ``p_holm`` to every ``accuracy_diff_to_sum`` in ``entries`` (one table)."""
     diffs = [e["accuracy_diff_to_sum"] for e in entries if "accuracy_diff_to_sum" in e]
-    for d, p in zip(diffs, holm([d["p"] for d in diffs])):
+    for d, p in zip(diffs, holm([_num(d["p"]) for d in diffs])):
         d["p_holm"] = p
+
+
+def _num(x: Any) -> float:
+    """A stored number, NaN for ``null`` (strict JSON writes NaN as ``null``)."""
+    return math.nan if x is None else float(x)
+
+
+def _tables(doc: dict) -> list[list[dict[str, Any]]]:
+    """The entry lists of a document that share one Holm correction each."""
+    out = []
+    for table in ("methods", "fixed_budget"):
+        methods = doc.get(table, {})
+        out.append(list(methods.values()))
+        if doc.get("setting") == "missing":
+            mods = doc["modalities"]
+            for rule in MISSING_RULES:
+                out.append([b for n in methods if "missing_rules" in methods[n] for m in mods
+                             if (b := methods[n]["missing_rules"][rule][m]) is not None])
+    return out
+
+
+def restat(doc: dict) -> dict:
+    """Recompute, in place, every ``accuracy_diff_to_sum`` of ``doc`` (mean, t interval, p,
+    mde) from the stored per-seed ``accuracies`` of the entry and of ``sum``, then every
+    table's Holm adjustment. The bootstrap (which needs per-example results) is kept."""
+    for table in ("methods", "fixed_budget"):
+        methods = doc.get(table, {})
+        if BASELINE not in methods:
+            continue
+        base = methods[BASELINE]
+        for n, e in methods.items():
+            pairs = [(e, base)]
+            if "missing_rules" in e and n != BASELINE:
+                pairs += [(e["missing_rules"][r][m], base["missing_rules"][r][m])
+                          for r in e["missing_rules"] for m in e["missing_rules"][r]]
+            for entry, b in pairs:
+                if entry is None or b is None or "accuracy_diff_to_sum" not in entry:
+                    continue
+                fresh = paired_difference(entry["accuracies"], b["accuracies"])
+                entry["accuracy_diff_to_sum"].update(fresh)
+            if "removed_modality" in e:  # the zero_fill rule under its older name
+                e["removed_modality"] = e["missing_rules"]["zero_fill"]
+    for entries in _tables(doc):
+        _holm_table(entries)
+    return doc
+
+
+def strict(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (numpy scalars to Python)."""
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def dump_json(obj: Any, path: Path) -> None:
+    """Write ``obj`` as strict JSON (``null`` for NaN, never ``NaN`` or ``Infinity``)."""
+    Path(path).write_text(json.dumps(strict(obj), indent=1, allow_nan=False))
 
 
 def _selection(data_modalities: tuple[str, ...], setting: str, runs: dict[str, list[dict]],
@@ -113,11 +181,6 @@ def _selection(data_modalities: tuple[str, ...], setting: str, runs: dict[str, l
             e["missing_rules"] = rules
             e["removed_modality"] = rules["zero_fill"]
         methods[n] = e
-    _holm_table(list(methods.values()))
-    if setting == "missing":
-        for rule in MISSING_RULES:
-            _holm_table([b for n in methods for m in data_modalities
-                         if (b := methods[n]["missing_rules"][rule][m]) is not None])
     return methods
 
 
@@ -174,6 +237,8 @@ def summarize(dataset: str, modalities: tuple[str, ...], setting: str, runs: dic
         if na:
             doc["not_applicable"] = na
     doc.update(extra)
+    for entries in _tables(doc):
+        _holm_table(entries)
     return doc
 
 
@@ -195,35 +260,60 @@ def _cell(block: dict | None, width: int = 0) -> str:
     return f"{text:>{width}}"
 
 
-def diff_text(d: dict | None, bootstrap: bool = True) -> str:
-    """``+1.23 [+0.10, +2.40]`` (t interval over seeds; ``/ [..]`` the bootstrap one), then
-    ``level`` when an interval covers 0 (:func:`covers_zero`), else ``*`` when the
-    Holm-adjusted p is below 0.05."""
+#: the mark of a difference to sum, and what it means (one legend line under every table)
+MARKS = {
+    "level": "the 95% t interval over seeds covers 0",
+    "*": "it excludes 0 and the Holm-adjusted p < 0.05",
+    "~": "it excludes 0 but not after Holm's correction across the table",
+    "=": "every seed gave the same nonzero difference: a zero-width interval, no t-test "
+         "(p and mde null, left out of Holm)",
+}
+
+
+def mark(d: dict) -> str:
+    """``level``, ``*``, ``~`` or ``=`` (:data:`MARKS`), decided by the printed t interval
+    alone; ``""`` without an interval (fewer than 2 seeds).
+
+    The t interval excludes 0 exactly when the paired t-test's p is below 0.05, so
+    ``~`` means the Holm adjustment lifted p to 0.05 or above.
+    """
+    lo, hi = _num(d.get("ci_low")), _num(d.get("ci_high"))
+    if math.isnan(lo) or math.isnan(hi):
+        return ""
+    if lo <= 0.0 <= hi:
+        return "level"
+    if lo == hi:
+        return "="
+    return "*" if _num(d.get("p_holm")) < 0.05 else "~"
+
+
+def legend(seeds: int | None = None) -> str:
+    """The line under every table that explains each mark and ``mde``."""
+    over = f"these {seeds} seeds" if seeds else "the table's seeds"
+    return ("marks: " + "; ".join(f"{k}: {v}" for k, v in MARKS.items())
+            + f". mde: the smallest difference (pp) the paired t-test over {over} "
+            "detects with 80% power at alpha 0.05, from the observed spread of the paired "
+            "differences; 'level' reads as 'no difference larger than the mde was seen'.")
+
+
+def diff_text(d: dict | None, bootstrap: bool = True, mde: bool = True) -> str:
+    """``+1.23 [+0.10, +2.40] * (mde 1.50)``: the mean, the t interval over seeds (``/ [..]``
+    the bootstrap one over test examples, shown but not used for the mark), the mark
+    (:func:`mark`) and the minimum detectable effect, all in pp."""
     if not d:
         return "-"
-    if math.isnan(d["ci_low"]):
+    if math.isnan(_num(d.get("ci_low"))):
         return pp(d["mean"])
     txt = f"{pp(d['mean'])} [{pp(d['ci_low'])}, {pp(d['ci_high'])}]"
-    if bootstrap and "bootstrap" in d:
+    if bootstrap and d.get("bootstrap"):
         b = d["bootstrap"]
         txt += f" / [{pp(b['ci_low'])}, {pp(b['ci_high'])}]"
-    if covers_zero(d):
-        txt += " level"
-    elif d.get("p_holm", math.nan) < 0.05:
-        txt += " *"
+    m = mark(d)
+    if m:
+        txt += f" {m}"
+    if mde and not math.isnan(_num(d.get("mde"))):
+        txt += f" (mde {100 * _num(d['mde']):.2f})"
     return txt
-
-
-def covers_zero(d: dict) -> bool:
-    """True when the t interval over seeds or the bootstrap interval over test examples covers 0.
-
-    Both are checked: with few seeds whose differences happen to agree, the t
-    interval collapses while the test-sampling uncertainty remains.
-    """
-    if d["ci_low"] <= 0.0 <= d["ci_high"]:
-        return True
-    b = d.get("bootstrap")
-    return bool(b and b["ci_low"] <= 0.0 <= b["ci_high"])
 
 
 def title(doc: dict) -> str:
@@ -236,22 +326,24 @@ def title(doc: dict) -> str:
 
 
 def format_table(doc: dict) -> str:
-    """Plain-text table of the headline (early-stopped) and the fixed-budget accuracy."""
+    """Plain-text table of the headline (early-stopped) and the fixed-budget accuracy, with the
+    legend line of the marks (:func:`legend`)."""
     tc = doc["train_config"]
     seeds = counted(len(doc["seeds"]), "seed")
     lines = [f"{title(doc)}, {seeds}; early stopping (patience {tc['patience']}, "
              f"max {counted(tc['max_epochs'], 'epoch')}) and a fixed budget of "
              f"{counted(tc['fixed_epochs'], 'epoch')}",
-             f"{'method':<22} {'accuracy':>15} {'diff to sum [95% t CI]':>32} "
-             f"{'fixed budget':>14} {'diff':>8} {'time/sum':>8}"]
+             f"{'method':<22} {'accuracy':>15} {'diff to sum [95% t CI]':>30} {'mde':>5} "
+             f"{'fixed budget':>13} {'diff':>9} {'mde':>5} {'time/sum':>8}"]
     for n, e in doc["methods"].items():
         f = doc["fixed_budget"][n]
-        fd = f.get("accuracy_diff_to_sum")
+        d, fd = e.get("accuracy_diff_to_sum"), f.get("accuracy_diff_to_sum")
         lines.append(
             f"{n:<22} {100 * e['accuracy_mean']:>8.2f} ± {100 * e['accuracy_std']:<4.2f} "
-            f"{diff_text(e.get('accuracy_diff_to_sum'), bootstrap=False):>32} "
-            f"{100 * f['accuracy_mean']:>14.2f} {pp(fd['mean']) if fd else '-':>8} "
-            f"{e['seconds_ratio_to_sum']:>8.2f}")
+            f"{diff_text(d, bootstrap=False, mde=False):>30} {_mde_text(d):>5} "
+            f"{100 * f['accuracy_mean']:>13.2f} "
+            f"{(pp(fd['mean']) + ' ' + mark(fd)).strip() if fd else '-':>9} {_mde_text(fd):>5} "
+            f"{_num(e['seconds_ratio_to_sum']):>8.2f}")
     if doc["setting"] == "missing":
         mods = doc["modalities"]
         for rule in MISSING_RULES:
@@ -262,7 +354,13 @@ def format_table(doc: dict) -> str:
                     _cell(e["missing_rules"][rule][m], 10) for m in mods))
         for rule, why in doc.get("not_applicable", {}).items():
             lines.append(f"n/a: rule {rule} does not apply: {why}")
+    lines.append(legend(len(doc["seeds"])))
     return "\n".join(lines)
+
+
+def _mde_text(d: dict | None) -> str:
+    v = _num(d.get("mde")) if d else math.nan
+    return "-" if math.isnan(v) else f"{100 * v:.2f}"
 
 
 def markdown_tables(doc: dict) -> list[str]:
@@ -272,8 +370,9 @@ def markdown_tables(doc: dict) -> list[str]:
     L = [f"**{title(doc)}**: {seeds}; early stopping on validation (patience "
          f"{tc['patience']}, at most {counted(tc['max_epochs'], 'epoch')}); fixed budget "
          f"{counted(tc['fixed_epochs'], 'epoch')}.", "",
-         "| method | accuracy % | diff to sum, pp [95% t over seeds] / [95% bootstrap over test examples] "
-         "| fixed budget % | fixed-budget diff, pp [95% t] | epochs | time / sum |",
+         "| method | accuracy % | diff to sum, pp [95% t over seeds] / [95% bootstrap over test "
+         "examples, not used for the mark] mark (mde) | fixed budget % | fixed-budget diff, pp "
+         "[95% t] mark (mde) | epochs | time / sum |",
          "|---|---|---|---|---|---|---|"]
     for n, e in doc["methods"].items():
         f = doc["fixed_budget"][n]
@@ -281,7 +380,8 @@ def markdown_tables(doc: dict) -> list[str]:
                  f"{diff_text(e.get('accuracy_diff_to_sum'))} | "
                  f"{100 * f['accuracy_mean']:.2f} ± {100 * f['accuracy_std']:.2f} | "
                  f"{diff_text(f.get('accuracy_diff_to_sum'), bootstrap=False)} | "
-                 f"{e['epochs_run_mean']:.1f} | {e['seconds_ratio_to_sum']:.2f} |")
+                 f"{e['epochs_run_mean']:.1f} | {_num(e['seconds_ratio_to_sum']):.2f} |")
+    L += ["", legend(len(doc["seeds"]))]
     mods = doc["modalities"]
     L += ["", "Imbalance lens: test accuracy % of each modality's own head after joint training:", "",
           "| method | " + " | ".join(mods) + " |", "|---|" + "---|" * len(mods)]
@@ -324,6 +424,7 @@ def write_summary(root: Path, paths: list[Path]) -> Path:
             continue
         if not is_results_doc(doc):
             continue
+        restat(doc)
         lines += [f"## {title(doc)}", "", f"`{Path(p).parent.relative_to(root)}`", ""]
         lines += markdown_tables(doc)
     out = root / "summary.md"

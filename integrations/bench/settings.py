@@ -6,6 +6,9 @@
 - ``fewshot``: ``k`` labelled training examples per class (drawn per seed).
 - ``noisy``: one modality's standardised features (train, validation and test)
   corrupted by fixed Gaussian noise of standard deviation ``noise_std``.
+- ``zeroshot``: train and validate on the seen classes, test on every row of the
+  unseen ones (a fixed class split, :func:`.zeroshot.class_split`); training
+  labels are renumbered ``0..n_seen-1``, test labels keep their class ids.
 
 The validation split (stratified 20 % of the training split, fixed seed) is
 only used to choose hyper-parameters; the test split is never used for that.
@@ -23,7 +26,7 @@ from bogc_core.errors import ConfigError
 
 from ..data import Dataset
 
-SETTINGS = ("standard", "missing", "fewshot", "noisy")
+SETTINGS = ("standard", "missing", "fewshot", "noisy", "zeroshot")
 #: modality corrupted in the ``noisy`` setting of the shipped data (the strongest one)
 NOISE_MODALITY = {"av-mnist": "image", "av-digits": "audio", "mfeat": "fac"}
 
@@ -63,9 +66,12 @@ def make_split(data: Dataset, setting: str = "standard", seed: int = 0, shots: i
         raise ConfigError(f"setting: must be one of {SETTINGS}, got {setting!r}")
     tr_all = np.flatnonzero(~data.test_mask)
     te = np.flatnonzero(data.test_mask)
+    info: dict = {"setting": setting}
+    y_fit, n_classes = data.y, data.n_classes
+    if setting == "zeroshot":
+        tr_all, te, y_fit, n_classes = _zeroshot_rows(data, tr_all, info)
     vmask = _val_carve(data.y[tr_all])
     tr, va = tr_all[~vmask], tr_all[vmask]
-    info: dict = {"setting": setting}
     if max_train is not None and tr.size > max_train:
         tr = np.random.default_rng(0).permutation(tr)[:max_train]
     if setting == "fewshot":
@@ -97,5 +103,29 @@ def make_split(data: Dataset, setting: str = "standard", seed: int = 0, shots: i
         for k in out:
             out[k][i] = out[k][i] + rng.normal(0.0, noise_std, out[k][i].shape).astype(np.float32)
         info.update(noise_modality=nm, noise_std=noise_std)
-    return Split(mods, out["train"], data.y[tr], out["val"], data.y[va], out["test"], data.y[te],
-                 data.n_classes, info)
+    return Split(mods, out["train"], y_fit[tr], out["val"], y_fit[va], out["test"], data.y[te],
+                 n_classes, info)
+
+
+def _zeroshot_rows(data: Dataset, tr_all: np.ndarray,
+                   info: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Seen-class training rows, every unseen-class row, labels renumbered over the seen classes."""
+    from .zeroshot import class_split
+
+    if len(data.modalities) < 2:
+        raise ConfigError(f"setting: zeroshot retrieves across modalities and needs at least 2; "
+                          f"{data.name!r} has {list(data.modalities)}; add a modality or choose "
+                          f"another --setting")
+    seen, unseen = class_split(data.n_classes)
+    info.update(seen_classes=seen, unseen_classes=unseen,
+                unseen_class_labels=[_label(data.classes[c]) for c in unseen] if data.classes else [])
+    y_fit = np.full(data.y.shape, -1, dtype=data.y.dtype)
+    y_fit[np.isin(data.y, seen)] = np.searchsorted(seen, data.y[np.isin(data.y, seen)])
+    return (tr_all[np.isin(data.y[tr_all], seen)], np.flatnonzero(np.isin(data.y, unseen)), y_fit,
+            len(seen))
+
+
+def _label(c) -> int | float | str:
+    """A class label as a JSON value."""
+    v = c.item() if isinstance(c, np.generic) else c
+    return v if isinstance(v, int | float | str) else str(v)

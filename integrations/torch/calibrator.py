@@ -64,6 +64,62 @@ def _all_finite(scalars: list[torch.Tensor]) -> list[bool]:
     return out
 
 
+# Why a torch.compile'd model is refused (docs/reliability.md): autograd sees a compiled
+# region as one node that reaches all of its parameters, so a source would count as
+# reaching parameters it does not depend on (zero-gradient samples, a different
+# calibration: 0.1 off with backend="aot_eager"), and the default inductor backend's
+# backward cannot be batched over samples at all.
+_COMPILED = (
+    "losses: their graph runs through a torch.compile'd module, which autograd sees as one "
+    "node reaching all of its parameters, so which parameters each source reaches cannot be "
+    "told (and inductor's backward cannot be batched over gradient samples); calibrate the "
+    "uncompiled model (torch.compile only code that no calibrated parameter passes through)"
+)
+
+
+def _sparse_message(name: str) -> str:
+    return (
+        f"params: parameter {name!r} gets a sparse gradient (nn.Embedding or nn.EmbeddingBag "
+        f"with sparse=True), of which no gradient samples can be taken; build the layer with "
+        f"sparse=False, or leave {name!r} out of the calibrator's parameters"
+    )
+
+
+def _check_model(model: nn.Module, params: list[tuple[str, torch.Tensor]],
+                 index: dict[int, int]) -> None:
+    """Refuse at construction what ``model`` shows cannot be sampled: sparse embedding
+    gradients of calibrated parameters, and ``torch.compile``'d modules."""
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if (isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.sparse
+                and isinstance(w, torch.Tensor) and id(w) in index):
+            raise ConfigError(_sparse_message(params[index[id(w)]][0]))
+    if any(isinstance(getattr(mod, "_orig_mod", None), nn.Module) for mod in model.modules()):
+        raise ConfigError(
+            "model: a torch.compile'd module (or one holding one), which autograd sees as one "
+            "node reaching all of its parameters, so which parameters each source reaches "
+            "cannot be told; pass the uncompiled model and run its forward uncompiled"
+        )
+
+
+def _explain_autograd_failure(exc: BaseException) -> Exception | None:
+    """The BOGCError that says why autograd failed on the step's losses, or ``None``."""
+    msg = str(exc)
+    if "backward through the graph a second time" in msg:
+        return ShapeError(
+            "losses: their graph was already freed by an earlier backward (loss.backward() "
+            "or another calibrator call); call GradientCalibrator.backward(losses) instead "
+            "of loss.backward(), or pass retain_graph=True to the earlier backward"
+        )
+    if "modified by an inplace operation" in msg:
+        return ShapeError(
+            "losses: a tensor their graph saved was modified in place after the forward pass "
+            "(typically optimizer.step() between two backward calls on the same losses); "
+            "compute the losses again, with a new forward pass, after every optimizer step"
+        )
+    return None
+
+
 class GradientCalibrator:
     """Calibrated multi-source gradients for a set of parameters.
 
@@ -186,6 +242,8 @@ class GradientCalibrator:
         self._state = StepState(self.rho) if self.rho is not None else None
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if model is not None:
+            _check_model(model, self._params, self._index)
         if laplace_layers is not None and self.samples != "laplace":
             raise ConfigError("laplace_layers: only used with samples='laplace'")
         self._source = self._make_source(laplace_layers, prior_precision, draws)
@@ -342,6 +400,11 @@ class GradientCalibrator:
         # FSDP2: the graph reaches the unsharded tensors of sharded parameters.
         index, compute = compute_params(self._params, self._index)
         reaches = [walk(l, index, node_ids) for l in tensors]
+        sparse = sorted(set().union(*[r.sparse for r in reaches]))
+        if sparse:
+            raise ConfigError(_sparse_message(self._params[sparse[0]][0]))
+        if any(r.compiled for r in reaches):
+            raise ConfigError(_COMPILED)
         in_graph = set().union(*[r.nodes for r in reaches]) if reaches else set()
         # Records outside the current graph (an earlier forward nobody backpropagated) do
         # not count; a layer called twice within the graph cannot use the shortcut.
@@ -375,13 +438,10 @@ class GradientCalibrator:
                             self.timeout, sink)
         try:
             return self._source.sample(prob, ctx)
-        except RuntimeError as exc:
-            if "backward through the graph a second time" in str(exc):
-                raise ShapeError(
-                    "losses: their graph was already freed by an earlier backward (loss.backward() "
-                    "or another calibrator call); call GradientCalibrator.backward(losses) instead "
-                    "of loss.backward(), or pass retain_graph=True to the earlier backward"
-                ) from exc
+        except RuntimeError as exc:  # NotImplementedError included
+            explained = _explain_autograd_failure(exc)
+            if explained is not None:
+                raise explained from exc
             raise
 
     def _backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any) -> dict[str, Any]:

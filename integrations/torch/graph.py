@@ -27,11 +27,19 @@ class Reach:
     ``fan_in``: for each reached parameter, the number of graph edges that
     end in its ``AccumulateGrad`` node (more than one means the tensor is used
     in several places, for instance tied weights).
+    ``sparse``: reached parameters whose gradient is sparse (an
+    ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``).
+    ``compiled``: the graph runs through code compiled by ``torch.compile``
+    (AOTAutograd's ``CompiledFunctionBackward``): one node for the whole
+    compiled region, which reaches every parameter of that region whatever
+    the loss actually depends on.
     """
 
     params: set[int] = field(default_factory=set)
     nodes: set[int] = field(default_factory=set)
     fan_in: dict[int, int] = field(default_factory=dict)
+    sparse: set[int] = field(default_factory=set)
+    compiled: bool = False
 
 
 def walk(loss: torch.Tensor, param_index: dict[int, int], node_ids: Iterable[int] = ()) -> Reach:
@@ -53,6 +61,8 @@ def walk(loss: torch.Tensor, param_index: dict[int, int], node_ids: Iterable[int
         node = stack.pop()
         if id(node) in wanted:
             out.nodes.add(id(node))
+        if type(node).__name__ == "CompiledFunctionBackward":
+            out.compiled = True
         var = getattr(node, "variable", None)
         if var is not None and id(var) in param_index:
             out.params.add(param_index[id(var)])
@@ -63,8 +73,13 @@ def walk(loss: torch.Tensor, param_index: dict[int, int], node_ids: Iterable[int
             if v is not None and id(v) in param_index:
                 i = param_index[id(v)]
                 out.fan_in[i] = out.fan_in.get(i, 0) + 1
+                # Embedding(Bag)Backward with sparse=True hands the parameter a sparse
+                # gradient (looked up only on the edges into a parameter).
+                if getattr(node, "_saved_sparse", False) is True:
+                    out.sparse.add(i)
             if id(nxt) not in seen:
                 seen.add(id(nxt))
                 stack.append(nxt)
     return out
+
 

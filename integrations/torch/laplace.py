@@ -168,11 +168,16 @@ class LaplaceSource(ForwardRecorder, SampleSource):
         else:
             totals = batch
         # Phase 2: mean gradient and T linearised draws per source.
-        results = []
+        results: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = []
         T = self.draws
         for k, s in enumerate(prob.names):
             head = compute_tensors(self.layers[s], f"laplace_layers[{s!r}]")
             targets = sorted(prob.reach[k])
+            if not targets:
+                # The source reaches no calibrated parameter: it has nothing to sample
+                # (as with the other sample sources), and autograd takes no empty inputs.
+                results.append(([], [], []))
+                continue
             tparams = [prob.params[i] for i in targets]
             inputs, seen = [], set()
             for t in head + tparams:

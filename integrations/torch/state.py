@@ -37,6 +37,11 @@ class StepState:
         out = dict(self.stats)
         for key, st in new.items():
             old = out.get(key)
+            if old is not None and (old.mean.dtype, old.mean.device) != (st.mean.dtype, st.mean.device):
+                # The parameter changed dtype or device (model.double(), .to(...)): the
+                # carried statistics follow it.
+                old = GradientStats(*(torch.as_tensor(t).to(st.mean.device, st.mean.dtype)
+                                      for t in (old.count, old.mean, old.m2)))
             out[key] = st if old is None else old.decay(self.rho).merge(st)
         return out
 

@@ -154,7 +154,12 @@ class Workspace:
 
     def layout(self, sources_of: Mapping[int, tuple[str, ...]]) -> list[Group]:
         """Groups for ``sources_of`` (parameter index -> the sources reaching it, in order)."""
-        key = tuple(sorted(sources_of.items()))
+        # The working dtype and device are part of the key: after model.double() (or
+        # .to(device)) the buffers follow the parameters.
+        key = tuple(
+            (i, srcs, work_dtype(self._params[i]), self._params[i].device)
+            for i, srcs in sorted(sources_of.items())
+        )
         if key == self._key:
             return self.groups
         members: dict[tuple, list[int]] = {}

@@ -273,3 +273,142 @@ def test_adversarial_magnitudes_are_finite_or_typed(ns, case, weights):
             assert out["nonfinite"] is False
         else:
             assert np.all(np.isfinite(ns.to_numpy(out)))
+
+
+# ------------------------------------------------------ read-only out (issue 18)
+@pytest.fixture
+def use_numba():
+    """``use_numba(flag)`` switches the compiled loops of the gradient path on or off
+    (``_numba_kernel.ENABLED``) for the test; the setting is restored afterwards."""
+    from bogc_core.backends import _numba_kernel
+
+    saved = _numba_kernel.ENABLED[0]
+
+    def switch(flag: bool) -> None:
+        _numba_kernel.ENABLED[0] = bool(flag) and _numba_kernel.AVAILABLE
+
+    yield switch
+    _numba_kernel.ENABLED[0] = saved
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("numba", [True, False])
+def test_read_only_out_is_refused_and_left_alone(dtype, numba, use_numba):
+    use_numba(numba)
+    rng = np.random.default_rng(0)
+    stats = [
+        bc.GradientStats(6.0, rng.normal(size=40).astype(dtype), rng.gamma(2, size=40).astype(dtype))
+        for _ in range(2)
+    ]
+    copies = [(s.mean.copy(), s.m2.copy()) for s in stats]
+    out = np.full(40, 7.0, dtype=dtype)
+    out.flags.writeable = False
+    with pytest.raises(bc.ConfigError, match=r"out: .*read-only.*writable array, or out=None"):
+        bc.calibrate_gradient(stats, out=out)
+    np.testing.assert_array_equal(out, 7.0)
+    for s, (m, m2) in zip(stats, copies):
+        np.testing.assert_array_equal(s.mean, m)
+        np.testing.assert_array_equal(s.m2, m2)
+    # the same call with a writable array is the plain answer
+    w = np.empty(40, dtype=dtype)
+    assert bc.calibrate_gradient(stats, out=w) is w
+    np.testing.assert_array_equal(w, bc.calibrate_gradient(stats))
+
+
+# ------------------------------------------------------------- D = 0 (issue 18)
+@pytest.mark.parametrize("shape", [(0,), (3, 0)])
+@pytest.mark.parametrize("beta0", [None, 0.5])
+@pytest.mark.parametrize("fast_path", ["auto", "reference"])
+def test_statistics_with_no_elements_give_an_empty_answer(ns, shape, beta0, fast_path):
+    """D = 0 is an empty answer (not an error), whatever the prior and the path:
+    there is nothing to calibrate, so the empirical-Bayes prior is not needed."""
+    z = ns.asarray(np.zeros(shape))
+    stats = [bc.GradientStats(4.0, z, z), bc.GradientStats(4.0, z, z)]
+    cfg = bc.CalibrationConfig(prior=bc.NormalGammaPrior(beta0=beta0), fast_path=fast_path)
+    cal = bc.calibrate(stats, cfg)
+    assert tuple(cal.gradient.shape) == shape and tuple(cal.weights.shape) == (2,) + shape
+    assert tuple(cal.evidence.shape) == (2,) + shape and tuple(cal.uncertainty.shape) == shape
+    assert cal.flags["zero_variance_sources"] == []
+    info: dict = {}
+    g = bc.calibrate_gradient(stats, cfg, diagnostics=info)
+    assert tuple(g.shape) == shape and info["zero_variance_sources"] == []
+    if len(shape) == 1:
+        assert tuple(bc.calibrate_gradient(stats, cfg, segments=[]).shape) == shape
+    # the posterior of empty statistics is empty too (no InsufficientSamplesError)
+    assert tuple(bc.posterior(stats[0]).beta.shape) == shape
+
+
+def test_an_empty_tensor_among_others_is_left_empty():
+    rng = np.random.default_rng(1)
+
+    def st(D):
+        return bc.GradientStats(4.0, rng.normal(size=D), rng.gamma(2.0, size=D))
+
+    for scope in ("tensor", "global"):
+        full, empty = st(5), st(0)
+        other_full, other_empty = st(5), st(0)
+        got = bc.calibrate_tensors(
+            [{"a": full, "b": other_full}, {"a": empty, "b": other_empty}],
+            bc.CalibrationConfig(scope=scope),
+        )
+        alone = bc.calibrate({"a": full, "b": other_full}).gradient
+        np.testing.assert_allclose(got[0].gradient, alone, rtol=1e-12)
+        assert got[1].gradient.shape == (0,)
+
+
+# ------------------------------------------- sums over D that overflow (issue 18)
+def _overflow_stats(count):
+    """float32 statistics each finite (means ~1e16, M2 ~4e33) whose sums over
+    D = 2e5 exceed float32's largest number (sum M2 ~ 8e38)."""
+    D = 200_000
+    out = []
+    for k in range(2):
+        r = np.random.default_rng(10 + k)
+        m = (1e16 * r.uniform(0.5, 1.5, D)).astype(np.float32)
+        m2 = (4e33 * r.uniform(0.5, 1.5, D)).astype(np.float32)
+        n = count if np.isscalar(count) else np.full(D, count[0], dtype=np.float32)
+        out.append((n, m, m2))
+    return out
+
+
+# The reference detects the overflow from an inf sum (NumPy warns once, then it is redone).
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("count", [2.0, 10.0, (2.0,)], ids=["n2", "n10", "per-dim"])
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("numba", [True, False])
+def test_float32_sums_over_d_that_overflow_match_float64(count, library, numba, use_numba):
+    use_numba(numba)
+    raw = _overflow_stats(count)
+    ref = bc.calibrate(
+        [bc.GradientStats(np.float64(n) if np.isscalar(n) else n.astype(np.float64),
+                          m.astype(np.float64), m2.astype(np.float64)) for n, m, m2 in raw],
+        bc.CalibrationConfig(fast_path="reference"),
+    ).gradient
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        stats = [bc.GradientStats(torch.as_tensor(n), torch.from_numpy(m), torch.from_numpy(m2))
+                 for n, m, m2 in raw]
+    else:
+        stats = [bc.GradientStats(n, m, m2) for n, m, m2 in raw]
+
+    def host(x):
+        return np.asarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.float64)
+
+    for fast_path in ("auto", "reference"):
+        cfg = bc.CalibrationConfig(fast_path=fast_path)
+        np.testing.assert_allclose(host(bc.calibrate(stats, cfg).gradient), ref, rtol=2e-5)
+        np.testing.assert_allclose(host(bc.calibrate_gradient(stats, cfg)), ref, rtol=2e-5)
+        np.testing.assert_allclose(
+            host(bc.calibrate_gradient(stats, cfg, segments=[150_000, 50_000])),
+            np.concatenate([
+                bc.calibrate([bc.GradientStats(s.count if np.ndim(s.count) == 0 else s.count[a:b],
+                                               s.mean[a:b], s.m2[a:b]) for s in
+                              [bc.GradientStats(n if np.isscalar(n) else n.astype(np.float64),
+                                                m.astype(np.float64), m2.astype(np.float64))
+                               for n, m, m2 in raw]],
+                             bc.CalibrationConfig(fast_path="reference")).gradient
+                for a, b in ((0, 150_000), (150_000, 200_000))
+            ]),
+            rtol=2e-5,
+        )
+

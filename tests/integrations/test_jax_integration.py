@@ -274,3 +274,41 @@ def test_training_step_under_jit_reduces_loss() -> None:
         sl = slice((i % 4) * 64, (i % 4 + 1) * 64)
         params = step(params, data[0][sl], data[1][sl], data[2][sl])
     assert loss(params) < 0.7 * start
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"config": bc.CalibrationConfig(prior_weight=1e39)}, r"prior_weight: 1e\+39 is outside"),
+        ({"source_weights": [1e39, 1.0, 1.0]}, r"source_weights\[0\]: 1e\+39 exceeds"),
+        ({"config": bc.CalibrationConfig(gamma=1e39)}, r"gamma: 1e\+39 exceeds"),
+        ({"config": bc.CalibrationConfig(clip=100.0)}, r"clip: 100.0 is too large for float32"),
+    ],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_options_beyond_the_dtype_are_refused_as_in_the_core(kw: Any, match: str, jit: bool) -> None:
+    """The core's range checks (no NaN or inf answer): eager and under jit, with the
+    core's own error on the same statistics; the input trees are left alone."""
+    raw = _trees(np.random.default_rng(11))
+    trees = _to_jax(raw, jnp.float32)
+    run = jax.jit(lambda t: calibrate_pytrees(t, **kw)) if jit else (
+        lambda t: calibrate_pytrees(t, **kw))
+    with pytest.raises(bc.ConfigError, match=match):
+        run(trees)
+    stats = [bc.GradientStats.from_samples(np.asarray(trees[k]["b"])) for k in trees]
+    with pytest.raises(bc.ConfigError, match=match):
+        bc.calibrate(stats, kw.get("config"), kw.get("source_weights"))
+    for got, want in zip(_leaves(trees), _leaves(_to_jax(raw, jnp.float32)), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # just inside the float32 range: a finite answer equal to the core's
+    ok = calibrate_pytrees(trees, source_weights=[1e30, 1.0, 1.0])
+    core = bc.calibrate(stats, source_weights=[1e30, 1.0, 1.0]).gradient
+    np.testing.assert_allclose(np.asarray(ok["b"]), core, rtol=1e-4)
+
+
+def test_a_leaf_with_no_elements_gives_an_empty_update() -> None:
+    """D = 0 is an empty answer in the core; the same here."""
+    trees = [{"p": jnp.ones((4, 0)), "q": jnp.arange(8.0).reshape(4, 2) * c} for c in (1.0, 2.0)]
+    got = calibrate_pytrees(trees)
+    assert got["p"].shape == (0,)
+    assert np.all(np.isfinite(np.asarray(got["q"])))

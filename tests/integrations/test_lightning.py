@@ -222,3 +222,35 @@ def test_params_selection_leaves_others_plain() -> None:
     _fit(module, cb, steps=1)
     assert not torch.equal(module.net.enc_a.weight, before.enc_a.weight)
     assert torch.equal(module.net.head.weight, before.head.weight)
+
+
+class AutoCalledManually(L.LightningModule):
+    """Automatic optimisation, yet calibrated_backward in training_step (the misuse)."""
+
+    def __init__(self, returns_total: bool) -> None:
+        super().__init__()
+        self.net = Net()
+        self.returns_total = returns_total
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        losses = self.net.losses(*batch)
+        calibrated_backward(self, losses)
+        return sum(v.mean() for v in losses.values()) if self.returns_total else None
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+@pytest.mark.parametrize("returns_total", [False, True])
+def test_calibrated_backward_with_automatic_optimisation_is_refused(returns_total: bool) -> None:
+    """Lightning would step on the plain total (or never step): refused before any
+    p.grad, parameter or calibrator state changes, naming automatic_optimization."""
+    module = AutoCalledManually(returns_total)
+    before = copy.deepcopy(module.net)
+    cb = BOGCCallback()
+    with pytest.raises(bc.ConfigError, match=r"automatic_optimization = False"):
+        _fit(module, cb, steps=1)
+    for p, q in zip(module.net.parameters(), before.parameters(), strict=True):
+        assert torch.equal(p, q) and p.grad is None
+    assert cb.last_diagnostics is None
+    assert cb.calibrator is not None and cb.calibrator.state_dict()["state"] is None

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..model import FUSION, MultiModalNet
+from ..model import ALIGN, FUSION, MultiModalNet
 
 
 class Method:
@@ -69,18 +69,22 @@ def source_grads(
 def fusion_only_grads(model: MultiModalNet, losses: dict[str, torch.Tensor]) -> None:
     """Set ``p.grad`` of every parameter as joint training with detached unimodal heads.
 
-    The encoders and the fusion head get ``grad mean(L_fusion)``; head ``m`` gets
+    Every parameter but the unimodal heads' (encoders, fusion head, and in ``zeroshot``
+    the projections) gets ``grad mean(L_fusion)``, plus ``grad mean(L_align)`` in
+    ``zeroshot`` (the alignment is a joint, cross-modal objective); head ``m`` gets
     ``grad_{theta_m} mean(L_m)``, the gradient of its loss on the *detached* encoder
     features ``head_m(stopgrad(h_m))``: the head's own gradient does not depend on
     whether ``h_m`` is detached, so only the encoders' share of ``L_m`` is dropped.
     """
-    trunk = model.encoder_parameters() + list(model.fusion_head.parameters())
     heads = [list(h.parameters()) for h in model.heads]
-    g_trunk = torch.autograd.grad(losses[FUSION].mean(), trunk, retain_graph=True)
+    in_heads = {id(p) for hp in heads for p in hp}
+    trunk = [p for p in model.parameters() if id(p) not in in_heads]
+    joint = losses[FUSION].mean() + (losses[ALIGN].mean() if ALIGN in losses else 0.0)
+    g_trunk = torch.autograd.grad(joint, trunk, retain_graph=True, allow_unused=True)
     g_heads = [torch.autograd.grad(losses[m].mean(), hp, retain_graph=True)
                for m, hp in zip(model.modalities, heads)]
     for p, g in zip(trunk, g_trunk):
-        p.grad = g.detach().clone()
+        p.grad = None if g is None else g.detach().clone()
     for hp, gs in zip(heads, g_heads):
         for p, g in zip(hp, gs):
             p.grad = g.detach().clone()

@@ -79,8 +79,10 @@ class BOGC(Method):
                               "diagnostics_every": max(int(self.steps_per_epoch), 1)}
         if self.rho is not None:
             kw["rho"] = self.rho
-        if self.samples in ("per_example", "microbatch"):
-            kw["model"] = model  # the per-layer shortcut for nn.Linear (no per-example grads)
+        if self.samples in ("per_example", "microbatch") and getattr(model, "rows_independent", True):
+            # the per-layer shortcut for nn.Linear (no per-example grads); not with a loss that
+            # couples the rows of a batch (zeroshot's align), which breaks its row assumption
+            kw["model"] = model
         if self.samples == "laplace":
             kw["laplace_layers"] = model.laplace_layers()
         self.cal = GradientCalibrator(list(model.named_parameters()), **kw)

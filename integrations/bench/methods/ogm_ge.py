@@ -68,7 +68,13 @@ def in_window(epoch: int, max_epochs: int, window: tuple[float, float]) -> bool:
 
 @torch.no_grad()
 def fusion_share_confidences(model, y: torch.Tensor) -> torch.Tensor:
-    """``s_m`` ``(M,)`` from the last forward's features and the fusion head's shares."""
+    """``s_m`` ``(M,)`` from the last forward's features and the fusion head's shares.
+
+    A model without a concatenating fusion head (the fusion transformer) gives its own
+    ``modality_confidences(y)`` (the fusion head's confidence with one modality attended).
+    """
+    if hasattr(model, "modality_confidences"):
+        return model.modality_confidences(y)
     feats = model.last_features
     W, b = model.fusion_head.weight, model.fusion_head.bias
     M = len(feats)

@@ -7,9 +7,11 @@
 - ``SEARCH``: the pre-registered variants of BOGC's free choices, compared
   with ``bogc`` on the validation split only (``bogc bench --search``).
 
-Every method is tuned on the same grid, :data:`GRID` (2 learning rates); its
-own hyper-parameters stay fixed (BOGC's are explored in
-the pre-registered search instead).
+Every method's learning rate is tuned the same way (:func:`.protocol.tune_lr`):
+the base grid :data:`LR_GRID` (0.003 to 1.0, half-decade steps), :data:`LR_EXTENSIONS`
+points beyond its edges, successive halving over the tuning seeds. A method's own
+hyper-parameters stay at their defaults (BOGC's gamma, OGM-GE's alpha, MMPareto's
+gamma); BOGC's are explored in the pre-registered search instead.
 """
 
 from __future__ import annotations
@@ -80,10 +82,23 @@ QUICK_METHODS = ["sum", "bogc", "pcgrad"]
 #: the group names ``--methods`` accepts besides method names
 GROUPS = ("main", "ablations", "search", "all")
 
-#: the validation grid of every method, in increasing order: ties (equal mean
-#: validation accuracy) go to the first point, the smaller learning rate
-LR_GRID = [0.03, 0.1]
+
+def lr_at(k: int) -> float:
+    """Rung ``k`` of the learning-rate ladder: 1 and 3 times the powers of ten, alternating
+    (``lr_at(0) = 1.0``, ``lr_at(-1) = 0.3``, ``lr_at(-2) = 0.1``, ``lr_at(1) = 3.0``): steps of
+    about half a decade (x3, then x3.33)."""
+    return float(f"{(1, 3)[k % 2]}e{k // 2}")
+
+
+#: the ladder indices of the base grid of every method, 0.003 to 1.0 (333x, 6 points)
+LR_BASE = (-5, 0)
+#: the base grid, in increasing order: ties (equal mean validation accuracy) go to the smaller
+LR_GRID = [lr_at(k) for k in range(LR_BASE[0], LR_BASE[1] + 1)]
 GRID: dict[str, list[Any]] = {"lr": LR_GRID}
+#: grid points added to every method's search, one ladder step beyond an edge each: where a
+#: best point sits at an edge, beyond that edge; else beyond the edge nearer the best point.
+#: Every method trains the same number of configurations (:func:`.protocol.tuning_budget`).
+LR_EXTENSIONS = 2
 #: learning rate without tuning (``--no-tune``)
 FALLBACK_LR = 0.03
 

@@ -1,0 +1,188 @@
+"""``--model transformer``: a small fusion transformer whose every trunk parameter is shared.
+
+Tokens. Each modality's whole feature vector ``x_m`` ``(B, d_m)`` is projected
+by one ``nn.Linear(d_m, T * W)`` to ``T =`` :data:`TOKENS` tokens of width
+``W =`` :data:`WIDTH` (so any ``d_m >= 1`` works, and the projection is a 2-D
+Linear layer), and a learned modality embedding ``mod_m`` ``(W,)`` is added to
+each of them::
+
+    tok_m = reshape(A_m x_m + b_m, (B, T, W)) + mod_m                 (B, T, W)
+    seq   = [cls; tok_1; ...; tok_M]                                  (B, 1 + M T, W)
+    out   = Encoder(seq)          2 pre-norm layers, 4 heads, FFN 2W, dropout 0.1,
+                                  a final LayerNorm
+    z     = fusion_head(out[:, 0])                                    (B, C) -> "fusion"
+    z_m   = head_m(mean of out over modality m's T tokens)            (B, C) -> m
+
+Every output token attends to every token, so the tokenizers, the modality
+embeddings, the CLS token and every attention, feed-forward and LayerNorm
+parameter are reached by every source: the fusion loss and all unimodal
+losses (and ``align`` in the ``zeroshot`` setting). :meth:`FusionTransformer.param_groups` says so.
+
+In the ``zeroshot`` setting each modality's embedding comes from a forward of
+the same trunk over ``[cls; tok_m]`` alone (the other modalities masked out)::
+
+    e_m = normalize(P_m(mean over tokens of Encoder([cls; tok_m])[:, 1:])) (B, D)
+
+so a query never sees the row's other modality; the fusion and unimodal heads
+read the joint forward above.
+
+Missing modalities (``drop``): without ``fill`` the dropped modalities' tokens
+are masked out of attention (``src_key_padding_mask``: no other token attends
+to them, so the CLS output and the kept modalities' outputs do not depend on
+them); with ``fill`` (``mean_impute``) their tokens are replaced by ``fill[i]``
+``(T, W)``, the mean tokens over the training rows, and stay in attention.
+:attr:`last_features` holds the input tokens ``tok_m`` for that mean.
+
+Sample paths of ``GradientCalibrator(..., model=net)``: the tokenizers, the
+heads (and projections) are 2-D ``nn.Linear`` calls and take the per-layer
+shortcut; the attention (``in_proj``, ``out_proj``, called functionally),
+the feed-forward layers (3-D inputs), the LayerNorms, the CLS token and the
+modality embeddings take the generic path: exact gradients of each sample's
+loss by batched backward passes (``is_grads_batched``). Attention mixes tokens
+within one example, never across examples, so the shortcut's row assumption
+holds for the layers that take it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bogc_core.errors import ConfigError
+
+from .model import ALIGN, FUSION
+
+#: tokens per modality
+TOKENS = 4
+#: token width
+WIDTH = 64
+LAYERS = 2
+HEADS = 4
+#: feed-forward width of each encoder layer
+FFN = 2 * WIDTH
+DROPOUT = 0.1
+
+
+class Tokenizer(nn.Module):
+    """``x`` ``(B, d)`` -> ``(B, tokens, width)``: one Linear, reshaped, plus the modality embedding."""
+
+    def __init__(self, d: int, tokens: int = TOKENS, width: int = WIDTH):
+        super().__init__()
+        self.tokens, self.width = tokens, width
+        self.proj = nn.Linear(d, tokens * width)
+        self.modality = nn.Parameter(0.02 * torch.randn(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).view(x.shape[0], self.tokens, self.width) + self.modality
+
+
+class FusionTransformer(nn.Module):
+    """See the module docstring. ``dims``: modality -> input width, in order;
+    ``embed_dim``: width of the ``zeroshot`` projections (None: no projections)."""
+
+    def __init__(self, dims: dict[str, int], n_classes: int, embed_dim: int | None = None):
+        super().__init__()
+        reserved = (FUSION, ALIGN) if embed_dim else (FUSION,)
+        for r in reserved:
+            if r in dims:
+                raise ConfigError(f"dims: a modality may not be named {r!r} (reserved for a loss "
+                                  f"source); rename the x_{r} array")
+        self.modalities = tuple(dims)
+        self.encoders = nn.ModuleList(Tokenizer(d) for d in dims.values())
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, WIDTH))
+        layer = nn.TransformerEncoderLayer(WIDTH, HEADS, FFN, DROPOUT, batch_first=True,
+                                           norm_first=True)
+        self.trunk = nn.TransformerEncoder(layer, LAYERS, norm=nn.LayerNorm(WIDTH),
+                                           enable_nested_tensor=False)
+        self.fusion_head = nn.Linear(WIDTH, n_classes)
+        self.heads = nn.ModuleList(nn.Linear(WIDTH, n_classes) for _ in dims)
+        self.projections = (nn.ModuleList(nn.Linear(WIDTH, embed_dim) for _ in dims)
+                            if embed_dim else None)
+        #: per-example losses depend on their own row only (not with the batch-wide ``align``)
+        self.rows_independent = self.projections is None
+        self.last_features: list[torch.Tensor] = []
+        self.last_embeddings: list[torch.Tensor] = []
+        self.last_inputs: list[torch.Tensor] = []
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (FUSION,) + self.modalities + ((ALIGN,) if self.projections else ())
+
+    def spans(self) -> list[slice]:
+        """Positions of each modality's tokens in the sequence (CLS is position 0)."""
+        return [slice(1 + i * TOKENS, 1 + (i + 1) * TOKENS) for i in range(len(self.modalities))]
+
+    def forward(
+        self,
+        xs: Sequence[torch.Tensor],
+        drop: Iterable[int] = (),
+        fill: Sequence[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``xs[i]``: ``(B, d_i)``. Returns fusion logits ``(B, C)`` and the unimodal logits.
+
+        ``drop``: modality indices masked out of attention, or, with ``fill``, whose
+        tokens are replaced by ``fill[i]`` ``(T, W)``.
+        """
+        drop = set(drop)
+        toks = [enc(x) for enc, x in zip(self.encoders, xs)]
+        self.last_features = toks
+        self.last_inputs = [x.detach() for x in xs]
+        if fill is not None:
+            toks = [fill[i].expand_as(t) if i in drop else t for i, t in enumerate(toks)]
+        B = toks[0].shape[0]
+        seq = torch.cat([self.cls.expand(B, -1, -1)] + toks, dim=1)
+        mask = None
+        if drop and fill is None:
+            mask = torch.zeros(B, seq.shape[1], dtype=torch.bool, device=seq.device)
+            for i in drop:
+                mask[:, self.spans()[i]] = True
+        out = self.trunk(seq, src_key_padding_mask=mask)
+        pooled = [out[:, s].mean(dim=1) for s in self.spans()]
+        if self.projections is not None:
+            # Each embedding sees its own modality only (CLS and its tokens, the same as
+            # masking the others out), so that retrieval matches modalities, not copies
+            # of the same joint input.
+            alone = [self.trunk(torch.cat([self.cls.expand(B, -1, -1), t], dim=1))[:, 1:].mean(dim=1)
+                     for t in toks]
+            self.last_embeddings = [F.normalize(p(h), dim=1) for p, h in zip(self.projections, alone)]
+        return self.fusion_head(out[:, 0]), [head(h) for head, h in zip(self.heads, pooled)]
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The shared trunk: tokenizers, modality embeddings, CLS, every encoder layer."""
+        return list(self.encoders.parameters()) + [self.cls] + list(self.trunk.parameters())
+
+    def laplace_layers(self) -> dict[str, nn.Module]:
+        """Last layer of each classification source (for ``samples="laplace"``)."""
+        return {FUSION: self.fusion_head, **dict(zip(self.modalities, self.heads))}
+
+    def param_groups(self) -> list[tuple[list[nn.Parameter], tuple[str, ...]]]:
+        """Parameters grouped by the set of loss sources that reach them: the whole trunk by all."""
+        groups: list[tuple[list[nn.Parameter], tuple[str, ...]]] = [
+            (self.encoder_parameters(), self.sources),
+            (list(self.fusion_head.parameters()), (FUSION,)),
+        ]
+        groups += [(list(h.parameters()), (m,)) for h, m in zip(self.heads, self.modalities)]
+        if self.projections is not None:
+            groups.append((list(self.projections.parameters()), (ALIGN,)))
+        return groups
+
+    @torch.no_grad()
+    def modality_confidences(self, y: torch.Tensor) -> torch.Tensor:
+        """OGM-GE's ``s_m`` ``(M,)`` for this model: ``sum_i softmax(z^(m)_i)[y_i]``, where
+        ``z^(m)`` are the fusion logits with only modality ``m``'s tokens (and CLS) in
+        attention, on the last forward's inputs, in eval mode (no dropout)."""
+        saved = (self.last_features, self.last_embeddings, self.last_inputs)
+        was = self.training
+        self.eval()
+        xs = list(self.last_inputs)
+        M = len(self.modalities)
+        scores = []
+        for m in range(M):
+            z, _ = self(xs, drop=[j for j in range(M) if j != m])
+            scores.append(torch.softmax(z, dim=1).gather(1, y[:, None]).sum())
+        self.train(was)
+        self.last_features, self.last_embeddings, self.last_inputs = saved
+        return torch.stack(scores)
