@@ -115,7 +115,7 @@ def _data_parser() -> argparse.ArgumentParser:
         "key at fault and the fix, and exit 2.",
     )
     check.add_argument("dataset", help="path of a .npz file, or a shipped name "
-                       "('av-digits', 'mfeat')")
+                       "('av-mnist', 'av-digits', 'mfeat')")
     sub.add_parser(
         "convert", add_help=False,
         help="convert the public Scene-15 / PIE .mat files into the .npz format "

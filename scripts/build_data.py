@@ -7,7 +7,7 @@ Run once, by a maintainer, after checking the source files' sha256 sums::
 ``RAW_DATA_DIR`` holds the downloads in folders ``uci_mfeat_handwritten/``,
 ``fsdd/`` and ``mnist_t10k/`` (see ``integrations/data/README.md``).
 
-Writes two compressed ``.npz`` files in the user-data format of API.md
+Writes three compressed ``.npz`` files in the user-data format of API.md
 (``y``, ``x_<modality>``, boolean ``test_mask``):
 
 ``mfeat.npz``
@@ -23,6 +23,15 @@ Writes two compressed ``.npz`` files in the user-data format of API.md
     MNIST pool 0-4999 for training pairs and 5000-9999 for test pairs, each
     clip given a distinct image of its digit drawn without replacement with
     ``numpy.random.default_rng(20261129)``.
+``av-mnist.npz``
+    The ``av-digits`` rows and pairs made hard the AV-MNIST way (Vielzeuf et
+    al. 2018, MultiBench): ``image``: the 14x14 images with the leading
+    principal components carrying ``PCA_REMOVED`` (75 %) of the training
+    images' variance projected out (PCA fitted on the training rows only),
+    rounded, int16; ``audio``: each clip plus white noise at ``SNR_DB``
+    (-10 dB) drawn with ``numpy.random.default_rng(NOISE_SEED)`` in row order,
+    then the same log-mel features, float16. ``pca_components`` and
+    ``pca_removed`` record k and the variance share removed.
 
 The package never reads the raw downloads at run time; only this script does.
 """
@@ -39,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 import scipy.signal
+from bogc_core.integrations.data.pca_energy import fit_pca_removal
 
 SR = 8000
 N_FFT = 256
@@ -47,6 +57,10 @@ N_MELS = 32
 N_SEGMENTS = 12
 PAIR_SEED = 20261129
 MFEAT_VIEWS = ("pix", "fou", "fac", "zer", "kar", "mor")
+#: av-mnist: share of the training images' variance projected out, and the audio noise
+PCA_REMOVED = 0.75
+SNR_DB = -10.0
+NOISE_SEED = 20261205
 
 
 def sha256(path: Path) -> str:
@@ -97,37 +111,83 @@ def log_mel_segments(x: np.ndarray, fb: np.ndarray) -> np.ndarray:
     return np.stack([logmel[:, s].mean(axis=1) for s in segs], axis=1).reshape(-1)
 
 
-def build_av_digits(src: Path) -> dict[str, np.ndarray]:
-    fsdd = src / "fsdd"
-    rows = list(csv.DictReader(open(fsdd / "manifest.csv", newline="")))
+def fsdd_rows(src: Path) -> list[dict[str, str]]:
+    """FSDD's manifest rows: the training clips, then the test clips, each by digit, speaker, take."""
+    rows = list(csv.DictReader(open(src / "fsdd" / "manifest.csv", newline="")))
     rows.sort(key=lambda r: (r["official_split"] != "train", int(r["digit"]), r["speaker"], int(r["take"])))
-    fb = mel_filterbank()
-    audio = np.stack([log_mel_segments(read_wav(fsdd / r["path"]), fb) for r in rows])
-    y = np.array([int(r["digit"]) for r in rows], dtype=np.int64)
-    test = np.array([r["official_split"] == "test" for r in rows])
+    return rows
 
+
+def mnist_t10k(src: Path) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST t10k images averaged over 2x2 blocks and rounded, ``(10000, 196)`` uint8, and labels."""
     with gzip.open(src / "mnist_t10k" / "t10k-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(src / "mnist_t10k" / "t10k-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
     small = images.reshape(-1, 14, 2, 14, 2).astype(np.float64).mean(axis=(2, 4))
-    small = np.rint(small).astype(np.uint8).reshape(-1, 196)
+    return np.rint(small).astype(np.uint8).reshape(-1, 196), labels
 
+
+def pair_by_class(y: np.ndarray, test: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """MNIST index of every clip: a distinct image of its digit, from indices 0-4999 for
+    training clips and 5000-9999 for test clips, drawn with ``default_rng(PAIR_SEED)``."""
     rng = np.random.default_rng(PAIR_SEED)
     pools = {False: np.arange(0, 5000), True: np.arange(5000, 10000)}
-    image_idx = np.empty(len(rows), dtype=np.int64)
+    image_idx = np.empty(y.size, dtype=np.int64)
     for is_test, pool in pools.items():
         for digit in range(10):
             clips = np.flatnonzero((test == is_test) & (y == digit))
             candidates = rng.permutation(pool[labels[pool] == digit])
             image_idx[clips] = candidates[: clips.size]  # distinct: without replacement
     assert np.all(labels[image_idx] == y)
+    return image_idx
+
+
+def add_white_noise(x: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """``x`` plus Gaussian white noise whose power is the clip's mean power over ``10^(snr/10)``."""
+    power = float(np.mean(x**2))
+    return x + rng.standard_normal(x.size) * np.sqrt(power / 10.0 ** (snr_db / 10.0))
+
+
+def build_av_digits(src: Path) -> dict[str, np.ndarray]:
+    rows = fsdd_rows(src)
+    fb = mel_filterbank()
+    audio = np.stack([log_mel_segments(read_wav(src / "fsdd" / r["path"]), fb) for r in rows])
+    y = np.array([int(r["digit"]) for r in rows], dtype=np.int64)
+    test = np.array([r["official_split"] == "test" for r in rows])
+    small, labels = mnist_t10k(src)
+    image_idx = pair_by_class(y, test, labels)
     return {
         "y": y,
         "x_audio": audio.astype(np.float16),
         "x_image": small[image_idx],
         "test_mask": test,
         "mnist_index": image_idx.astype(np.int32),
+    }
+
+
+def build_av_mnist(src: Path) -> dict[str, np.ndarray]:
+    rows = fsdd_rows(src)
+    fb = mel_filterbank()
+    rng = np.random.default_rng(NOISE_SEED)  # one draw per clip, in row order
+    audio = np.stack([
+        log_mel_segments(add_white_noise(read_wav(src / "fsdd" / r["path"]), SNR_DB, rng), fb)
+        for r in rows
+    ])
+    y = np.array([int(r["digit"]) for r in rows], dtype=np.int64)
+    test = np.array([r["official_split"] == "test" for r in rows])
+    small, labels = mnist_t10k(src)
+    image_idx = pair_by_class(y, test, labels)
+    images = small[image_idx].astype(np.float64)
+    removal = fit_pca_removal(images[~test], PCA_REMOVED)  # training rows only
+    return {
+        "y": y,
+        "x_audio": audio.astype(np.float16),
+        "x_image": np.rint(removal.apply(images)).astype(np.int16),  # whole grey levels
+        "test_mask": test,
+        "mnist_index": image_idx.astype(np.int32),
+        "pca_components": np.int32(removal.components.shape[0]),
+        "pca_removed": np.float64(removal.removed),
     }
 
 
@@ -165,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     for rel, digest in expected.items():
         if sha256(args.src / rel) != digest:
             raise SystemExit(f"{rel}: sha256 mismatch; refusing to build from a changed source")
-    for name, builder in (("mfeat", build_mfeat), ("av-digits", build_av_digits)):
+    builders = (("mfeat", build_mfeat), ("av-digits", build_av_digits), ("av-mnist", build_av_mnist))
+    for name, builder in builders:
         arrays = builder(args.src)
         path = args.dst / f"{name}.npz"
         np.savez_compressed(path, **arrays)

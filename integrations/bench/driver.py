@@ -54,9 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: methods sum,bogc,pcgrad, 2 seeds, 1 tuning seed (8 learning "
                    "rates), at most 3 epochs, 512 training rows (under a minute)")
-    p.add_argument("--dataset", default="av-digits",
-                   help="shipped data set ('av-digits', 'mfeat') or a .npz path with y, x_<modality> "
-                   "and optional test_mask (default av-digits; with --all or --search a comma list)")
+    p.add_argument("--dataset", default="av-mnist",
+                   help="shipped data set ('av-mnist', 'av-digits', 'mfeat') or a .npz path with y, "
+                   "x_<modality> and optional test_mask (default av-mnist; with --all or --search a "
+                   "comma list)")
     p.add_argument("--methods", default=None,
                    help="comma list of methods, or the groups 'main', 'ablations', 'search', 'all' "
                    "(default main; sum and bogc are always added)")

@@ -28,7 +28,7 @@ from ..data import Dataset
 
 SETTINGS = ("standard", "missing", "fewshot", "noisy", "zeroshot")
 #: modality corrupted in the ``noisy`` setting of the shipped data (the strongest one)
-NOISE_MODALITY = {"av-digits": "audio", "mfeat": "fac"}
+NOISE_MODALITY = {"av-mnist": "image", "av-digits": "audio", "mfeat": "fac"}
 
 
 @dataclass

@@ -78,7 +78,7 @@ def test_quick_run_writes_results_and_plots_and_prints_every_path(tmp_path, caps
 
     doc = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
     _check_schema(doc, seeds=2)
-    assert doc["dataset"] == "av-digits" and doc["setting"] == "standard"
+    assert doc["dataset"] == "av-mnist" and doc["setting"] == "standard"
     bogc = doc["methods"]["bogc"]
     curves = bogc["diagnostics_curve_mean"]
     assert {"weight/fusion", "weight/audio", "weight/image", "uncertainty"} <= set(curves)

@@ -35,6 +35,59 @@ def test_av_digits_follows_the_recipe():
     assert d.x["image"].min() >= 0 and d.x["image"].max() <= 255
 
 
+def test_av_mnist_shapes_dtypes_and_classes():
+    d = load_dataset("av-mnist")
+    assert d.name == "av-mnist" and d.modalities == ("audio", "image")
+    assert d.dims() == {"audio": 384, "image": 196}
+    assert d.n == 3000 and d.test_mask.sum() == 300 and d.split_given
+    assert d.n_classes == 10 and d.classes == tuple(range(10))
+    assert d.y.dtype == np.int64 and all(v.dtype == np.float32 for v in d.x.values())
+    for c in range(10):
+        assert (d.y[~d.test_mask] == c).sum() == 270
+        assert (d.y[d.test_mask] == c).sum() == 30
+    with np.load(SHIPPED["av-mnist"]) as z:
+        assert z["x_audio"].dtype == np.float16 and z["x_image"].dtype == np.int16
+
+
+def test_av_mnist_images_are_the_av_digits_images_with_75_percent_of_the_energy_removed():
+    # Independent of the build: the same pairs as av-digits (whose images are the clean
+    # 14x14 MNIST digits), so the removal can be recomputed here with an SVD of the
+    # clean training images and compared pixel by pixel, up to the rounding to whole grey levels.
+    with np.load(SHIPPED["av-mnist"]) as m, np.load(SHIPPED["av-digits"]) as a:
+        for k in ("y", "test_mask", "mnist_index"):
+            np.testing.assert_array_equal(m[k], a[k])
+        weak, clean, train = m["x_image"].astype(np.float64), a["x_image"].astype(np.float64), \
+            ~a["test_mask"]
+        k_stored, removed_stored = int(m["pca_components"]), float(m["pca_removed"])
+    mu = clean[train].mean(axis=0)
+    _, s, vt = np.linalg.svd(clean[train] - mu, full_matrices=False)
+    share = np.cumsum(s**2) / np.sum(s**2)
+    k = int(np.argmax(share >= 0.75)) + 1
+    assert share[k - 2] < 0.75 <= share[k - 1]
+    assert k == k_stored and removed_stored == pytest.approx(share[k - 1], abs=1e-9)
+    lead = vt[:k]
+    expected = clean - (clean - mu) @ lead.T @ lead
+    assert np.abs(weak - expected).max() <= 0.5 + 1e-6  # rounding only
+    # on the training rows, the energy taken away is the 75 % share (rounding aside)
+    centred = clean[train] - mu
+    removed = 1 - np.sum((weak[train] - mu) ** 2) / np.sum(centred**2)
+    assert removed == pytest.approx(share[k - 1], abs=2e-3) and removed >= 0.75
+    # what is left is (up to rounding) orthogonal to every removed direction:
+    # |rounding error . v| <= 0.5 * ||v||_1 for a unit vector v
+    proj = np.abs((weak - mu) @ lead.T)
+    assert np.all(proj <= 0.5 * np.abs(lead).sum(axis=1) + 1e-6)
+
+
+def test_av_mnist_audio_is_the_av_digits_audio_under_noise():
+    # White noise adds power in every mel band, so the noisy clip's log-mel lies above the
+    # clean one almost everywhere, and by several nats on average at -10 dB SNR.
+    with np.load(SHIPPED["av-mnist"]) as m, np.load(SHIPPED["av-digits"]) as a:
+        noisy, clean = m["x_audio"].astype(np.float64), a["x_audio"].astype(np.float64)
+    lift = noisy - clean
+    assert (lift > 0).mean() > 0.95
+    assert lift.mean() > 1.0
+
+
 def test_mfeat_views_and_split():
     d = load_dataset("mfeat")
     assert d.modalities == ("pix", "fou", "fac", "zer", "kar", "mor")
@@ -45,7 +98,7 @@ def test_mfeat_views_and_split():
 
 
 def test_shipped_files_are_compact():
-    assert sum(p.stat().st_size for p in SHIPPED.values()) < 5e6
+    assert sum(p.stat().st_size for p in SHIPPED.values()) < 6e6
     here = Path(SHIPPED["mfeat"]).parent
     for lic in ("LICENSE-CC-BY-SA-4.0.txt", "LICENSE-CC-BY-SA-3.0.txt", "LICENSE-CC-BY-4.0.txt", "README.md"):
         assert (here / lic).is_file(), lic
