@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma list of methods, or the groups 'main', 'ablations', 'search', 'all' "
                    "(default main; sum and bogc are always added)")
     p.add_argument("--seeds", type=int, default=None,
-                   help="evaluation seeds, >= 1 (default 5; quick 2)")
+                   help="evaluation seeds, >= 1 (default 10; quick 2)")
     p.add_argument("--epochs", type=int, default=None,
                    help="the fixed training budget in epochs, >= 1 (default 10; quick 2)")
     p.add_argument("--max-epochs", type=int, default=None,
@@ -417,7 +417,7 @@ def _main(args: argparse.Namespace) -> int:
     for must in ("sum", "bogc"):
         if must not in names:
             names.insert(0 if must == "sum" else 1, must)
-    seeds = list(range(args.seeds if args.seeds is not None else (2 if quick else 5)))
+    seeds = list(range(args.seeds if args.seeds is not None else (2 if quick else 10)))
     fixed_epochs = args.epochs if args.epochs is not None else (2 if quick else 10)
     max_epochs = args.max_epochs if args.max_epochs is not None else max(fixed_epochs, 3 if quick else 40)
     if max_epochs < fixed_epochs:
