@@ -356,9 +356,9 @@ def run_one(runner: Runner, setting: str, names: list[str], seeds: list[int], tu
         extra["zeroshot"] = summary(runs, split_info)
         notes.append("zeroshot: learning rates are the ones chosen in the standard setting (the "
                      "same model without the align loss)")
-    if runner.data.name == "av-digits":
-        notes.append("av-digits pairs audio and image by class only (AV-MNIST style): "
-                              "nothing co-occurs across modalities beyond the label")
+    if runner.data.name in ("av-mnist", "av-digits"):
+        notes.append(f"{runner.data.name} pairs audio and image by class only (AV-MNIST style): "
+                     "nothing co-occurs across modalities beyond the label")
     doc = summarize(runner.data.name, runner.data.modalities, setting, runs, seeds,
                     runner.cfg.as_dict(), split_info, runner.described, tuning, extra)
     out.mkdir(parents=True, exist_ok=True)
