@@ -359,3 +359,47 @@ def test_no_tune_and_reuse_tuning_still_work(tmp_path):
     again = _strict_load(tmp_path / "r" / "toy" / "noisy" / "results.json")
     assert again["tuning"] == first["tuning"]
     assert again["protocol"]["interior"] == first["protocol"]["interior"]
+
+
+# ------------------------------------------------------------------ the confirmatory table
+def _gen_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_bench_docs", REPO / "scripts" / "gen_bench_docs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _noisy_doc(diffs: list[float]) -> dict:
+    from bogc_core.integrations.bench.report import restat
+
+    base = [0.80 + 0.01 * (i % 3) for i in range(len(diffs))]
+    entry = lambda accs: {"accuracy_mean": float(np.mean(accs)), "accuracies": accs,  # noqa: E731
+                          "accuracy_diff_to_sum": {}}
+    doc = {"setting": "noisy", "seeds": list(range(len(diffs))), "split": {"noise_modality": "m"},
+           "methods": {"sum": {"accuracy_mean": float(np.mean(base)), "accuracies": base},
+                       "bogc": entry([b + d for b, d in zip(base, diffs)])},
+           "fixed_budget": {}}
+    return restat(doc)
+
+
+def test_confirmatory_table_applies_holm_across_data_sets_and_the_registered_rule():
+    gen = _gen_module()
+    n = gen.CONFIRM_SEEDS
+    up = [0.03 + 0.002 * (i % 2) for i in range(n)]           # clearly positive
+    down = [-0.03 - 0.002 * (i % 2) for i in range(n)]        # clearly negative
+    flat = [0.004 * (-1) ** i for i in range(n)]              # centred on 0
+    docs = [("a", "noisy", _noisy_doc(up)), ("b", "noisy", _noisy_doc(down)),
+            ("c", "noisy", _noisy_doc(flat)), ("d", "standard", _noisy_doc(up)),
+            ("e", "noisy", _noisy_doc(up[:3]))]               # wrong setting / seed count: left out
+    rows = [r for r in gen.confirmatory(docs) if r.split(" | ")[0] in ("| a", "| b", "| c", "| d", "| e")]
+    assert [r.split(" | ")[0] for r in rows] == ["| a", "| b", "| c"]
+    ps = [d["methods"]["bogc"]["accuracy_diff_to_sum"]["p"] for _, _, d in docs[:3]]
+    holm = sorted(ps)  # Holm by hand: p_(i) * (m - i), monotone
+    adj = {p: min(1.0, max(q * (3 - j) for j, q in enumerate(holm[: holm.index(p) + 1])))
+           for p in ps}
+    for row, p in zip(rows, ps):
+        assert f"{adj[p]:.3g}" in row.split(" | ")[7]
+    assert rows[0].endswith("| supported |") and rows[1].endswith("| contradicted |")
+    assert rows[2].endswith("| level |")
