@@ -102,6 +102,44 @@ def unflat(v: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+class JointRuleMethod(Method):
+    """A method that weights the losses on the Jacobian of all shared parameters.
+
+    ``J`` ``(S, P)`` stacks each loss's gradient with respect to every encoder
+    parameter (zeros where a loss does not reach); :meth:`weights` maps the Gram
+    matrix ``J J^T`` (float64) to ``w`` ``(S,)`` and the shared parameters get
+    ``w^T J``. Every other parameter (a head) gets the sum of the gradients of the
+    losses that reach it. ``diag_key`` names the weights in the diagnostics.
+    """
+
+    diag_key = "w"
+
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward(self, losses, logits, y):
+        params = list(self.model.parameters())
+        shared = {id(p) for p in self.model.encoder_parameters()}
+        g = source_grads(losses, params)
+        names = list(losses)
+        shared_idx = [i for i, p in enumerate(params) if id(p) in shared]
+        J = torch.stack([
+            flat([g[s][i] if g[s][i] is not None else torch.zeros_like(params[i]) for i in shared_idx])
+            for s in names
+        ])
+        J64 = J.to(torch.float64)
+        w = self.weights(J64 @ J64.T)
+        d = unflat((w @ J64).to(J.dtype), [params[i] for i in shared_idx])
+        for i, t in zip(shared_idx, d):
+            params[i].grad = t.detach().clone()
+        for i, p in enumerate(params):
+            if id(p) in shared:
+                continue
+            reach = [s for s in names if g[s][i] is not None]
+            p.grad = sum(g[s][i] for s in reach).detach().clone() if reach else None
+        return {f"{self.diag_key}/{s}": float(x) for s, x in zip(names, w)}
+
+
 class EncoderRuleMethod(Method):
     """A method that combines, per encoder, the gradients of its two sources.
 

@@ -29,11 +29,9 @@ min-norm point per encoder, times 2.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .base import EncoderRuleMethod, Method, flat, source_grads, unflat
+from .base import EncoderRuleMethod, JointRuleMethod, flat, unflat
 
 
 def min_norm_2(g1: torch.Tensor, g2: torch.Tensor) -> float:
@@ -123,33 +121,14 @@ def _polish(M: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return best
 
 
-class MGDA(Method):
+class MGDA(JointRuleMethod):
     """``mgda``: Sener and Koltun's min-norm point over all shared parameters and losses."""
 
     name = "mgda"
+    diag_key = "alpha"
 
-    def backward(self, losses, logits, y):
-        params = list(self.model.parameters())
-        shared = {id(p) for p in self.model.encoder_parameters()}
-        g = source_grads(losses, params)
-        names = list(losses)
-        shared_idx = [i for i, p in enumerate(params) if id(p) in shared]
-        vecs = torch.stack([
-            flat([g[s][i] if g[s][i] is not None else torch.zeros_like(params[i]) for i in shared_idx])
-            for s in names
-        ])
-        v64 = vecs.to(torch.float64)
-        alpha = min_norm(v64 @ v64.T)
-        d = unflat((alpha @ v64).to(vecs.dtype), [params[i] for i in shared_idx])
-        for i, t in zip(shared_idx, d):
-            params[i].grad = t.detach().clone()
-        for i, p in enumerate(params):
-            if id(p) in shared:
-                continue
-            reach = [s for s in names if g[s][i] is not None]
-            p.grad = sum(g[s][i] for s in reach).detach().clone() if reach else None
-        diag: dict[str, Any] = {f"alpha/{s}": float(a) for s, a in zip(names, alpha)}
-        return diag
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        return min_norm(gram)
 
 
 class MGDAPerEncoder(EncoderRuleMethod):

@@ -28,11 +28,9 @@ another.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .base import EncoderRuleMethod, Method, flat, source_grads, unflat
+from .base import EncoderRuleMethod, JointRuleMethod, flat, unflat
 
 
 def pcgrad_weights(gram: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -63,38 +61,18 @@ def pcgrad(grads: list[torch.Tensor], generator: torch.Generator | None = None) 
     return (pcgrad_weights(J @ J.T, generator).to(J.dtype)) @ J
 
 
-class PCGrad(Method):
+class PCGrad(JointRuleMethod):
     """``pcgrad``: Algorithm 1 on the Jacobian of all shared parameters and all losses."""
 
     name = "pcgrad"
+    diag_key = "pcgrad_w"
 
     def setup(self, model):
         super().setup(model)
         self.gen = torch.Generator().manual_seed(0)
 
-    def backward(self, losses, logits, y):
-        params = list(self.model.parameters())
-        shared = {id(p) for p in self.model.encoder_parameters()}
-        g = source_grads(losses, params)
-        names = list(losses)
-        shared_idx = [i for i, p in enumerate(params) if id(p) in shared]
-        J = torch.stack([
-            flat([g[s][i] if g[s][i] is not None else torch.zeros_like(params[i]) for i in shared_idx])
-            for s in names
-        ])
-        J64 = J.to(torch.float64)
-        w = pcgrad_weights(J64 @ J64.T, self.gen)
-        d = unflat((w @ J64).to(J.dtype), [params[i] for i in shared_idx])
-        new: dict[int, torch.Tensor | None] = dict(zip(shared_idx, d))
-        for i, p in enumerate(params):
-            if id(p) not in shared:
-                reach = [g[s][i] for s in names if g[s][i] is not None]
-                new[i] = sum(reach) if reach else None
-        for i, p in enumerate(params):
-            t = new[i]
-            p.grad = None if t is None else t.detach().clone()
-        diag: dict[str, Any] = {f"pcgrad_w/{s}": float(x) for s, x in zip(names, w)}
-        return diag
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        return pcgrad_weights(gram, self.gen)
 
 
 class PCGradPerEncoder(EncoderRuleMethod):
