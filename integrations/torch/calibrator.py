@@ -32,12 +32,13 @@ from bogc_core.errors import ConfigError, NonFiniteError, ShapeError
 from .collective_step import agree, sample_and_reduce
 from .distributed import Agreement, active_group
 from .graph import walk
+from .memory import default_chunk_bytes
 from .microbatch import Microbatch
 from .options import SAMPLES, check_rho, named_parameters, validate_options
 from .per_example import PerExample
 from .samples import Moments, Problem, SourceStats, Stats
-from .sharded import compute_params, layer_type, local_grad
-from .shortcut import LinearTaps, Tap
+from .sharded import compute_params, local_grad
+from .shortcut import LinearTaps, Tap, broadcast_parent
 from .source import SampleContext, SampleSource
 from .state import StepState
 from .steps import Steps
@@ -105,8 +106,11 @@ class GradientCalibrator:
         Prior precision of the Laplace posterior (default 1).
     draws : int (keyword)
         Monte Carlo draws ``T`` for ``laplace`` (even; antithetic pairs).
-    chunk_bytes : int (keyword)
-        Memory bound of one batch of per-example gradient rows.
+    chunk_bytes : int or None (keyword)
+        Memory bound of one batch of per-example gradient rows. ``None``: sized
+        from the parameters and the memory free on their device
+        (:func:`~.memory.default_chunk_bytes`: 16 rows of the whole model when
+        they fit in an eighth of the free memory, at least 64 MiB).
     seed : int (keyword)
         Seed of the calibrator's own random generator (Laplace draws). Every
         rank must use the same seed.
@@ -151,7 +155,7 @@ class GradientCalibrator:
         laplace_layers: Mapping[str, nn.Module] | None = None,
         prior_precision: float = 1.0,
         draws: int = 8,
-        chunk_bytes: int = 1 << 26,
+        chunk_bytes: int | None = None,
         seed: int = 0,
         timeout: timedelta | None = None,
         on_nonfinite: str = "raise",
@@ -179,7 +183,8 @@ class GradientCalibrator:
         self.diagnostics = opts.diagnostics
         self.diagnostics_every = opts.diagnostics_every
         self.keep_statistics = opts.keep_statistics
-        self.chunk_bytes = opts.chunk_bytes
+        self.chunk_bytes = (opts.chunk_bytes if opts.chunk_bytes is not None
+                            else default_chunk_bytes(p for _, p in self._params))
         self.timeout = opts.timeout
         self.process_group = process_group
         self._agreement = Agreement()  # per-step check in a process group (docs/distributed.md)
@@ -342,6 +347,15 @@ class GradientCalibrator:
         # FSDP2: the graph reaches the unsharded tensors of sharded parameters.
         index, compute = compute_params(self._params, self._index)
         reaches = [walk(l, index, node_ids) for l in tensors]
+        for name, r in zip(names, reaches):
+            if r.opaque:
+                raise ConfigError(
+                    f"losses[{name!r}]: its graph passes through {r.opaque} reentrant gradient "
+                    f"checkpoint(s), whose parameters only autograd's own backward can reach, so "
+                    f"they would get no calibrated gradient; use non-reentrant checkpointing: "
+                    f"gradient_checkpointing_kwargs={{'use_reentrant': False}} (Hugging Face), or "
+                    f"torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
+                )
         in_graph = set().union(*[r.nodes for r in reaches]) if reaches else set()
         # Records outside the current graph (an earlier forward nobody backpropagated) do
         # not count; a layer called twice within the graph cannot use the shortcut.
@@ -361,10 +375,13 @@ class GradientCalibrator:
                 # The weight must reach this loss only through this layer call.
                 if any(r.fan_in.get(i, 0) != 1 for i in idxs):
                     continue
-                if t.out.shape[0] != tensors[k].shape[0] and (
-                    self.samples == "microbatch" or layer_type(t.module) is not nn.Linear
-                ):
-                    continue
+                # The formulas sum over each example's own rows (dim 0 is the batch).
+                if t.out.shape[0] != tensors[k].shape[0]:
+                    via = broadcast_parent(t, r.parents.get(id(t.out.grad_fn), []),
+                                           int(tensors[k].shape[0]))
+                    if via is None or (t.via is not None and t.via is not via):
+                        continue
+                    t.via = via
                 mine.append(t)
             shortcut.append(mine)
         return Problem(names, tensors, compute, [r.params for r in reaches], shortcut)
@@ -445,6 +462,16 @@ class GradientCalibrator:
             for i in stats.get(s, {}):
                 produced[i] = produced.get(i, ()) + (s,)
         if produced != sources_of:  # a source covered other parameters than the graph walk found
+            missing = [(s, self._params[i][0]) for i, ss in sources_of.items() for s in ss
+                       if s not in produced.get(i, ())]
+            if missing:
+                s, pname = missing[0]
+                raise ShapeError(
+                    f"losses[{s!r}]: reaches parameter {pname!r} (and {len(missing) - 1} more "
+                    f"pairs) but the {self.samples!r} sample source gave no statistics for it, so "
+                    f"it would get no calibrated gradient; freeze it (requires_grad=False), leave "
+                    f"it out of params, or use another sample source"
+                )
             groups = self._workspace.layout(produced)
 
         # Carried statistics: accumulated count and M2, current mean (the merge is pure;

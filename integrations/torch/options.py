@@ -46,7 +46,7 @@ class Options:
     on_nonfinite: str
     diagnostics: str
     diagnostics_every: int
-    chunk_bytes: int
+    chunk_bytes: int | None
     timeout: timedelta | None
     keep_statistics: bool
 
@@ -156,8 +156,11 @@ def validate_options(
         raise ConfigError(
             f"diagnostics_every: must be an int >= 1 (1: every step), got {diagnostics_every!r}"
         )
-    if not (isinstance(chunk_bytes, int) and not isinstance(chunk_bytes, bool) and chunk_bytes > 0):
-        raise ConfigError(f"chunk_bytes: must be a positive int, got {chunk_bytes!r}")
+    if chunk_bytes is not None and not (
+        isinstance(chunk_bytes, int) and not isinstance(chunk_bytes, bool) and chunk_bytes > 0
+    ):
+        raise ConfigError(f"chunk_bytes: must be a positive int or None (sized from the model), "
+                          f"got {chunk_bytes!r}")
     if timeout is not None and not isinstance(timeout, timedelta):
         raise ConfigError(f"timeout: expected a datetime.timedelta or None, got {type(timeout).__name__}")
     return Options(
