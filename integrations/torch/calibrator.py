@@ -222,7 +222,8 @@ class GradientCalibrator:
     def param_names(self) -> list[str]:
         return [n for n, _ in self._params]
 
-    def backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any = None) -> dict[str, Any]:
+    def backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any = None, *,
+                 sample_diagnostics: bool | None = None) -> dict[str, Any]:
         """Set ``p.grad`` to the calibrated gradient and return the diagnostics.
 
         ``losses`` maps a source name to its per-example losses ``(batch,)``
@@ -236,9 +237,13 @@ class GradientCalibrator:
         ``p.grad`` is replaced, not accumulated into. Parameters no source
         reaches keep their ``.grad``. If anything fails, no ``p.grad`` (and
         no carried state) has changed.
+
+        ``sample_diagnostics``: ``True`` or ``False`` samples the full
+        diagnostics on this step or not, whatever ``diagnostics_every`` says
+        (``None``: its schedule); ``diagnostics="none"`` never samples.
         """
         try:
-            return self._backward(losses, grad_scaler)
+            return self._backward(losses, grad_scaler, sample_diagnostics)
         finally:
             if self._taps is not None:
                 self._taps.clear()
@@ -401,7 +406,8 @@ class GradientCalibrator:
                 ) from exc
             raise
 
-    def _backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any) -> dict[str, Any]:
+    def _backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any,
+                  sample_diagnostics: bool | None = None) -> dict[str, Any]:
         group = active_group(self.process_group)
         prob: Problem | None = None
         if group is None:
@@ -516,7 +522,7 @@ class GradientCalibrator:
                 for s, per in used.items()
             }
         del stats, used
-        diag = self._calibrate(groups, names, out_scale)
+        diag = self._calibrate(groups, names, out_scale, sample_diagnostics)
         diag["shortcut_parameters"] = shortcut
         # Commit: the carried state first (it can be put back), then p.grad.
         state = self._state
@@ -533,11 +539,14 @@ class GradientCalibrator:
         self._steps_done += 1
         return diag
 
-    def _calibrate(self, groups: list[Group], names: list[str], out_scale: float) -> dict[str, Any]:
+    def _calibrate(self, groups: list[Group], names: list[str], out_scale: float,
+                   sample_diagnostics: bool | None = None) -> dict[str, Any]:
         """Every group's gradient into its ``out`` buffer, and the step's diagnostics."""
         multi = [g for g in groups if len(g.sources) > 1]
         warmup = self.config.prior.beta0 is None and any(g.min_count() < 2 for g in multi)
-        sampled = self.diagnostics != "none" and self._steps_done % self.diagnostics_every == 0
+        due = (self._steps_done % self.diagnostics_every == 0 if sample_diagnostics is None
+               else sample_diagnostics)
+        sampled = self.diagnostics != "none" and due
         lam = self.source_weights
         counts: dict[str, float] = {}
         for g in groups:

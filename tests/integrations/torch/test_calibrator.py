@@ -95,8 +95,17 @@ def test_diagnostics_are_plain_values():
         return isinstance(x, (int, float, bool, str)) or x is None
 
     assert plain(diag)
-    assert math.isclose(sum(diag["weight_mean"].values()), 1.0, rel_tol=1e-6)
     assert set(diag["weight_mean"]) == set(SOURCES)
+    # Each source's weight is averaged over the dimensions it reaches, not over all.
+    numel = {n: p.numel() for n, p in m.named_parameters()}
+    for s in SOURCES:
+        mine = {n: e for n, e in diag["parameters"].items()
+                if "weight_mean" in e and s in e["weight_mean"]}
+        dims = sum(numel[n] for n in mine)
+        expect = sum(numel[n] * e["weight_mean"][s] for n, e in mine.items()) / dims
+        assert math.isclose(diag["weight_mean"][s], expect, rel_tol=1e-9)
+        assert diag["dimensions"][s] == dims
+    assert sum(diag["weight_mean"].values()) > 1.0  # the unimodal sources reach fewer dimensions
 
 
 def test_empty_source_sits_out():
