@@ -45,26 +45,39 @@ def _flat(tap: Tap, dt: torch.dtype, delta: torch.Tensor) -> tuple[torch.Tensor,
     d = delta.to(dt)
     N = d.shape[0]
     if layer_type(mod) is nn.Linear:
-        return d.reshape(N, -1, d.shape[-1]), tap.x.to(dt).reshape(N, -1, tap.x.shape[-1])
+        # Contiguous once: output gradients of attention projections come back strided.
+        return (d.reshape(N, -1, d.shape[-1]).contiguous(),
+                tap.x.to(dt).reshape(N, -1, tap.x.shape[-1]).contiguous())
     assert isinstance(mod, nn.Conv2d) and not isinstance(mod.padding, str)  # see supported()
     U = F.unfold(tap.x.to(dt), mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
                  stride=mod.stride)
     return d.reshape(N, d.shape[1], -1).transpose(1, 2), U.transpose(1, 2)
 
 
+# Per-example gradient rows are squared while a block of them still sits in cache.
+CACHE_BYTES = 1 << 21
+
+
 def _blocked_squares(A: torch.Tensor, B: torch.Tensor, chunk_bytes: int):
-    """``(sum_i A_i^T B_i, sum_i (A_i^T B_i)^2)``, per-example products in blocks of examples."""
+    """``(sum_i A_i^T B_i, sum_i (A_i^T B_i)^2)``: per-example products formed in blocks of
+    at most ``chunk_bytes`` of examples and, within those, of output rows small enough to
+    be squared and summed while in cache."""
     N, T, out = A.shape
     inner = B.shape[2]
     tot = torch.mm(A.reshape(N * T, out).T, B.reshape(N * T, inner))
     if T == 1:
         # One row per example: the square of an outer product is the outer product of squares.
         return tot, torch.mm((A[:, 0] * A[:, 0]).T, B[:, 0] * B[:, 0])
-    R = max(1, int(chunk_bytes // max(out * inner * A.element_size(), 1)))
+    size = A.element_size()
+    R = max(1, int(chunk_bytes // max(out * inner * size, 1)))
+    At = A.transpose(1, 2).contiguous()  # (N, out, T)
     sq = torch.zeros_like(tot)
     for s in range(0, N, R):
-        g = torch.bmm(A[s:s + R].transpose(1, 2), B[s:s + R])
-        sq += g.mul_(g).sum(dim=0)
+        a, b = At[s:s + R], B[s:s + R]
+        rows = max(1, CACHE_BYTES // max(a.shape[0] * inner * size, 1))
+        for o in range(0, out, rows):
+            g = torch.bmm(a[:, o:o + rows], b)
+            sq[o:o + rows] += g.mul_(g).sum(dim=0)
     return tot, sq
 
 
@@ -149,12 +162,16 @@ def embedding_slice_moments(tap: Tap, dt: torch.dtype, delta: torch.Tensor, slic
     W = float(sum(weights))
     num = mod.num_embeddings
     mean = torch.zeros((num, d.shape[1]), dtype=dt, device=d.device)
-    mean.index_add_(0, idx, d * f[who][:, None]).div_(W)
+    mean.index_add_(0, idx, d * (f[who] / W)[:, None])
     pairs, inv = torch.unique(who * num + idx, return_inverse=True)
     g = torch.zeros((pairs.shape[0], d.shape[1]), dtype=dt, device=d.device).index_add_(0, inv, d)
     fg2 = g.mul_(g).mul_(f[pairs // num][:, None])
-    m2 = torch.zeros_like(mean).index_add_(0, pairs % num, fg2)
-    m2.addcmul_(mean, mean, value=-W).clamp_(min=0.0)
+    m2 = torch.zeros_like(mean)
+    # Only the rows some example touched are non-zero: finish M2 there alone.
+    rows, rinv = torch.unique(pairs % num, return_inverse=True)
+    part = torch.zeros((rows.shape[0], d.shape[1]), dtype=dt, device=d.device).index_add_(0, rinv, fg2)
+    m = mean[rows]
+    m2[rows] = part.addcmul_(m, m, value=-W).clamp_(min=0.0)
     return W, mean, m2
 
 
@@ -179,7 +196,8 @@ def slice_sums(tap: Tap, dt: torch.dtype, delta: torch.Tensor, slices: list[slic
         dx, d = _norm_factors(tap, dt, delta)
         for idx, f in ((tap.weight, dx), (tap.bias, d)):
             if idx is not None:
-                out[idx] = torch.stack([f[s].sum(dim=(0, 1)) for s in slices])
+                rows = f.sum(dim=1)
+                out[idx] = torch.stack([rows[s].sum(dim=0) for s in slices])
         return out
     A, B = _flat(tap, dt, delta)
     o, i = A.shape[2], B.shape[2]
@@ -189,5 +207,6 @@ def slice_sums(tap: Tap, dt: torch.dtype, delta: torch.Tensor, slices: list[slic
             torch.mm(A[s].reshape(-1, o).T, B[s].reshape(-1, i), out=g[j])
         out[tap.weight] = g.reshape((C,) + tuple(tap.layer_weight.shape))
     if tap.bias is not None:
-        out[tap.bias] = torch.stack([A[s].sum(dim=(0, 1)) for s in slices])
+        rows = A.sum(dim=1)
+        out[tap.bias] = torch.stack([rows[s].sum(dim=0) for s in slices])
     return out
