@@ -30,6 +30,7 @@ from bogc_core.errors import ConfigError, NonFiniteError, ShapeError
 
 from .collective_step import Distributed
 from .graph import walk
+from .memory import default_chunk_bytes
 from .options import (
     Diagnostics,
     check_on_nonfinite,
@@ -40,8 +41,8 @@ from .options import (
     sample_source,
 )
 from .samples import Moments, Problem, SourceStats, Stats
-from .sharded import compute_params, layer_type, local_grad
-from .shortcut import LinearTaps, Tap
+from .sharded import compute_params, local_grad
+from .shortcut import LinearTaps, Tap, broadcast_parent
 from .source import SampleContext, SampleSource
 from .state import StepState
 from .summary import group_entries, model_summary
@@ -145,8 +146,9 @@ class GradientCalibrator:
     source_weights : mapping source -> float or None
         Fixed ``lambda_k``, applied after calibration.
     model : nn.Module, optional (keyword)
-        Enables the per-layer shortcut for its ``nn.Linear`` and
-        ``nn.Conv2d`` layers (``PerExample`` and ``Microbatch``): forward
+        Enables the per-layer shortcut for its ``nn.Linear`` (inputs of any
+        rank), ``nn.Conv2d``, ``nn.Embedding`` and ``nn.LayerNorm`` layers
+        (``PerExample`` and ``Microbatch``): forward
         hooks record each layer's input and output, and one backward to the
         layer outputs gives every source's statistics (no backward pass per
         example). It assumes each example's loss depends on its own row of
@@ -203,6 +205,9 @@ class GradientCalibrator:
         self.distributed = distributed
         self.diagnostics = diagnostics_options(diagnostics)
         self.on_nonfinite = check_on_nonfinite(on_nonfinite)
+        # The sample source's bound, or one sized from the model (chunk_bytes=None).
+        self.chunk_bytes = (self.samples.chunk_bytes if self.samples.chunk_bytes is not None
+                            else default_chunk_bytes(p for _, p in self._params))
         self._state = StepState(self.rho) if self.rho is not None else None
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -224,7 +229,8 @@ class GradientCalibrator:
     def param_names(self) -> list[str]:
         return [n for n, _ in self._params]
 
-    def backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any = None) -> dict[str, Any]:
+    def backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any = None, *,
+                 sample_diagnostics: bool | None = None) -> dict[str, Any]:
         """Set ``p.grad`` to the calibrated gradient and return the diagnostics.
 
         ``losses`` maps a source name to its per-example losses ``(batch,)``
@@ -238,9 +244,13 @@ class GradientCalibrator:
         ``p.grad`` is replaced, not accumulated into. Parameters no source
         reaches keep their ``.grad``. If anything fails, no ``p.grad`` (and
         no carried state) has changed.
+
+        ``sample_diagnostics``: ``True`` or ``False`` samples the full
+        diagnostics on this step or not, whatever ``Diagnostics(every=)`` says
+        (``None``: its schedule); ``Diagnostics(level="none")`` never samples.
         """
         try:
-            return self._backward(losses, grad_scaler)
+            return self._backward(losses, grad_scaler, sample_diagnostics)
         finally:
             if self._taps is not None:
                 self._taps.clear()
@@ -354,6 +364,15 @@ class GradientCalibrator:
             raise ConfigError(_sparse_message(self._params[sparse[0]][0]))
         if any(r.compiled for r in reaches):
             raise ConfigError(_COMPILED)
+        for name, r in zip(names, reaches):
+            if r.opaque:
+                raise ConfigError(
+                    f"losses[{name!r}]: its graph passes through {r.opaque} reentrant gradient "
+                    f"checkpoint(s), whose parameters only autograd's own backward can reach, so "
+                    f"they would get no calibrated gradient; use non-reentrant checkpointing: "
+                    f"gradient_checkpointing_kwargs={{'use_reentrant': False}} (Hugging Face), or "
+                    f"torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
+                )
         in_graph = set().union(*[r.nodes for r in reaches]) if reaches else set()
         # Records outside the current graph (an earlier forward nobody backpropagated) do
         # not count; a layer called twice within the graph cannot use the shortcut.
@@ -373,10 +392,13 @@ class GradientCalibrator:
                 # The weight must reach this loss only through this layer call.
                 if any(r.fan_in.get(i, 0) != 1 for i in idxs):
                     continue
-                if t.out.shape[0] != tensors[k].shape[0] and (
-                    self.samples.NAME == "microbatch" or layer_type(t.module) is not nn.Linear
-                ):
-                    continue
+                # The formulas sum over each example's own rows (dim 0 is the batch).
+                if t.out.shape[0] != tensors[k].shape[0]:
+                    via = broadcast_parent(t, r.parents.get(id(t.out.grad_fn), []),
+                                           int(tensors[k].shape[0]))
+                    if via is None or (t.via is not None and t.via is not via):
+                        continue
+                    t.via = via
                 mine.append(t)
             shortcut.append(mine)
         return Problem(names, tensors, compute, [r.params for r in reaches], shortcut)
@@ -384,7 +406,7 @@ class GradientCalibrator:
     def _sample(self, prob: Problem, sink: Any = None) -> SourceStats:
         """This rank's statistics from the sample source (``sink``: see :class:`SampleContext`)."""
         ctx = SampleContext(self._generator, self.distributed.group(), self.distributed.timeout,
-                            sink)
+                            sink, self.chunk_bytes)
         try:
             return self.samples.sample(prob, ctx)
         except RuntimeError as exc:  # NotImplementedError included
@@ -490,7 +512,8 @@ class GradientCalibrator:
             state.stats, state.steps = kept
             raise
 
-    def _backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any) -> dict[str, Any]:
+    def _backward(self, losses: Mapping[str, torch.Tensor], grad_scaler: Any,
+                  sample_diagnostics: bool | None = None) -> dict[str, Any]:
         group = self.distributed.group()
         names, prob, scale = self._losses(losses, group, grad_scaler)
         out_scale = 1.0 if scale is None else scale
@@ -510,6 +533,16 @@ class GradientCalibrator:
             for i in stats.get(s, {}):
                 produced[i] = produced.get(i, ()) + (s,)
         if produced != sources_of:  # a source covered other parameters than the graph walk found
+            missing = [(s, self._params[i][0]) for i, ss in sources_of.items() for s in ss
+                       if s not in produced.get(i, ())]
+            if missing:
+                s, pname = missing[0]
+                raise ShapeError(
+                    f"losses[{s!r}]: reaches parameter {pname!r} (and {len(missing) - 1} more "
+                    f"pairs) but the {self.samples!r} sample source gave no statistics for it, so "
+                    f"it would get no calibrated gradient; freeze it (requires_grad=False), leave "
+                    f"it out of params, or use another sample source"
+                )
             groups = self._workspace.layout(produced)
         used, new_state = self._carried(stats)
         del stats
@@ -538,18 +571,21 @@ class GradientCalibrator:
             }
         del used
         # Step 5: every group's gradient into its buffer, and the diagnostics.
-        diag = self._calibrate(groups, names, out_scale)
+        diag = self._calibrate(groups, names, out_scale, sample_diagnostics)
         diag["shortcut_parameters"] = shortcut
         self._commit(new_state)
         self._steps_done += 1
         return diag
 
-    def _calibrate(self, groups: list[Group], names: list[str], out_scale: float) -> dict[str, Any]:
+    def _calibrate(self, groups: list[Group], names: list[str], out_scale: float,
+                   sample_diagnostics: bool | None = None) -> dict[str, Any]:
         """Every group's gradient into its ``out`` buffer, and the step's diagnostics."""
         multi = [g for g in groups if len(g.sources) > 1]
         warmup = self.config.prior.beta0 is None and any(g.min_count() < 2 for g in multi)
         level = self.diagnostics.level
-        sampled = level != "none" and self._steps_done % self.diagnostics.every == 0
+        due = (self._steps_done % self.diagnostics.every == 0 if sample_diagnostics is None
+               else sample_diagnostics)
+        sampled = level != "none" and due
         lam = self.source_weights
         counts: dict[str, float] = {}
         for g in groups:

@@ -5,6 +5,12 @@ reached when its ``AccumulateGrad`` node is. The walk is structural (no
 backward pass), so a parameter whose gradient happens to be exactly zero
 still counts as reached, which is what the statistics want: a zero gradient
 is a sample.
+
+Reentrant gradient checkpointing (``torch.utils.checkpoint.checkpoint(...,
+use_reentrant=True)``) runs its block's forward without autograd and rebuilds
+the graph only inside the backward pass, so the parameters of the block are
+invisible to any walk; :attr:`Reach.opaque` counts such nodes so that the
+caller can refuse them rather than skip those parameters.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Reach", "walk"]
+__all__ = ["OPAQUE", "Reach", "walk"]
 
 
 @dataclass
@@ -33,6 +39,9 @@ class Reach:
     (AOTAutograd's ``CompiledFunctionBackward``): one node for the whole
     compiled region, which reaches every parameter of that region whatever
     the loss actually depends on.
+    ``opaque``: the number of nodes whose parameters no walk can see (:data:`OPAQUE`).
+    ``parents``: for each extra node asked about, the nodes with an edge into it
+    (one entry per edge).
     """
 
     params: set[int] = field(default_factory=set)
@@ -40,6 +49,12 @@ class Reach:
     fan_in: dict[int, int] = field(default_factory=dict)
     sparse: set[int] = field(default_factory=set)
     compiled: bool = False
+    opaque: int = 0
+    parents: dict[int, list[Any]] = field(default_factory=dict)
+
+
+# Nodes whose backward runs a forward and backward of its own that no walk can see.
+OPAQUE = ("CheckpointFunctionBackward",)
 
 
 def walk(loss: torch.Tensor, param_index: dict[int, int], node_ids: Iterable[int] = ()) -> Reach:
@@ -63,12 +78,16 @@ def walk(loss: torch.Tensor, param_index: dict[int, int], node_ids: Iterable[int
             out.nodes.add(id(node))
         if type(node).__name__ == "CompiledFunctionBackward":
             out.compiled = True
+        if type(node).__name__ in OPAQUE:
+            out.opaque += 1
         var = getattr(node, "variable", None)
         if var is not None and id(var) in param_index:
             out.params.add(param_index[id(var)])
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
+            if id(nxt) in wanted:
+                out.parents.setdefault(id(nxt), []).append(node)
             v = getattr(nxt, "variable", None)
             if v is not None and id(v) in param_index:
                 i = param_index[id(v)]

@@ -40,7 +40,7 @@ from .graph import walk
 from .samples import Moments, Problem, SourceStats, Stats, batched_grads, work_dtype
 from .sharded import compute_tensors, layer_type
 from .shortcut import ForwardRecorder
-from .source import CHUNK_BYTES, SampleContext, SampleSource
+from .source import SampleContext, SampleSource
 
 __all__ = ["Laplace"]
 
@@ -68,7 +68,7 @@ class Laplace(ForwardRecorder, SampleSource):
         draws: int = 8,
         seed: int = 0,
         rho: float | None = None,
-        chunk_bytes: int = CHUNK_BYTES,
+        chunk_bytes: int | None = None,
     ) -> None:
         ForwardRecorder.__init__(self)
         SampleSource.__init__(self, rho, chunk_bytes)
@@ -151,7 +151,7 @@ class Laplace(ForwardRecorder, SampleSource):
                 "draws": self.draws, "seed": self.seed, **super().options()}
 
     def sample(self, prob: Problem, ctx: SampleContext) -> SourceStats:
-        return self.draw(prob, ctx.generator, self.chunk_bytes, ctx.group, ctx.timeout)
+        return self.draw(prob, ctx.generator, self.bound(ctx), ctx.group, ctx.timeout)
 
     def draw(self, prob: Problem, generator: torch.Generator, chunk_bytes: int, group: Any,
              timeout: timedelta | None = None) -> SourceStats:

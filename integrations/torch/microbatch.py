@@ -3,9 +3,9 @@
 Chunk ``j`` of source ``k`` covers ``n_j`` contiguous examples; its sample is
 the gradient of the chunk's mean loss, weighted by ``f_j = n_j c / B`` so that
 the statistics' mean is exactly the gradient of ``loss.mean()`` even when
-``B`` is not a multiple of ``c``. Linear and Conv2d layers of the per-layer
+``B`` is not a multiple of ``c``. Layers of the per-layer
 shortcut get the chunk gradients from their recorded inputs and output
-gradients (one product per chunk); the chunks of all sources share batched
+gradients (:func:`~.layer_grads.slice_sums`); the chunks of all sources share batched
 backward passes elsewhere.
 """
 
@@ -14,10 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from bogc_core.errors import ConfigError
 
 from .accumulate import Accumulator
+from .layer_grads import embedding_slice_moments, slice_sums
 from .samples import (
     Problem,
     Row,
@@ -28,8 +30,8 @@ from .samples import (
     require_examples,
     work_dtype,
 )
-from .shortcut import factors
-from .source import CHUNK_BYTES, SampleContext, SampleSource
+from .sharded import layer_type
+from .source import SampleContext, SampleSource
 
 __all__ = ["Microbatch", "microbatch"]
 
@@ -63,22 +65,20 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> Source
         mine = deltas.pop(k)
         f = torch.tensor([weight(k, j) for j in range(len(slices[k]))], dtype=torch.float64)
         unit = bool((f == 1).all())
+        inv = torch.tensor([1.0 / (s_.stop - s_.start) for s_ in slices[k]], dtype=torch.float64)
         for tap in prob.shortcut[k]:
             dt = work_dtype(tap.layer_weight)
-            A, Bm = factors(tap, dt, mine.pop(id(tap.out)))
-            fw = None if unit else f.to(dtype=dt, device=A.device)
-            inv = [1.0 / (s_.stop - s_.start) for s_ in slices[k]]
-            if tap.weight is not None:
-                out_f, in_f = A.shape[2], Bm.shape[2]
-                g = torch.empty((len(inv), out_f, in_f), dtype=dt, device=A.device)
-                for j, (s_, a) in enumerate(zip(slices[k], inv)):
-                    torch.mm(A[s_].reshape(-1, out_f).T, Bm[s_].reshape(-1, in_f), out=g[j]).mul_(a)
-                g = g.reshape((len(inv),) + tuple(tap.layer_weight.shape))
-                acc.setdefault((k, tap.weight), Accumulator()).add(g, fw, owned=True)
-                del g
-            if tap.bias is not None:
-                g = torch.stack([A[s_].sum(dim=(0, 1)).mul_(a) for s_, a in zip(slices[k], inv)])
-                acc.setdefault((k, tap.bias), Accumulator()).add(g, fw, owned=True)
+            if layer_type(tap.module) is nn.Embedding and tap.weight is not None:
+                W, mean, m2 = embedding_slice_moments(tap, dt, mine.pop(id(tap.out)), slices[k],
+                                                      f.tolist())
+                acc.setdefault((k, tap.weight), Accumulator()).add_moments(W, mean, m2)
+                continue
+            sums = slice_sums(tap, dt, mine.pop(id(tap.out)), slices[k])
+            for idx, g in sums.items():
+                scale = inv.to(dtype=dt, device=g.device).reshape((-1,) + (1,) * (g.dim() - 1))
+                fw = None if unit else f.to(dtype=dt, device=g.device)
+                acc.setdefault((k, idx), Accumulator()).add(g.mul_(scale), fw, owned=True)
+            del sums
 
     gen = [prob.generic(k) for k in range(S)]
     rows = [
@@ -106,7 +106,7 @@ class Microbatch(SampleSource):
     USES_SHORTCUT = True
 
     def __init__(self, chunks: int = 4, *, rho: float | None = None,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
+                 chunk_bytes: int | None = None) -> None:
         super().__init__(rho, chunk_bytes)
         if not (isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 2):
             raise ConfigError(
@@ -118,4 +118,4 @@ class Microbatch(SampleSource):
         return {"chunks": self.chunks, **super().options()}
 
     def sample(self, prob: Problem, ctx: SampleContext) -> SourceStats:
-        return microbatch(prob, self.chunks, self.chunk_bytes)
+        return microbatch(prob, self.chunks, self.bound(ctx))

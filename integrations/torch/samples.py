@@ -27,7 +27,7 @@ from .shortcut import Tap
 
 __all__ = [
     "Moments", "Problem", "Row", "SourceStats", "Stats", "batched_grads", "chunk_slices", "delta_batches", "delta_rows", "generic_rows",
-    "require_examples", "shortcut_tensors", "stats_from_sums", "unaliased", "work_dtype",
+    "require_examples", "stats_from_sums", "unaliased", "work_dtype",
 ]
 
 
@@ -86,27 +86,42 @@ class Problem:
         return int(self.losses[k].shape[0]) if self.losses[k].dim() else 1
 
 
+def _is_vmap_randomness(exc: RuntimeError) -> bool:
+    return "random operations inside of vmap" in str(exc)
+
+
 def batched_grads(
     losses: list[torch.Tensor], cotangents: list[torch.Tensor], inputs: list[torch.Tensor]
 ) -> list[torch.Tensor]:
     """Gradients of ``sum_k <cotangents[k][r], losses[k]>`` w.r.t. ``inputs`` for every row ``r``.
 
     ``cotangents[k]`` has shape ``(R, *losses[k].shape)``; returns one tensor
-    ``(R, *inputs[i].shape)`` per input, from a single (vectorised) backward.
+    ``(R, *inputs[i].shape)`` per input, from a single (vectorised) backward,
+    or from ``R`` backward passes when the backward draws random numbers (a
+    checkpointed forward with dropout, recomputed inside the backward: vmap
+    cannot draw them, and the checkpoint replays the forward's random state
+    in each pass, so every row sees the forward's masks).
     """
     R = int(cotangents[0].shape[0])
-    if R == 1:
-        gs = torch.autograd.grad(
-            losses, inputs, grad_outputs=[c[0] for c in cotangents],
+    if R > 1:
+        try:
+            return list(
+                torch.autograd.grad(
+                    losses, inputs, grad_outputs=cotangents, retain_graph=True, allow_unused=True,
+                    is_grads_batched=True, materialize_grads=True,
+                )
+            )
+        except RuntimeError as exc:
+            if not _is_vmap_randomness(exc):
+                raise
+    rows = [
+        torch.autograd.grad(
+            losses, inputs, grad_outputs=[c[r] for c in cotangents],
             retain_graph=True, allow_unused=True, materialize_grads=True,
         )
-        return [g.unsqueeze(0) for g in gs]
-    return list(
-        torch.autograd.grad(
-            losses, inputs, grad_outputs=cotangents, retain_graph=True, allow_unused=True,
-            is_grads_batched=True, materialize_grads=True,
-        )
-    )
+        for r in range(R)
+    ]
+    return [torch.stack([row[j] for row in rows]) for j in range(len(inputs))]
 
 
 def stats_from_sums(n: float, total: torch.Tensor, total_sq: torch.Tensor) -> Moments:
@@ -154,23 +169,37 @@ def delta_batches(prob: Problem, sources: list[int]) -> list[tuple[Tap, list[int
             users.setdefault(id(tap.out), []).append(k)
     if not taps:
         return []
-    outs = [t.out for t in taps.values()]
-    R = len(sources)
-    cots = []
-    for r, k in enumerate(sources):
+    # One backward per source rather than one vmapped backward for all: it works under
+    # gradient checkpointing with dropout (vmap cannot draw random numbers), each source
+    # walks only to the layers it uses, and node hooks see plain tensors.
+    per_source: dict[int, dict[int, torch.Tensor]] = {}
+    for k in sources:
+        mine = [tid for tid in taps if k in users[tid]]
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+        for tid in mine:
+            if taps[tid].via is not None:
+                handles.append(taps[tid].via.register_prehook(_capture(captured, tid)))
         l = prob.losses[k]
-        c = torch.zeros((R,) + tuple(l.shape), dtype=l.dtype, device=l.device)
-        c[r] = 1.0
-        cots.append(c)
-    grads = batched_grads([prob.losses[k] for k in sources], cots, outs)
-    row = {k: r for r, k in enumerate(sources)}
+        try:
+            grads = torch.autograd.grad(l, [taps[tid].out for tid in mine],
+                                        grad_outputs=torch.ones_like(l), retain_graph=True,
+                                        allow_unused=True, materialize_grads=True)
+        finally:
+            for h in handles:
+                h.remove()
+        per_source[k] = {tid: captured.get(tid, g) for tid, g in zip(mine, grads)}
     res = []
-    for (tid, tap), g in zip(taps.items(), grads):
+    for tid, tap in taps.items():
         ks = users[tid]
-        if len(ks) < R:
-            g = g[[row[k] for k in ks]]
-        res.append((tap, ks, g))
+        res.append((tap, ks, torch.stack([per_source[k].pop(tid) for k in ks])))
     return res
+
+
+def _capture(store: dict[int, torch.Tensor], key: int):
+    def hook(grad_outputs: tuple) -> None:
+        store[key] = grad_outputs[0]
+    return hook
 
 
 def delta_rows(prob: Problem, sources: list[int]) -> dict[int, dict[int, torch.Tensor]]:
@@ -180,10 +209,6 @@ def delta_rows(prob: Problem, sources: list[int]) -> dict[int, dict[int, torch.T
         for r, k in enumerate(ks):
             res[k][id(tap.out)] = g[r]
     return res
-
-
-def shortcut_tensors(tap: Tap, dtype: torch.dtype, delta: torch.Tensor):
-    return tap.x.to(dtype), delta.to(dtype)
 
 
 @dataclass

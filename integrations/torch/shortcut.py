@@ -1,31 +1,28 @@
-"""Per-layer shortcut for ``nn.Linear`` (and ``nn.Conv2d``): statistics from activations.
+"""Per-layer shortcut: statistics from each layer's recorded input and output gradient.
 
-For a linear layer ``y_i = W x_i + b`` and example losses ``l_i`` that each
-depend on one row of the layer's output, the per-example gradients are
-``g_i(W) = delta_i x_i^T`` and ``g_i(b) = delta_i`` with
-``delta_i = d l_i / d y_i``. Their sums are
+For a layer call ``out = f(x; theta)`` and example losses ``l_i`` that each
+depend on their own rows of the output only, the per-example gradient of
+``theta`` is a function of the example's input ``x_i`` and output gradient
+``delta_i = d l_i / d out_i`` alone (the formulas per layer type are in
+:mod:`.layer_grads`). So one backward pass to the layer outputs gives every
+sufficient statistic (``n``, ``sum g``, ``sum g^2``) without a backward pass
+per example. For a Linear layer on 2-D inputs ``y_i = W x_i + b``:
 
     sum_i g_i(W)   = delta^T x               (out, in)
     sum_i g_i(W)^2 = (delta^2)^T (x^2)       (out, in)    elementwise squares
 
-so one backward pass to the layer outputs gives every sufficient statistic
-(``n``, ``sum g``, ``sum g^2``) at the cost of two matrix products, with no
-``(batch, out, in)`` tensor. Micro-batch gradients are
-``g_j(W) = delta_j^T x_j / n_j`` over the rows of chunk ``j``.
+Layers with a shortcut: ``nn.Linear`` on inputs of any rank ``(N, ..., in)``
+(the middle axes, a sequence for instance, are summed inside each example's
+gradient), ``nn.Conv2d`` (``groups=1``, numeric zero padding), ``nn.Embedding``
+(dense gradients, no ``max_norm`` or ``scale_grad_by_freq``) on index tensors
+``(N, ...)``, and ``nn.LayerNorm`` with affine parameters on ``(N, ..., *shape)``.
 
-For ``nn.Conv2d`` (``groups=1``, zero padding) the per-example gradient is
-``g_i(W) = delta_i U_i^T`` with ``U_i = unfold(x_i)`` of shape ``(C k k, L)``
-and ``delta_i`` of shape ``(out, L)`` (``L`` output positions): the sum over
-positions sits inside the square, so ``sum_i g_i^2`` needs each layer's
-per-example gradients, formed here one memory-bounded block of examples at a
-time from the layer's own inputs (no backward pass per example); micro-batch
-gradients ``sum_{i in j} delta_i U_i^T / n_j`` are one matrix product each.
-
-The layer's forward inputs and outputs are recorded by forward hooks. A layer
-falls back to the generic path (exact per-example gradients from autograd)
-when it was called more than once in the losses' graph, its input has the
-wrong rank (Linear: 2-D; Conv2d: 4-D), its output was modified in place, or
-its weight is also used elsewhere in a loss's graph.
+The layer's forward inputs and outputs are recorded by forward hooks (not
+while autograd runs a backward pass: gradient checkpointing's recomputation
+of a forward is not a new call). A layer falls back to the generic path
+(exact per-example gradients from autograd) when it was called more than once
+in the losses' graph, its input has the wrong rank, its output was modified
+in place, or its weight is also used elsewhere in a loss's graph.
 """
 
 from __future__ import annotations
@@ -34,31 +31,71 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .sharded import layer_type  # FSDP2 gives fully_shard layers a class of their own
 
-__all__ = ["ForwardRecorder", "LinearTaps", "Tap", "supported", "factors", "per_example_sums", "conv_per_example_sums"]
+__all__ = ["ForwardRecorder", "LinearTaps", "Tap", "broadcast_parent", "in_backward", "per_example_sums", "supported"]
 
 
 def supported(mod: nn.Module) -> bool:
-    """Layers with a shortcut: ``nn.Linear``; ``nn.Conv2d`` with groups=1 and numeric zero padding."""
-    if layer_type(mod) is nn.Linear:
+    """Layers with a shortcut (see the module docstring)."""
+    kind = layer_type(mod)
+    if kind is nn.Linear:
         return True
+    if kind is nn.Embedding:
+        assert isinstance(mod, nn.Embedding)
+        return not mod.sparse and mod.max_norm is None and not mod.scale_grad_by_freq
+    if kind is nn.LayerNorm:
+        assert isinstance(mod, nn.LayerNorm)
+        return isinstance(mod.weight, torch.Tensor)
     return (
-        isinstance(mod, nn.Conv2d) and layer_type(mod) is nn.Conv2d and mod.groups == 1 and mod.padding_mode == "zeros"
+        isinstance(mod, nn.Conv2d) and kind is nn.Conv2d and mod.groups == 1 and mod.padding_mode == "zeros"
         and not isinstance(mod.padding, str)
     )
 
 
-def _ranks(mod: nn.Module) -> int:
-    return 2 if layer_type(mod) is nn.Linear else 4
+def _fits(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:
+    """The call's input and output have the layout the layer's formulas assume."""
+    kind = layer_type(mod)
+    if kind is nn.Linear:
+        return x.dim() >= 2 and out.dim() == x.dim() and x.is_floating_point()
+    if kind is nn.Embedding:
+        return x.dim() >= 1 and out.dim() == x.dim() + 1 and not x.is_floating_point()
+    if kind is nn.LayerNorm:
+        assert isinstance(mod, nn.LayerNorm)
+        return x.dim() > len(mod.normalized_shape) and out.shape == x.shape
+    return x.dim() == 4 and out.dim() == 4
+
+
+def broadcast_parent(tap: Tap, parents: list[Any], batch: int) -> Any:
+    """The node through which a batch-1 Embedding output reaches a batch of ``batch`` rows, or None.
+
+    Only ``a + out`` with ``out`` broadcast along the batch axis qualifies: the
+    gradient of the sum's example ``i`` is then the gradient of ``out`` for
+    example ``i`` (``alpha`` must be 1 and the sum's shape ``(batch, *out.shape[1:])``).
+    """
+    if layer_type(tap.module) is not nn.Embedding or tap.out.shape[0] != 1 or batch == 1:
+        return None
+    if len(parents) != 1 or type(parents[0]).__name__ != "AddBackward0":
+        return None
+    node = parents[0]
+    if getattr(node, "_saved_alpha", None) != 1:
+        return None
+    meta = node._input_metadata
+    if len(meta) != 1 or tuple(meta[0].shape) != (batch,) + tuple(tap.out.shape[1:]):
+        return None
+    return node
+
+
+def in_backward() -> bool:
+    """Autograd is running a backward pass (a checkpointed forward being recomputed)."""
+    return bool(torch._C._current_graph_task_id() != -1)
 
 
 @dataclass
 class Tap:
-    """One recorded call of a linear or convolution layer."""
+    """One recorded call of a layer with a shortcut."""
 
     @property
     def layer_weight(self) -> torch.Tensor:
@@ -68,11 +105,14 @@ class Tap:
         return w
 
     module: nn.Module
-    x: torch.Tensor  # (N, in) or (N, C, H, W), detached
-    out: torch.Tensor  # (N, out) or (N, out, H', W'), part of the graph
+    x: torch.Tensor  # the layer's input (N, ...), detached
+    out: torch.Tensor  # its output (N, ...), part of the graph
     version: int
     weight: int | None  # parameter index of the weight (None: not calibrated)
     bias: int | None
+    # A call whose output has one row broadcast over the batch (position embeddings):
+    # the node adding it to a batched tensor, whose output gradient is the per-example one.
+    via: Any = None
 
 
 class ForwardRecorder:
@@ -89,6 +129,8 @@ class ForwardRecorder:
     def _watch(self, mod: nn.Module, key: Any) -> None:
         def hook(mod: nn.Module, inputs: tuple, out: Any) -> None:
             if not (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad):
+                return
+            if in_backward():
                 return
             x = inputs[0] if inputs else None
             if isinstance(x, torch.Tensor):
@@ -114,7 +156,7 @@ class LinearTaps(ForwardRecorder):
         self._index: dict[nn.Module, tuple[int | None, int | None]] = {}
         for mod in model.modules():
             if supported(mod) and id(mod.weight) in param_index:
-                b = mod.bias
+                b = getattr(mod, "bias", None)
                 self._index[mod] = (
                     param_index[id(mod.weight)],
                     param_index.get(id(b)) if b is not None else None,
@@ -135,8 +177,7 @@ class LinearTaps(ForwardRecorder):
         for mod, recs in self._records.items():
             w, b = self._index[mod]
             for x, out, version in recs:
-                r = _ranks(mod)
-                if x.dim() == r and out.dim() == r and out._version == version and out.grad_fn is not None:
+                if _fits(mod, x, out) and out._version == version and out.grad_fn is not None:
                     taps.append(Tap(mod, x, out, version, w, b))
         return taps
 
@@ -149,43 +190,3 @@ def per_example_sums(x: torch.Tensor, delta: torch.Tensor, with_weight: bool, wi
     if with_bias:
         out["bias"] = (delta.sum(dim=0), (delta * delta).sum(dim=0))
     return out
-
-
-def factors(tap: Tap, dtype: torch.dtype, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` with per-example weight gradients ``g_i = A_i^T B_i`` (flattened to ``(out, in')``).
-
-    Linear: ``A = delta[:, None, :]`` ``(N, 1, out)``, ``B = x[:, None, :]``.
-    Conv2d: ``A = delta`` as ``(N, L, out)``, ``B = unfold(x)^T`` ``(N, L, C k k)``.
-    The per-example bias gradient is ``A_i.sum(0)``.
-    """
-    mod = tap.module
-    d = delta.to(dtype)
-    if layer_type(mod) is nn.Linear:
-        return d.unsqueeze(1), tap.x.to(dtype).unsqueeze(1)
-    assert isinstance(mod, nn.Conv2d) and not isinstance(mod.padding, str)  # see supported()
-    U = F.unfold(tap.x.to(dtype), mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
-                 stride=mod.stride)
-    N, out = d.shape[:2]
-    return d.reshape(N, out, -1).transpose(1, 2), U.transpose(1, 2)
-
-
-def conv_per_example_sums(A: torch.Tensor, B: torch.Tensor, with_weight: bool, with_bias: bool,
-                          chunk_bytes: int):
-    """``(sum g, sum g^2)`` from per-example gradients ``A_i^T B_i`` formed in blocks of examples."""
-    N, _, out = A.shape
-    inner = B.shape[2]
-    per = out * inner * A.element_size()
-    R = max(1, int(chunk_bytes // max(per, 1)))
-    res = {}
-    if with_weight:
-        tot = torch.zeros((out, inner), dtype=A.dtype, device=A.device)
-        sq = torch.zeros_like(tot)
-        for s in range(0, N, R):
-            g = torch.bmm(A[s:s + R].transpose(1, 2), B[s:s + R])
-            tot += g.sum(dim=0)
-            sq += g.mul_(g).sum(dim=0)
-        res["weight"] = (tot, sq)
-    if with_bias:
-        gb = A.sum(dim=1)
-        res["bias"] = (gb.sum(dim=0), (gb * gb).sum(dim=0))
-    return res

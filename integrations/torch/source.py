@@ -12,7 +12,9 @@ Options every sample source has:
 
 - ``rho``: forgetting factor in [0, 1] of the statistics carried across steps
   (``None``: no carrying; :class:`~.steps.Steps` carries with 0.9 by default);
-- ``chunk_bytes``: memory bound of one batch of gradient rows.
+- ``chunk_bytes``: memory bound of one batch of gradient rows (``None``, the
+  default: sized from the calibrated parameters and the memory free on their
+  device, :func:`~.memory.default_chunk_bytes`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .samples import Problem, SourceStats
 
 __all__ = ["CHUNK_BYTES", "SampleContext", "SampleSource", "check_chunk_bytes", "check_unit_rho"]
 
-#: Default memory bound of one batch of gradient rows.
+#: Memory bound of one batch of gradient rows when nothing else sets one.
 CHUNK_BYTES = 1 << 26
 
 
@@ -45,11 +47,13 @@ def check_unit_rho(rho: Any, what: str = "rho") -> float | None:
     return float(rho)
 
 
-def check_chunk_bytes(chunk_bytes: Any) -> int:
+def check_chunk_bytes(chunk_bytes: Any) -> int | None:
+    if chunk_bytes is None:
+        return None
     if not (isinstance(chunk_bytes, int) and not isinstance(chunk_bytes, bool) and chunk_bytes > 0):
         raise ConfigError(
-            f"chunk_bytes: must be a positive int (bytes of one batch of gradient rows), "
-            f"got {chunk_bytes!r}"
+            f"chunk_bytes: must be a positive int (bytes of one batch of gradient rows) or None "
+            f"(sized from the model), got {chunk_bytes!r}"
         )
     return chunk_bytes
 
@@ -62,12 +66,15 @@ class SampleContext:
     ``sink(source, index)``, when given, returns ``(mean, m2)`` views in the
     parameter's shape and working dtype where the source may write those
     statistics directly (and return the views), or ``None``.
+    ``chunk_bytes``: the calibrator's memory bound of one batch of gradient
+    rows, used when the source's own ``chunk_bytes`` is ``None``.
     """
 
     generator: torch.Generator
     group: Any = None
     timeout: timedelta | None = None
     sink: Callable[[str, int], tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    chunk_bytes: int = CHUNK_BYTES
 
 
 class SampleSource:
@@ -86,7 +93,7 @@ class SampleSource:
     SCALAR_LOSSES: bool = False
     USES_SHORTCUT: bool = False
 
-    def __init__(self, rho: float | None = None, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, rho: float | None = None, chunk_bytes: int | None = None) -> None:
         self.rho = check_unit_rho(rho)
         self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self.seed = 0
@@ -97,6 +104,10 @@ class SampleSource:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"
+
+    def bound(self, ctx: SampleContext) -> int:
+        """The memory bound of this step: the source's ``chunk_bytes``, or the context's."""
+        return self.chunk_bytes if self.chunk_bytes is not None else ctx.chunk_bytes
 
     def sample(self, prob: Problem, ctx: SampleContext) -> SourceStats:
         """Per source name and parameter index, the statistics of this step's samples."""

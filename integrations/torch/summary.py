@@ -5,8 +5,8 @@ Every step reports counts and flags (no device work). On a *sampled* step
 by the keys of :attr:`~bogc_core.Calibration.diagnostics`, which the group's
 one ``calibrate_gradient(..., summarize=...)`` call accumulates in the passes
 that write the gradient (the step never forms the ``(S, D)`` outputs, and no
-second calibration runs), and the model gets numel-weighted means of the
-per-tensor values.
+second calibration runs), and the model gets each source's means over the
+dimensions it reaches (:func:`model_summary`).
 """
 
 from __future__ import annotations
@@ -48,19 +48,30 @@ def group_entries(group: Group, names: list[str], shapes: list[torch.Size], conf
 
 def model_summary(entries: Mapping[str, Mapping[str, Any]], numels: Mapping[str, int],
                   names: list[str]) -> dict[str, Any]:
-    """Numel-weighted means over the calibrated tensors of the per-source weight and evidence
-    means and of the fused uncertainty, and the belief scale's range."""
+    """Model-level means of the calibrated tensors' summaries.
+
+    ``weight_mean[s]`` and ``evidence_mean[s]``: source ``s``'s mean over the
+    dimensions it reaches, ``sum_n D_n v_{n,s} / sum_n D_n`` over the
+    calibrated tensors ``n`` that ``s`` reaches (``D_n`` their sizes); a
+    source that reaches no calibrated tensor is left out. The fused
+    uncertainty is the size-weighted mean over all calibrated tensors, and
+    the belief scale's range is taken over them.
+    """
     tot = sum(numels[n] for n in entries)
     wm = {s: 0.0 for s in names}
     em = {s: 0.0 for s in names}
+    reach = {s: 0 for s in names}
     fu, smin, smax = 0.0, math.inf, -math.inf
     for n, e in entries.items():
-        frac = numels[n] / tot
-        fu += frac * e["fused_uncertainty_mean"]
+        fu += numels[n] / tot * e["fused_uncertainty_mean"]
         smin = min(smin, e["belief_scale_min"])
         smax = max(smax, e["belief_scale_max"])
         for s in e["sources"]:
-            wm[s] += frac * e["weight_mean"][s]
-            em[s] += frac * e["evidence_mean"][s]
-    return {"weight_mean": wm, "evidence_mean": em, "fused_uncertainty_mean": fu,
-            "belief_scale_min": smin, "belief_scale_max": smax}
+            wm[s] += numels[n] * e["weight_mean"][s]
+            em[s] += numels[n] * e["evidence_mean"][s]
+            reach[s] += numels[n]
+    mine = [s for s in names if reach[s] > 0]
+    return {"weight_mean": {s: wm[s] / reach[s] for s in mine},
+            "evidence_mean": {s: em[s] / reach[s] for s in mine},
+            "dimensions": {s: reach[s] for s in mine},
+            "fused_uncertainty_mean": fu, "belief_scale_min": smin, "belief_scale_max": smax}

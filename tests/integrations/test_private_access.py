@@ -20,6 +20,15 @@ ROOT = Path(__file__).resolve().parents[2] / "integrations"
 ALLOWED_ATTRIBUTES = {
     "_version": "torch.Tensor's in-place version counter: tells a recorded layer output that "
                 "was modified after the forward pass",
+    "_input_metadata": "an autograd node's input shapes: tells a batch-1 position Embedding "
+                       "broadcast over the batch by an add (shortcut.broadcast_parent)",
+    "_C": "torch's C extension, for _current_graph_task_id below",
+    "_current_graph_task_id": "whether autograd is running a backward pass (a non-reentrant "
+                              "checkpoint recomputing its forward), so hooks record nothing then",
+    "_save_checkpoint": "transformers.Trainer's checkpoint writer: BOGCTrainer extends it to put "
+                        "the calibrator's state into each checkpoint folder",
+    "_load_from_checkpoint": "transformers.Trainer's checkpoint reader: BOGCTrainer extends it to "
+                             "restore the calibrator's state on resume_from_checkpoint",
 }
 # (module, name) -> why
 ALLOWED_IMPORTS = {

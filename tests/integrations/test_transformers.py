@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="needs the torch extra")
 pytest.importorskip("transformers", reason="needs the optional transformers extra")
-from bogc_core.integrations.torch import GradientCalibrator  # noqa: E402
+from bogc_core.integrations.torch import GradientCalibrator, Microbatch  # noqa: E402
 from bogc_core.integrations.transformers import BOGCTrainer, source_losses  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
@@ -189,3 +189,82 @@ def test_example_script_runs(ex: ModuleType, capsys: pytest.CaptureFixture[str])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("bogc: training loss")
     assert float(line.rsplit(" ", 1)[1]) > 0.6  # 3 classes: chance is 1/3
+
+
+def _args(ex: ModuleType, out: Path, steps: int, **kw: Any) -> Any:
+    args = ex.training_args(str(out), steps, batch=16)
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_diagnostics_reach_the_log_history_with_default_options(ex: ModuleType,
+                                                                tmp_path: Path) -> None:
+    data, model = _setup(ex, tmp_path)
+    args = _args(ex, tmp_path, 6, logging_strategy="steps", logging_steps=3)
+    trainer = BOGCTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    assert [r["step"] for r in rows] == [3, 6]
+    for r in rows:
+        assert {f"bogc/weight_mean/{s}" for s in ("fusion", "a", "b")} <= set(r)
+        assert all(isinstance(v, float) for k, v in r.items() if k.startswith("bogc/"))
+        assert r["bogc/num_calibrated"] > 0 and 0.0 < r["bogc/weight_mean/b"] < 1.0
+    # The logged weights are those of the step logged: recompute step 6's diagnostics.
+    assert trainer.last_diagnostics["sampled"]
+    assert rows[-1]["bogc/weight_mean/fusion"] == trainer.last_diagnostics["weight_mean"]["fusion"]
+
+
+@pytest.mark.parametrize("rho", [None, 0.8])
+def test_checkpoints_hold_the_calibrator_and_resume_is_exact(ex: ModuleType, tmp_path: Path,
+                                                              rho: float | None) -> None:
+    kw = {} if rho is None else {"samples": Microbatch(rho=rho)}
+
+    def run(out: Path, resume: str | None = None) -> Any:
+        data, model = _setup(ex, tmp_path)
+        args = _args(ex, out, 4, save_strategy="steps", save_steps=2)
+        trainer = BOGCTrainer(model=model, args=args, train_dataset=data,
+                              bogc_config=CalibrationConfig(gamma=0.5), **kw)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full")
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    saved = torch.load(ckpt / "bogc_calibrator.pt", weights_only=True)
+    assert saved["params"] == full.calibrator.param_names
+    assert (saved["state"] is None) == (rho is None)
+    resumed = run(tmp_path / "resumed", resume=str(ckpt))
+    for (n, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        # Equal up to float64 rounding (matrix products may round differently with the
+        # memory layout of a fresh process's buffers).
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15, msg=n)
+    if rho is not None:
+        # Without the calibrator's state the carried statistics restart: the run differs.
+        (ckpt / "bogc_calibrator.pt").unlink()
+        fresh = run(tmp_path / "fresh", resume=str(ckpt))
+        gap = max(float((p - q).abs().max()) for p, q in
+                  zip(full.model.parameters(), fresh.model.parameters()))
+        assert gap > 1e-9
+
+
+def test_losses_stay_out_of_predictions(ex: ModuleType, tmp_path: Path) -> None:
+    data, model = _setup(ex, tmp_path)
+    seen = {}
+
+    def metrics(pred: Any) -> dict[str, float]:
+        seen["predictions"] = pred.predictions
+        return {"acc": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+    trainer = BOGCTrainer(model=model, args=_args(ex, tmp_path, 1), train_dataset=data,
+                          compute_metrics=metrics)
+    out = trainer.evaluate(data)
+    assert "eval_acc" in out
+    assert seen["predictions"].shape == (len(data), 3)  # the logits alone, no losses dict
+
+
+def test_reentrant_checkpointing_is_refused(ex: ModuleType, tmp_path: Path) -> None:
+    data, model = _setup(ex, tmp_path)
+    args = _args(ex, tmp_path, 1, activation_checkpointing=True,
+                 activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ConfigError, match="use_reentrant"):
+        BOGCTrainer(model=model, args=args, train_dataset=data)

@@ -32,9 +32,11 @@ def test_example_trains_with_microbatch(capsys):
     assert len(weights) == 2
     first, second = (ast.literal_eval(w) for w in weights)
     assert set(first) == {"fusion", "a", "b"} and first != second
-    # each calibrated dimension's weights sum to 1, and the summary is a numel-weighted mean over
-    # the calibrated tensors (0 for a source that does not reach one); 3 rounded decimals each
-    assert sum(first.values()) == pytest.approx(1.0, abs=2e-3)
+    # each source's weight is its mean over the calibrated dimensions it reaches, so each lies in
+    # [0, 1]; the unimodal sources reach fewer dimensions than the fused one, so the sum exceeds 1
+    # (test_calibrator checks the means against the per-tensor entries)
+    assert all(0.0 <= v <= 1.0 for v in first.values())
+    assert sum(first.values()) > 1.0
 
 
 @pytest.mark.parametrize("samples", ["per_example", "steps", "laplace"])
