@@ -93,10 +93,9 @@ def modulate(g: torch.Tensor, k: float, gen: torch.Generator) -> torch.Tensor:
     return k * g + torch.randn(g.shape, generator=gen) * (g.std() + 1e-8)
 
 
-class OGMGE(Method):
-    """``ogm_ge``: the official rule: fusion loss only, modulation, noise, window with its end."""
-
-    name = "ogm_ge"
+class _Windowed(Method):
+    """alpha, the modulation window and the noise generator of the official rule and its
+    unimodal-augmented ablation."""
 
     def __init__(self, alpha: float = ALPHA, window: tuple[float, float] = WINDOW):
         self.alpha = alpha
@@ -111,6 +110,12 @@ class OGMGE(Method):
 
     def start_epoch(self, epoch: int, max_epochs: int) -> None:
         self.active = in_window(epoch, max_epochs, self.window)
+
+
+class OGMGE(_Windowed):
+    """``ogm_ge``: the official rule: fusion loss only, modulation, noise, window with its end."""
+
+    name = "ogm_ge"
 
     def backward(self, losses, logits, y):
         k = coefficients(fusion_share_confidences(self.model, y), self.alpha)
@@ -129,23 +134,10 @@ class OGMGE(Method):
         return {"name": self.name, "alpha": self.alpha, "window": list(self.window), "lr": self.lr}
 
 
-class OGMGEUnimodal(EncoderRuleMethod):
+class OGMGEUnimodal(_Windowed, EncoderRuleMethod):
     """``ogm_ge_unimodal`` (ablation): the official modulation plus the unimodal gradients."""
 
     name = "ogm_ge_unimodal"
-
-    def __init__(self, alpha: float = ALPHA, window: tuple[float, float] = WINDOW):
-        self.alpha = alpha
-        self.window = window
-        self.active = True
-
-    def setup(self, model):
-        super().setup(model)
-        self.gen = torch.Generator().manual_seed(1)
-        self.active = True
-
-    def start_epoch(self, epoch: int, max_epochs: int) -> None:
-        self.active = in_window(epoch, max_epochs, self.window)
 
     def context(self, losses, logits, y):
         k = coefficients(fusion_share_confidences(self.model, y), self.alpha)
