@@ -397,14 +397,9 @@ def test_docs_tables_match_the_results_files():
 
 
 def test_docs_check_fails_on_drift(tmp_path):
-    import shutil
+    from benchtools import docs_copy
 
-    results = tmp_path / "results"
-    shutil.copytree(REPO / "docs" / "results" / "bench", results)
-    doc = tmp_path / "benchmarks.md"
-    shutil.copy(REPO / "docs" / "benchmarks.md", doc)
-    script = [sys.executable, str(REPO / "scripts" / "gen_bench_docs.py"), "--results", str(results),
-              "--doc", str(doc)]
+    results, script = docs_copy(tmp_path)
     assert subprocess.run([*script, "--check"], capture_output=True).returncode == 0
     f = results / "pie" / "standard" / "results.json"
     d = json.loads(f.read_text())

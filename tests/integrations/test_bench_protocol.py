@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -270,12 +268,9 @@ def test_restat_recomputes_every_p_and_the_holm_adjustment():
 
 
 def test_gen_bench_docs_never_reuses_a_stored_p(tmp_path):
-    results = tmp_path / "results"
-    shutil.copytree(REPO / "docs" / "results" / "bench", results)
-    doc = tmp_path / "benchmarks.md"
-    shutil.copy(REPO / "docs" / "benchmarks.md", doc)
-    script = [sys.executable, str(REPO / "scripts" / "gen_bench_docs.py"), "--results", str(results),
-              "--doc", str(doc)]
+    from benchtools import docs_copy
+
+    results, script = docs_copy(tmp_path)
     for f in results.glob("*/*/results.json"):
         d = json.loads(f.read_text())
         for table in ("methods", "fixed_budget"):
