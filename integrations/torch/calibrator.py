@@ -607,8 +607,7 @@ class GradientCalibrator:
             g.calibrate(self.config, lam, out_scale, fl)
             if fl is not None:
                 flags.append(fl)
-                shapes = [self._params[i][1].shape for i in g.params]
-                entries.update(group_entries(g, pnames, shapes, self.config, lam, level))
+                entries.update(group_entries(g, pnames, self.config, level))
         n_multi = sum(len(g.params) for g in multi)
         n_reached = sum(len(g.params) for g in groups)
         d: dict[str, Any] = {

@@ -15,8 +15,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from bogc_core import CalibrationConfig
 
 from .workspace import Group
@@ -28,14 +26,13 @@ SUMMARY_KEYS = ("sources", "weight_mean", "evidence_mean", "fused_uncertainty_me
                 "belief_scale_min", "belief_scale_max", "path", "fallback")
 
 
-def group_entries(group: Group, names: list[str], shapes: list[torch.Size], config: CalibrationConfig,
-                  lam: Mapping[str, float] | None, level: str) -> dict[str, dict[str, Any]]:
+def group_entries(group: Group, names: list[str], config: CalibrationConfig,
+                  level: str) -> dict[str, dict[str, Any]]:
     """Per tensor of a calibrated group: the ``diagnostics`` of its calibration (``level="full"``),
     or the :data:`SUMMARY_KEYS` of it (``level="summary"``); keyed by parameter name.
 
     The values are those :meth:`Group.calibrate` left in ``group.summaries`` (the same as
-    ``calibrate_tensors`` of the group's statistics would give, without calibrating again);
-    ``shapes`` and ``lam`` are not needed for that."""
+    ``calibrate_tensors`` of the group's statistics would give, without calibrating again)."""
     if len(group.summaries) != len(names):
         raise RuntimeError("group_entries: the group was not calibrated with a diagnostics dict")
     out = {}

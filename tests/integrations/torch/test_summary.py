@@ -82,4 +82,4 @@ def test_group_entries_refuses_a_group_calibrated_without_diagnostics():
     cal.backward(losses_of(m, *batch(8)))
     g = next(g for g in cal._workspace.groups if len(g.sources) > 1)
     with pytest.raises(RuntimeError, match="diagnostics"):
-        summary_mod.group_entries(g, ["x"], [torch.Size([1])], cal.config, None, "full")
+        summary_mod.group_entries(g, ["x"], cal.config, "full")
