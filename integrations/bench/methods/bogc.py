@@ -91,15 +91,15 @@ class BOGC(Method):
         sample source's default)."""
         from bogc_core.integrations.torch import Laplace, Microbatch, PerExample, Steps
 
-        rho = {} if self.rho is None else {"rho": self.rho}
+        rho = self.rho
         if self.samples == "microbatch":
-            return Microbatch(self.chunks, **rho)
+            return Microbatch(self.chunks, rho=rho)
         if self.samples == "per_example":
-            return PerExample(**rho)
+            return PerExample(rho=rho)
         if self.samples == "steps":
-            return Steps(**rho)
+            return Steps() if rho is None else Steps(rho)
         if self.samples == "laplace":
-            return Laplace(layers=model.laplace_layers(), **rho)
+            return Laplace(layers=model.laplace_layers(), rho=rho)
         return self.samples  # anything else: the calibrator names the remedy
 
     def start_epoch(self, epoch: int, max_epochs: int) -> None:
