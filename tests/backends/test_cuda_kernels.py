@@ -404,9 +404,11 @@ def test_host_launch_shape_does_not_change_bits(hk: HostKernels) -> None:
         np.testing.assert_array_equal(again[f], base[f], err_msg=f)
 
 
-def test_cupy_fused_builds_its_kernels_from_these_sources() -> None:
+def test_cupy_fused_builds_its_kernels_from_these_sources(tmp_path: Path) -> None:
     """``cupy_fused`` hands CuPy exactly the sources checked here (a stand-in ``cupy``
-    records the kernel objects it builds; run in a subprocess to keep it out of this one)."""
+    records the kernel objects it builds; run in a subprocess to keep it out of this one,
+    from an empty folder so that the installed package is imported, not the source tree's
+    ``bogc_core`` folder, which holds no ``backends``)."""
     code = textwrap.dedent(
         """
         import json, sys, types
@@ -422,7 +424,8 @@ def test_cupy_fused_builds_its_kernels_from_these_sources() -> None:
         print(json.dumps(made))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     made = json.loads(proc.stdout)
     want = []
