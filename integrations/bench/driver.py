@@ -35,6 +35,8 @@ from typing import Any
 
 from bogc_core.errors import BOGCError, ConfigError
 
+from .pool import Pool, search_task, train_task, tune_task
+
 SETTING_CHOICES = ("standard", "missing", "fewshot", "noisy", "zeroshot")
 #: the folders of ``--all``: (setting, shots)
 ALL_JOBS = {"standard": ("standard", None), "missing": ("missing", None), "fewshot-5": ("fewshot", 5),
@@ -114,7 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true",
                    help="also run the pre-registered search: BOGC's variants on the validation "
                    "split only, at bogc's chosen learning rate; writes search.json")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, >= 1 (default 1: small models)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="worker processes training runs side by side, >= 1 (default: the cores "
+                   "available, at most 8); every run gives the same numbers for any --jobs")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per worker, >= 1 (default 1: small models)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -129,7 +135,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse values that cannot run, before anything is trained."""
     for name, v in (("--seeds", args.seeds), ("--epochs", args.epochs),
                     ("--max-epochs", args.max_epochs), ("--tune-seeds", args.tune_seeds),
-                    ("--shots", args.shots), ("--threads", args.threads),
+                    ("--shots", args.shots), ("--threads", args.threads), ("--jobs", args.jobs),
                     ("--batch-size", args.batch_size)):
         _positive(name, v)
     _positive("--patience", args.patience, least=0)
@@ -227,24 +233,31 @@ def reused_tuning(root: Path, dataset: str, names: list[str]) -> dict[str, Any]:
     return {n: tuning[n] for n in names}
 
 
-def tune_methods(data, names: list[str], cfg, tune_seeds: list[int], max_train: int | None,
-                 disable: bool) -> dict[str, Any]:
-    """Every method's learning rate chosen on validation (:func:`.protocol.tune_lr` over
-    :data:`registry.LR_GRID` and its extensions), in the standard setting."""
+def _longest_first(names: list[str]) -> list[str]:
     from .methods import registry
-    from .protocol import tune_lr, tuning_budget
+
+    return sorted(names, key=lambda n: -registry.build(n).cost)
+
+
+def tune_methods(data, names: list[str], cfg, tune_seeds: list[int], max_train: int | None,
+                 disable: bool, pool: Pool) -> dict[str, Any]:
+    """Every method's learning rate chosen on validation (:func:`.protocol.tune_lr` over
+    :data:`registry.LR_GRID` and its extensions), in the standard setting, one method per
+    task of ``pool``."""
+    from .methods import registry
+    from .protocol import tuning_budget
     from .settings import make_split
 
     split = make_split(data, "standard", max_train=max_train)
     records: dict[str, Any] = {}
     per_method = tuning_budget(len(registry.LR_GRID), registry.LR_EXTENSIONS, len(tune_seeds))
+    tasks = [(n, tune_task, (split, n, cfg, tune_seeds)) for n in _longest_first(names)]
     with _progress(len(names) * per_method, f"tune {data.name}", disable) as bar:
-        for n in names:
-            bar.set_postfix_str(n)
-            records[n] = tune_lr(split, registry.build(n), cfg, tune_seeds, registry.lr_at,
-                                 registry.LR_BASE, registry.LR_EXTENSIONS,
-                                 on_run=lambda: bar.update(1))
-    return records
+        for n, record in pool.run(tasks):
+            records[n] = record
+            bar.set_postfix_str(f"{n} tuned")
+            bar.update(per_method)
+    return {n: records[n] for n in names}
 
 
 def protocol_record(tuning: dict[str, Any], no_tune: bool) -> dict[str, Any]:
@@ -295,50 +308,58 @@ class Runner:
 
         return dict(self.chosen.get(name, {}).get(sel, {"lr": FALLBACK_LR}))
 
-    def run_setting(self, setting: str, names: list[str], seeds: list[int], shots: int) -> tuple[dict, dict]:
+    def run_setting(self, setting: str, names: list[str], seeds: list[int], shots: int,
+                    pool: Pool) -> tuple[dict, dict]:
         from .methods import registry
-        from .protocol import train_run
         from .settings import make_split
 
         train_setting = "standard" if setting == "missing" else setting
-        runs: dict[str, list[dict]] = {n: [] for n in names}
         split_info: dict[str, Any] = {}
+        keys: dict[tuple[int, str, str], tuple] = {}
+        tasks = []
+        queued: set[tuple] = set()
+        for seed in seeds:
+            split = make_split(self.data, train_setting, seed=seed, shots=shots,
+                               noise_std=self.args.noise_std, noise_modality=self.args.noise_modality,
+                               max_train=self.max_train)
+            split_info = dict(split.info, n_train=int(split.y_train.size),
+                              n_val=int(split.y_val.size), n_test=int(split.y_test.size))
+            for n in names:
+                for sel in ("plateau", "fixed"):
+                    p = self.params(n, sel)
+                    key = (train_setting, shots if train_setting == "fewshot" else None, n,
+                           tuple(sorted(p.items())), seed)
+                    keys[seed, n, sel] = key
+                    self.described[n] = registry.build(n).with_params(**p).describe()
+                    if key not in self.cache and key not in queued:
+                        queued.add(key)
+                        tasks.append((key, train_task, (split, n, p, seed, self.cfg)))
+        tasks.sort(key=lambda t: -registry.build(t[0][2]).cost)  # stable: seed order kept
         desc = f"{self.data.name}/{setting}" + (f"-{shots}" if setting == "fewshot" else "")
-        with _progress(len(names) * len(seeds), desc, self.args.no_progress) as bar:
-            for seed in seeds:
-                split = make_split(self.data, train_setting, seed=seed, shots=shots,
-                                   noise_std=self.args.noise_std, noise_modality=self.args.noise_modality,
-                                   max_train=self.max_train)
-                split_info = dict(split.info, n_train=int(split.y_train.size),
-                                  n_val=int(split.y_val.size), n_test=int(split.y_test.size))
-                for n in names:
-                    bar.set_postfix_str(f"{n} seed {seed}")
-                    rec: dict[str, Any] = {}
-                    for sel in ("plateau", "fixed"):
-                        p = self.params(n, sel)
-                        key = (train_setting, shots if train_setting == "fewshot" else None, n,
-                               tuple(sorted(p.items())), seed)
-                        if key not in self.cache:
-                            method = registry.build(n).with_params(**p)
-                            self.cache[key] = train_run(split, method, seed, self.cfg)
-                            self.described[n] = method.describe()
-                        rec[sel] = self.cache[key]
-                    # the headline run carries the curves and cost; the fixed-budget result may
-                    # come from a run at another learning rate
-                    merged = dict(rec["plateau"])
-                    merged["results"] = {"plateau": rec["plateau"]["results"]["plateau"],
-                                         "fixed": rec["fixed"]["results"]["fixed"]}
-                    runs[n].append(merged)
-                    bar.update(1)
+        with _progress(len(tasks), desc, self.args.no_progress) as bar:
+            for key, result in pool.run(tasks):
+                self.cache[key] = result
+                bar.set_postfix_str(f"{key[2]} seed {key[4]}")
+                bar.update(1)
+        runs: dict[str, list[dict]] = {n: [] for n in names}
+        for seed in seeds:
+            for n in names:
+                rec = {sel: self.cache[keys[seed, n, sel]] for sel in ("plateau", "fixed")}
+                # the headline run carries the curves and cost; the fixed-budget result may
+                # come from a run at another learning rate
+                merged = dict(rec["plateau"])
+                merged["results"] = {"plateau": rec["plateau"]["results"]["plateau"],
+                                     "fixed": rec["fixed"]["results"]["fixed"]}
+                runs[n].append(merged)
         return runs, split_info
 
 
 def run_one(runner: Runner, setting: str, names: list[str], seeds: list[int], tuning: dict,
-            out: Path, shots: int) -> tuple[dict, list[Path]]:
+            out: Path, shots: int, pool: Pool) -> tuple[dict, list[Path]]:
     from .plots import plot
     from .report import dump_json, format_table, summarize
 
-    runs, split_info = runner.run_setting(setting, names, seeds, shots)
+    runs, split_info = runner.run_setting(setting, names, seeds, shots, pool)
     notes = [
         "paired differences use the same seed (initialisation and batch order) for every method",
         "hyper-parameters are chosen on a validation split carved from the training data, "
@@ -371,22 +392,22 @@ def run_one(runner: Runner, setting: str, names: list[str], seeds: list[int], tu
 
 
 def run_search(data, chosen: dict[str, dict], cfg, tune_seeds: list[int], max_train: int | None,
-               disable: bool) -> dict[str, Any]:
+               disable: bool, pool: Pool) -> dict[str, Any]:
     """The pre-registered search on one data set: every :data:`registry.SEARCH` variant at
     ``bogc``'s chosen learning rate, validation only (same seeds as the tuning)."""
     from .methods import registry
-    from .protocol import tune
     from .settings import make_split
 
     split = make_split(data, "standard", max_train=max_train)
     lr = chosen["bogc"]["plateau"]["lr"]
     variants = [n for n in registry.SEARCH if n != "bogc"]
     records: dict[str, Any] = {}
+    tasks = [(n, search_task, (split, n, cfg, lr, tune_seeds)) for n in variants]
     with _progress(len(variants), f"search {data.name}", disable) as bar:
-        for n in variants:
-            records[n] = tune(split, registry.build(n), cfg, {"lr": [lr]}, tune_seeds)
+        for n, record in pool.run(tasks):
+            records[n] = record
             bar.update(1)
-    return {"lr": lr, "variants": records}
+    return {"lr": lr, "variants": {n: records[n] for n in variants}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,6 +445,7 @@ def _main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--epochs: the fixed budget {fixed_epochs} exceeds --max-epochs "
                           f"{max_epochs}; raise --max-epochs")
     tune_seeds = [100 + i for i in range(args.tune_seeds or (1 if quick else 3))]
+    workers = args.jobs or min(len(os.sched_getaffinity(0)), 8)
     max_train = 512 if quick else None
     cfg = TrainConfig(max_epochs=max_epochs, patience=args.patience, fixed_epochs=fixed_epochs,
                       batch_size=args.batch_size, model=args.model)
@@ -440,35 +462,39 @@ def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     written: list[Path] = []
     search: dict[str, Any] = {}
-    for data in loaded:
-        chosen: dict[str, dict] = {}
-        tuning: dict[str, Any] = {}
-        if args.reuse_tuning:
-            tuning = reused_tuning(Path(args.reuse_tuning), data.name, names)
-        elif not args.no_tune:
-            tuning = tune_methods(data, names, cfg, tune_seeds, max_train, args.no_progress)
-        chosen = {n: r["chosen"] for n, r in tuning.items()}
-        if args.search:
-            search[data.name] = run_search(data, chosen, cfg, tune_seeds, max_train,
-                                           args.no_progress)
-            search[data.name]["bogc"] = tuning["bogc"]
-            path = out / data.name / "search.json" if args.all else out / "search.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            dump_json(dict(search[data.name], dataset=data.name, train_config=cfg.as_dict()), path)
-            written.append(path)
-        runner = Runner(data, cfg, chosen, max_train, args)
-        if not args.all:
-            _, w = run_one(runner, args.setting, names, seeds, tuning, out, args.shots)
-            written += w
-            continue
-        base = out / data.name
-        for folder in args.settings.split(","):
-            setting, k = ALL_JOBS[folder]
-            shots = args.shots if k is None else k
-            doc, w = run_one(runner, setting, names, seeds, tuning, base / folder, shots)
-            written += w
-            if setting == "standard":
-                written.append(cost_plot([doc], base / "cost_accuracy.png"))
+    with Pool(workers, args.threads) as pool:
+        for data in loaded:
+            chosen: dict[str, dict] = {}
+            tuning: dict[str, Any] = {}
+            if args.reuse_tuning:
+                tuning = reused_tuning(Path(args.reuse_tuning), data.name, names)
+            elif not args.no_tune:
+                tuning = tune_methods(data, names, cfg, tune_seeds, max_train, args.no_progress,
+                                      pool)
+            chosen = {n: r["chosen"] for n, r in tuning.items()}
+            if args.search:
+                search[data.name] = run_search(data, chosen, cfg, tune_seeds, max_train,
+                                               args.no_progress, pool)
+                search[data.name]["bogc"] = tuning["bogc"]
+                path = out / data.name / "search.json" if args.all else out / "search.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                dump_json(dict(search[data.name], dataset=data.name, train_config=cfg.as_dict()), path)
+                written.append(path)
+            runner = Runner(data, cfg, chosen, max_train, args)
+            if not args.all:
+                _, w = run_one(runner, args.setting, names, seeds, tuning, out, args.shots,
+                                 pool)
+                written += w
+                continue
+            base = out / data.name
+            for folder in args.settings.split(","):
+                setting, k = ALL_JOBS[folder]
+                shots = args.shots if k is None else k
+                doc, w = run_one(runner, setting, names, seeds, tuning, base / folder, shots,
+                                 pool)
+                written += w
+                if setting == "standard":
+                    written.append(cost_plot([doc], base / "cost_accuracy.png"))
     if args.all:
         results = [p for p in written if p.name == "results.json"]
         written.append(write_summary(out, results))

@@ -35,7 +35,7 @@ from bogc_core.integrations.data import load_dataset
 PNG = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--seeds", "2", "--tune-seeds", "1", "--epochs", "1", "--max-epochs", "2", "--patience", "1",
-        "--no-progress"]
+        "--no-progress", "--jobs", "1"]
 
 
 def _check_block(e, seeds, base=None):
@@ -71,7 +71,7 @@ def _toy(tmp_path, n_per=40):
 
 
 def test_quick_run_writes_results_and_plots_and_prints_every_path(tmp_path, capsys):
-    rc = cli_main(["bench", "--quick", "--out", str(tmp_path), "--no-progress"])
+    rc = cli_main(["bench", "--quick", "--out", str(tmp_path), "--no-progress", "--jobs", "1"])
     assert rc == 0
     def refuse(token):
         raise ValueError(f"non-strict JSON token {token}")
@@ -244,7 +244,7 @@ def test_all_and_search_with_an_unrelated_results_json_under_out(tmp_path, capsy
     (["--methods", "sum,whatever"], "methods"),
 ])
 def test_bad_arguments_are_one_line_errors_before_training(tmp_path, capsys, argv, needle):
-    assert main([*argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert main([*argv, "--out", str(tmp_path / "o"), "--no-progress", "--jobs", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "o" / "results.json").exists()
@@ -253,7 +253,7 @@ def test_bad_arguments_are_one_line_errors_before_training(tmp_path, capsys, arg
 def test_unwritable_out_is_reported_before_any_training(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    assert main(["--out", str(blocker / "o"), "--no-progress"]) == 2  # fails even for root
+    assert main(["--out", str(blocker / "o"), "--no-progress", "--jobs", "1"]) == 2  # fails even for root
     err = capsys.readouterr().err
     assert "--out" in err and "writable" in err and len(err.strip().splitlines()) == 1
 

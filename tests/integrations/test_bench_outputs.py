@@ -34,7 +34,7 @@ from bogc_core.integrations.bench.settings import make_split  # noqa: E402
 from bogc_core.integrations.data import load_dataset  # noqa: E402
 
 TINY = ["--seeds", "2", "--tune-seeds", "1", "--epochs", "1", "--max-epochs", "2", "--patience", "1",
-        "--no-progress"]
+        "--no-progress", "--jobs", "1"]
 
 
 def _toy(folder: Path, modalities: int = 2, n_per: int = 30, name: str = "toy") -> Path:
@@ -188,7 +188,7 @@ def test_bogc_diagnostics_are_recorded_on_every_epoch(tmp_path):
 def test_quick_sized_run_has_no_gaps_in_the_diagnostics_curve(tmp_path, capsys):
     assert main(["--dataset", str(_toy(tmp_path)), "--methods", "sum,bogc", "--out",
                  str(tmp_path / "o"), "--seeds", "2", "--tune-seeds", "1", "--epochs", "4",
-                 "--max-epochs", "4", "--no-progress"]) == 0
+                 "--max-epochs", "4", "--no-progress", "--jobs", "1"]) == 0
     doc = json.loads((tmp_path / "o" / "results.json").read_text())
     curves = doc["methods"]["bogc"]["diagnostics_curve_mean"]
     assert set(curves) == {"weight/fusion", "weight/a", "weight/b", "uncertainty"}

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--seeds", "3", "--tune-seeds", "2", "--epochs", "1", "--max-epochs", "2", "--patience",
-        "1", "--no-progress"]
+        "1", "--no-progress", "--jobs", "1"]
 
 
 # ------------------------------------------------------------------ the learning-rate search

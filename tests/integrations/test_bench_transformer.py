@@ -190,7 +190,7 @@ def test_cli_transformer_run_records_the_model(tmp_path, setting):
     out = tmp_path / "o"
     rc = main(["--dataset", str(_toy(tmp_path)), "--model", "transformer", "--setting", setting,
                "--methods", "sum,bogc,pcgrad,mmpareto,ogm_ge", "--seeds", "2", "--tune-seeds", "1",
-               "--epochs", "1", "--max-epochs", "1", "--no-progress", "--out", str(out)])
+               "--epochs", "1", "--max-epochs", "1", "--no-progress", "--jobs", "1", "--out", str(out)])
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["train_config"]["model"] == "transformer" and doc["setting"] == setting

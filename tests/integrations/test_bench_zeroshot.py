@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from bogc_core.errors import BOGCError, ConfigError
 
 TINY = ["--seeds", "2", "--tune-seeds", "1", "--epochs", "1", "--max-epochs", "2", "--patience", "1",
-        "--no-progress"]
+        "--no-progress", "--jobs", "1"]
 
 
 def _toy(tmp_path, n_classes=6, n_per=20, name="toy.npz"):

@@ -26,6 +26,9 @@ class Method:
     lr: float | None = None
     #: optimiser steps in one epoch, set by the protocol before :meth:`setup`
     steps_per_epoch: int = 1
+    #: a rough step cost relative to the sum, only for handing out the longest runs
+    #: first to the worker processes (``bogc bench --jobs``)
+    cost: float = 1.0
 
     def setup(self, model: MultiModalNet) -> None:
         """Called once per run, before training (create calibrators, state...)."""
@@ -113,6 +116,7 @@ class JointRuleMethod(Method):
     """
 
     diag_key = "w"
+    cost = 2.5  # one backward pass per loss
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -148,6 +152,8 @@ class EncoderRuleMethod(Method):
     :meth:`combine` on ``grads[k]`` = list of per-tensor gradients of source
     ``k`` (sources ordered ``("fusion", modality)``).
     """
+
+    cost = 2.5  # one backward pass per loss
 
     def backward(self, losses, logits, y):
         params = list(self.model.parameters())

@@ -48,6 +48,7 @@ class BOGC(Method):
     """BOGC through ``bogc_core.integrations.torch.GradientCalibrator``."""
 
     name = "bogc"
+    cost = 8.0
 
     def __init__(self, name: str = "bogc", config: CalibrationConfig | None = None,
                  samples: str = "microbatch", chunks: int = 4, rho: float | None = None,
