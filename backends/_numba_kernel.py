@@ -37,7 +37,7 @@ import contextlib
 import math
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -415,11 +415,24 @@ def _scale(out: Any, istart: Any, iend: Any, iseg: Any, inv: Any, badp: Any) -> 
         badp[i] = o.shape[0] - ok
 
 
-_m2_sums_c = _jit(_m2_sums, parallel=True)
 _reduce_items_c = _jit(_reduce_items)
-_log_sums_c = _jit(_log_sums, parallel=True)
-_evidence_out_c = _jit(_evidence_out, parallel=True)
-_scale_c = _jit(_scale, parallel=True)
+
+
+class _Loops(NamedTuple):
+    """The passes over work items, compiled one way."""
+
+    m2_sums: Any
+    log_sums: Any
+    evidence_out: Any
+    scale: Any
+
+
+_ITEM_LOOPS = (_m2_sums, _log_sums, _evidence_out, _scale)
+_PARALLEL = _Loops(*(_jit(f, parallel=True) for f in _ITEM_LOOPS))
+# One thread takes the serial compilation: a parallel region, even on one thread,
+# starts numba's pool, whose idle workers spin after each region and take a core
+# from the caller (halving a training step's speed on a small machine).
+_SERIAL = _Loops(*(_jit(f) for f in _ITEM_LOOPS))
 
 
 def set_threads(n: int | None) -> None:
@@ -514,7 +527,9 @@ def gradient(
         and out.flags.c_contiguous
     ):
         return False
-    with _threads(1 if summary is not None else _threads_for(means[0])):
+    threads = 1 if summary is not None else _threads_for(means[0])
+    loops = _SERIAL if threads == 1 else _PARALLEL
+    with _threads(threads) if threads > 1 else contextlib.nullcontext():
         prior = config.prior
         gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
         p = 2.0 * gamma
@@ -543,7 +558,7 @@ def gradient(
                 return False
             tot = np.empty(G)
             for k in range(S):
-                _m2_sums_c(m2s[k], istart, iend, part)
+                loops.m2_sums(m2s[k], istart, iend, part)
                 _reduce_items_c(part, iseg, tot)
                 beta0[k] = float(prior.alpha0) * (tot / ns[k] / lens_f)
                 zero_var[k] = ~(tot > 0)
@@ -567,7 +582,7 @@ def gradient(
             badp = np.empty(istart.size, dtype=np.int64)
             invp = np.empty(istart.size, dtype=np.int64)
             for k in range(S):
-                _log_sums_c(
+                loops.log_sums(
                     means[k], m2s[k], beta0_32[k], f32(tiny), istart, iend, iseg, part, nzp, badp,
                     invp,
                 )
@@ -603,7 +618,7 @@ def gradient(
         log_big = math.log(float(fi.max)) - 8.0 * math.log(2.0)
         one_div = S * math.log1p(hi / W) + math.log(S * hi) < log_big and math.log(S * lo) > -log_big
         bsum = np.zeros(G)
-        _evidence_out_c(
+        loops.evidence_out(
             tuple(means), tuple(m2s), np.asarray(lambdas, dtype=f32), beta0_32, invk,
             seg_equal.astype(f32), istart, iend, iseg, f32(tiny), f32(lo ** (1.0 / p)),
             f32(hi ** (1.0 / p)), f32(1.0 / W), f32(fi.max), _POW_CODE[p],
@@ -617,7 +632,7 @@ def gradient(
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 inv = float(S) / (c_b * (bsum / lens_f))
             nonfinite = np.empty(istart.size, dtype=np.int64)
-            _scale_c(out, istart, iend, iseg, inv, nonfinite)
+            loops.scale(out, istart, iend, iseg, inv, nonfinite)
             finite = not nonfinite.any()
         else:
             finite = not part.any()  # pass C counted the non-finite entries

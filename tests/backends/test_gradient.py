@@ -467,8 +467,39 @@ def test_numba_set_threads_rejects_bad_counts():
 
 
 @pytest.mark.skipif(_numba() is not None, reason=str(_numba()))
+def test_numba_one_thread_runs_the_serial_loops(monkeypatch):
+    """One thread never enters a parallel region (numba's pool would start, and its idle
+    workers spin after each region, taking a core from the caller); two threads do."""
+    from bogc_core.backends import _numba_kernel as nk
+
+    def refuse(*a):
+        raise AssertionError("a parallel loop ran")
+
+    rng = np.random.default_rng(5)
+    raw = random_raw(rng, 2, 3 * nk._ITEM + 11)
+    path = Path("numpy_fused", "numpy", numba=True)
+    stats = make(path, "float32", raw)
+    saved = nk.get_threads()
+    try:
+        nk.set_threads(1)
+        with monkeypatch.context() as mp:
+            mp.setattr(nk, "_PARALLEL", nk._Loops(refuse, refuse, refuse, refuse))
+            diag: dict[str, Any] = {}
+            one = path.to_numpy(path.run(stats, [1.0, 1.0], CalibrationConfig(), diagnostics=diag))
+            assert diag["kernel"] == "numba"
+        nk.set_threads(2)
+        with monkeypatch.context() as mp:
+            mp.setattr(nk, "_SERIAL", nk._Loops(refuse, refuse, refuse, refuse))
+            two = path.to_numpy(path.run(stats, [1.0, 1.0], CalibrationConfig()))
+    finally:
+        nk.set_threads(saved)
+    assert one.view(np.uint32).tolist() == two.view(np.uint32).tolist()
+
+
+@pytest.mark.skipif(_numba() is not None, reason=str(_numba()))
+@pytest.mark.parametrize("compiled", ["_PARALLEL", "_SERIAL"])
 @pytest.mark.parametrize("mag", [1e-20, 1e-30, 3e19])
-def test_numba_log_sums_square_and_fallback_blocks(mag):
+def test_numba_log_sums_square_and_fallback_blocks(mag, compiled):
     """Pass B's sum of log r per item against float64 logs taken one by one:
     blocks whose m^2 under- or overflows (|m| = mag) are taken again from r,
     the others from r^2 = m^2 / beta; zero means are counted and left out."""
@@ -489,7 +520,7 @@ def test_numba_log_sums_square_and_fallback_blocks(mag):
     nzp = np.empty(2, dtype=np.int64)
     badp = np.empty(2, dtype=np.int64)
     invp = np.empty(2, dtype=np.int64)
-    nk._log_sums_c(m, m2, b0, tiny, istart, iend, iseg, part, nzp, badp, invp)
+    getattr(nk, compiled).log_sums(m, m2, b0, tiny, istart, iend, iseg, part, nzp, badp, invp)
     assert not invp.any()  # the folded values check finds nothing wrong
     beta = np.maximum(m2 * np.float32(0.5) + b0[0], tiny).astype(np.float64)
     for i in range(2):
