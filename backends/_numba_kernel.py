@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import types
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -427,12 +428,24 @@ class _Loops(NamedTuple):
     scale: Any
 
 
+def _renamed(fn: Any, suffix: str) -> Any:
+    """``fn`` under the name ``<name><suffix>``: numba's on-disk cache keys a function by
+    its name and signature, not by ``parallel``, so two compilations of one function
+    would load each other's machine code."""
+    g = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__,
+                           fn.__closure__)
+    g.__qualname__ = fn.__qualname__ + suffix
+    g.__doc__ = fn.__doc__
+    return g
+
+
 _ITEM_LOOPS = (_m2_sums, _log_sums, _evidence_out, _scale)
 _PARALLEL = _Loops(*(_jit(f, parallel=True) for f in _ITEM_LOOPS))
 # One thread takes the serial compilation: a parallel region, even on one thread,
-# starts numba's pool, whose idle workers spin after each region and take a core
-# from the caller (halving a training step's speed on a small machine).
-_SERIAL = _Loops(*(_jit(f) for f in _ITEM_LOOPS))
+# starts numba's pool (whose OpenMP runtime torch shares: its size becomes torch's
+# thread count) and its idle workers spin after each region, taking a core from the
+# caller.
+_SERIAL = _Loops(*(_jit(_renamed(f, "_serial")) for f in _ITEM_LOOPS))
 
 
 def set_threads(n: int | None) -> None:

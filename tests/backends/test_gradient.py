@@ -496,6 +496,45 @@ def test_numba_one_thread_runs_the_serial_loops(monkeypatch):
     assert one.view(np.uint32).tolist() == two.view(np.uint32).tolist()
 
 
+ONE_THREAD_CHILD = """
+import sys
+import numba.np.ufunc.parallel as pool, numpy as np, torch
+torch.set_num_threads(int(sys.argv[1]))
+from bogc_core import GradientStats, calibrate_gradient
+rng = np.random.default_rng(0)
+st = {k: GradientStats(count=4.0, mean=torch.from_numpy(rng.normal(size=70000).astype(np.float32)),
+                       m2=torch.from_numpy(rng.random(70000).astype(np.float32))) for k in "ab"}
+for _ in range(2):  # the first call may compile and store; the second loads from the cache
+    d = {}
+    calibrate_gradient(st, diagnostics=d)
+    assert d.get("kernel") == "numba", d
+print(torch.get_num_threads(), bool(pool._is_initialized))
+"""
+
+
+@pytest.mark.skipif(_numba() is not None, reason=str(_numba()))
+def test_numba_one_thread_starts_no_pool_in_a_fresh_process(tmp_path):
+    """With torch at one thread, a calibration in a new process (the compiled loops loaded
+    from numba's on-disk cache, as every later process does) starts no thread pool and
+    leaves torch's thread count alone: numba's OpenMP pool shares torch's runtime, and
+    its start would set torch to numba's thread count. An empty cache first receives the
+    parallel compilation (a two-thread process), which the serial loops must not load."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), NUMBA_NUM_THREADS="2")
+    got = []
+    for threads in ("2", "1", "1"):
+        proc = subprocess.run([sys.executable, "-c", ONE_THREAD_CHILD, threads],
+                              capture_output=True, text=True, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+        got.append(proc.stdout.split())
+    assert got[0] == ["2", "True"]  # the parallel loops ran (and were cached)
+    assert got[1] == got[2] == ["1", "False"]
+
+
 @pytest.mark.skipif(_numba() is not None, reason=str(_numba()))
 @pytest.mark.parametrize("compiled", ["_PARALLEL", "_SERIAL"])
 @pytest.mark.parametrize("mag", [1e-20, 1e-30, 3e19])
