@@ -398,3 +398,17 @@ def test_confirmatory_table_applies_holm_across_data_sets_and_the_registered_rul
         assert f"{adj[p]:.3g}" in row.split(" | ")[7]
     assert rows[0].endswith("| supported |") and rows[1].endswith("| contradicted |")
     assert rows[2].endswith("| level |")
+
+
+def test_positive_control_lists_what_differs_after_holm_on_the_default_table_only():
+    gen = _gen_module()
+    n = 10
+    up = [0.03 + 0.002 * (i % 2) for i in range(n)]           # clearly positive
+    flat = [0.004 * (-1) ** i for i in range(n)]              # centred on 0
+    default = gen.DEFAULT_TABLE
+    assert gen.positive_control([("other", "standard", _noisy_doc(up))]) == ["(not run yet)"]
+    hit = gen.positive_control([(*default, _noisy_doc(up))])
+    assert "1 of 1 comparisons" in hit[0]
+    assert hit[2].startswith("- `bogc`: +3.10 pp")
+    miss = gen.positive_control([(*default, _noisy_doc(flat))])
+    assert len(miss) == 1 and "none" in miss[0]
