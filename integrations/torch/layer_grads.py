@@ -81,15 +81,17 @@ def _blocked_squares(A: torch.Tensor, B: torch.Tensor, chunk_bytes: int):
     return tot, sq
 
 
-def _norm_factors(tap: Tap, dt: torch.dtype, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm: ``(delta * xhat, delta)`` as ``(N, T, *normalized_shape)``."""
+def _norm_rows(tap: Tap, dt: torch.dtype, delta: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """LayerNorm: ``(index, rows)`` of its weight and bias (those it has), ``rows`` ``(N,
+    *normalized_shape)`` the per-example gradients ``sum_t delta * xhat`` and ``sum_t delta``."""
     mod = tap.module
     assert isinstance(mod, nn.LayerNorm)
     shape = tuple(mod.normalized_shape)
     xhat = F.layer_norm(tap.x.to(dt), shape, None, None, mod.eps)
     d = delta.to(dt)
     N = d.shape[0]
-    return (d * xhat).reshape((N, -1) + shape), d.reshape((N, -1) + shape)
+    factors = ((tap.weight, d * xhat), (tap.bias, d))
+    return [(idx, f.reshape((N, -1) + shape).sum(dim=1)) for idx, f in factors if idx is not None]
 
 
 def _embedding_keys(tap: Tap, dt: torch.dtype, delta: torch.Tensor, group: torch.Tensor | None):
@@ -128,11 +130,8 @@ def example_sums(tap: Tap, dt: torch.dtype, delta: torch.Tensor, chunk_bytes: in
         out[tap.weight] = (tot, sq)
         return out
     if kind is nn.LayerNorm:
-        dx, d = _norm_factors(tap, dt, delta)
-        for idx, f in ((tap.weight, dx), (tap.bias, d)):
-            if idx is not None:
-                g = f.sum(dim=1)
-                out[idx] = (g.sum(dim=0), (g * g).sum(dim=0))
+        for idx, g in _norm_rows(tap, dt, delta):
+            out[idx] = (g.sum(dim=0), (g * g).sum(dim=0))
         return out
     A, B = _flat(tap, dt, delta)
     if tap.weight is not None:
@@ -193,11 +192,8 @@ def slice_sums(tap: Tap, dt: torch.dtype, delta: torch.Tensor, slices: list[slic
         out[tap.weight] = g.reshape((C,) + tuple(mod.weight.shape))
         return out
     if kind is nn.LayerNorm:
-        dx, d = _norm_factors(tap, dt, delta)
-        for idx, f in ((tap.weight, dx), (tap.bias, d)):
-            if idx is not None:
-                rows = f.sum(dim=1)
-                out[idx] = torch.stack([rows[s].sum(dim=0) for s in slices])
+        for idx, g in _norm_rows(tap, dt, delta):
+            out[idx] = torch.stack([g[s].sum(dim=0) for s in slices])
         return out
     A, B = _flat(tap, dt, delta)
     o, i = A.shape[2], B.shape[2]

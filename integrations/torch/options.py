@@ -68,10 +68,8 @@ class Diagnostics:
                 f"Diagnostics(every=): must be an int >= 1 (1: every step), got {self.every!r}"
             )
         if not isinstance(self.keep_statistics, bool):
-            raise ConfigError(
-                f"Diagnostics(keep_statistics=): expected True or False, got "
-                f"{type(self.keep_statistics).__name__}"
-            )
+            raise ConfigError(f"Diagnostics(keep_statistics=): expected True or False, got "
+                              f"{type(self.keep_statistics).__name__}")
 
 
 def diagnostics_options(diagnostics: Any) -> Diagnostics:
