@@ -120,6 +120,23 @@ def test_frank_wolfe_min_norm_matches_brute_force(S, seed):
         assert alpha[0] == pytest.approx(min_norm_2(torch.tensor(G[0]), torch.tensor(G[1])))
 
 
+@pytest.mark.parametrize("n, seed", [(1, 0), (2, 1), (3, 2), (5, 3), (7, 4)])
+def test_mgda_small_solve_matches_numpy_and_singular_grams_stay_exact(n, seed):
+    from bogc_core.integrations.bench.methods.mgda import _solve_ones
+
+    rng = np.random.default_rng(seed)
+    G = rng.normal(size=(n, n + 3))
+    A = G @ G.T  # symmetric positive definite, like a Gram matrix of independent gradients
+    np.testing.assert_allclose(_solve_ones(torch.tensor(A)).numpy(),
+                               np.linalg.solve(A, np.ones(n)), rtol=1e-9)
+    if n >= 3:  # two equal gradients: a singular Gram matrix; the min-norm point still exact
+        G[1] = G[0]
+        alpha = min_norm(torch.tensor(G @ G.T)).numpy()
+        assert alpha.min() >= 0 and alpha.sum() == pytest.approx(1.0)
+        got = float(np.sum((alpha @ G) ** 2))
+        assert got == pytest.approx(_simplex_min_norm(G), rel=1e-7, abs=1e-12)
+
+
 def test_mgda_is_one_min_norm_over_all_shared_parameters_and_losses():
     model, xs, y = _problem(seed=5, dims={"a": 4, "b": 6, "c": 2})
     ref = _plain_source_grads(model, xs, y)

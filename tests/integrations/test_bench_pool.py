@@ -15,7 +15,7 @@ pytest.importorskip("matplotlib", reason="the plots need the bench extra (matplo
 from bogc_core.integrations.bench import main  # noqa: E402
 from bogc_core.integrations.bench.pool import Pool  # noqa: E402
 
-ARGS = ["--methods", "sum,bogc,pcgrad", "--seeds", "3", "--tune-seeds", "2", "--epochs", "1",
+ARGS = ["--methods", "sum,bogc,pcgrad,mgda", "--seeds", "3", "--tune-seeds", "2", "--epochs", "1",
         "--max-epochs", "3", "--patience", "1", "--no-progress"]
 
 
@@ -50,6 +50,7 @@ def test_two_workers_give_the_numbers_of_one_process(tmp_path):
     assert one["methods"] == two["methods"]  # every evaluation run, seed by seed
     assert one == two
     # the comparison is not empty: every run is recorded, and the search's runs differ
+    assert len(docs[0]["methods"]) == 4
     assert all(len(m["accuracies"]) == 3 for m in docs[0]["methods"].values())
     val = [g["val_accuracy"]["fixed"] for g in docs[0]["tuning"]["bogc"]["grid"]]
     assert len(val) == 8 and len(set(val)) > 1  # 6 base points and 2 extensions

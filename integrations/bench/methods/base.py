@@ -132,8 +132,11 @@ class JointRuleMethod(Method):
             for s in names
         ])
         J64 = J.to(torch.float64)
-        w = self.weights(J64 @ J64.T)
-        d = unflat((w @ J64).to(J.dtype), [params[i] for i in shared_idx])
+        # products summed by index, not BLAS: a BLAS product rounds by the buffers'
+        # alignment, which differs between processes, and the runs of one seed would too
+        gram = torch.stack([(J64 * row).sum(dim=1) for row in J64])
+        w = self.weights(gram)
+        d = unflat((w[:, None] * J64).sum(dim=0).to(J.dtype), [params[i] for i in shared_idx])
         for i, t in zip(shared_idx, d):
             params[i].grad = t.detach().clone()
         for i, p in enumerate(params):

@@ -78,10 +78,10 @@ def min_norm(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-8) -> torc
     alpha = torch.zeros(S, dtype=torch.float64)
     alpha[i], alpha[j] = c, 1.0 - c
     for _ in range(max_iter):
-        Ma = M @ alpha
+        Ma = _matvec(M, alpha)
         t = int(torch.argmin(Ma))
         # a = current point sum alpha_k g_k, b = vertex g_t
-        aa, ab, bb = float(alpha @ Ma), float(Ma[t]), float(M[t, t])
+        aa, ab, bb = float((alpha * Ma).sum()), float(Ma[t]), float(M[t, t])
         c = _line(aa, ab, bb)
         new = c * alpha
         new[t] += 1.0 - c
@@ -92,19 +92,54 @@ def min_norm(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-8) -> torc
     return _polish(M, alpha)
 
 
+def _matvec(M: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    # Elementwise products summed by index: BLAS's matrix-vector product may round
+    # differently with the buffers' alignment, i.e. from one process to the next, and
+    # Frank-Wolfe's choices would then differ between runs of the same seed.
+    return (M * a).sum(dim=1)
+
+
+def _solve_ones(A: torch.Tensor) -> torch.Tensor:
+    """``x`` with ``A x = 1`` for a small symmetric ``A``: Gaussian elimination with partial
+    pivoting in Python floats (the same bits in every process, see :func:`_matvec`); the
+    least-squares solution of LAPACK where ``A`` is singular to working precision."""
+    n = A.shape[0]
+    rows = [[*map(float, A[i].tolist()), 1.0] for i in range(n)]
+    scale = max((abs(v) for r in rows for v in r[:n]), default=0.0)
+    for c in range(n):
+        piv = max(range(c, n), key=lambda r: abs(rows[r][c]))
+        if abs(rows[piv][c]) <= 1e-13 * scale:
+            ones = torch.ones(n, 1, dtype=A.dtype)
+            return torch.linalg.lstsq(A, ones).solution[:, 0]
+        rows[c], rows[piv] = rows[piv], rows[c]
+        for r in range(c + 1, n):
+            f = rows[r][c] / rows[c][c]
+            rows[r] = [a - f * b for a, b in zip(rows[r], rows[c])]
+    x = [0.0] * n
+    for c in range(n - 1, -1, -1):
+        x[c] = (rows[c][n] - sum(rows[c][j] * x[j] for j in range(c + 1, n))) / rows[c][c]
+    return torch.tensor(x, dtype=A.dtype)
+
+
+def _quad(M: torch.Tensor, a: torch.Tensor) -> float:
+    """``a^T M a``, summed in a fixed order (see :func:`_matvec`)."""
+    return float((a * _matvec(M, a)).sum())
+
+
 def _polish(M: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Exact minimiser on the face that Frank-Wolfe found (it converges only as ``O(1/k)``).
 
     On a support ``A`` the stationarity condition of ``min a^T M a`` subject to
     ``sum a = 1`` is ``M_AA a_A = lambda 1``, so ``a_A = M_AA^+ 1 / (1^T M_AA^+ 1)``.
     Where a weight comes out negative its loss leaves the support and the solve
-    is repeated. The result replaces ``alpha`` only if it is feasible and no worse.
+    is repeated. The result replaces ``alpha`` only if it is feasible and no worse (up to
+    a relative 1e-9, the round-off of the two costs).
     """
-    best, best_cost = alpha, float(alpha @ M @ alpha)
+    best, best_cost = alpha, _quad(M, alpha)
     support = [int(i) for i in torch.nonzero(alpha > 0).flatten()]
     while support:
         sub = M[support][:, support]
-        x = torch.linalg.lstsq(sub, torch.ones(len(support), 1, dtype=M.dtype)).solution[:, 0]
+        x = _solve_ones(sub)
         den = float(x.sum())
         if den <= 0.0:
             break
@@ -114,8 +149,8 @@ def _polish(M: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
             continue
         cand = torch.zeros_like(alpha)
         cand[support] = a
-        cost = float(cand @ M @ cand)
-        if cost <= best_cost:
+        cost = _quad(M, cand)
+        if cost <= best_cost * (1.0 + 1e-9):  # equal up to round-off: the exact point
             best, best_cost = cand, cost
         break
     return best
