@@ -27,8 +27,10 @@ from bogc_core.errors import ConfigError
 from ..data import Dataset
 
 SETTINGS = ("standard", "missing", "fewshot", "noisy", "zeroshot")
-#: modality corrupted in the ``noisy`` setting of the shipped data (the strongest one)
-NOISE_MODALITY = {"av-mnist": "image", "av-digits": "audio", "mfeat": "fac"}
+#: modality corrupted in the ``noisy`` setting (the strongest one, by its own head under
+#: ``sum``): the shipped data sets, and Scene-15 and PIE converted by ``bogc data convert``
+NOISE_MODALITY = {"av-mnist": "image", "av-digits": "audio", "mfeat": "fac", "scene15": "phog",
+                  "pie": "gabor"}
 
 
 @dataclass
