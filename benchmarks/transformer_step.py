@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": a.rounds, "threads": a.threads,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-        "note": "wall-clock medians on a shared, loaded machine; ratios are to plain in the same run",
+        "note": "wall-clock medians; ratios are to plain in the same run",
         "rows": rows,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
