@@ -4,6 +4,7 @@ in a worker reaches the caller, and a bad ``--jobs`` is refused before any train
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -56,28 +57,28 @@ def test_two_workers_give_the_numbers_of_one_process(tmp_path):
     assert len(val) == 8 and len(set(val)) > 1  # 6 base points and 2 extensions
 
 
-def _fails(x: int) -> int:
-    if x == 2:
-        raise ValueError("run 2 failed")
-    return x * 10
+def _tasks(keys):
+    """``math.sqrt`` tasks (importable by a spawned worker, unlike this module): key ``k``
+    computes ``sqrt(k*k - 4)``, which fails for ``k = 0, 1`` and is ``sqrt(5)`` for 3."""
+    return [(k, math.sqrt, (float(k * k - 4),)) for k in keys]
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_a_failing_run_raises_its_error_in_the_caller(jobs):
     with Pool(jobs, threads=1) as pool:
         got = {}
-        with pytest.raises(ValueError, match="run 2 failed"):
-            for key, value in pool.run((k, _fails, (k,)) for k in range(4)):
+        with pytest.raises(ValueError, match="math domain error"):
+            for key, value in pool.run(_tasks([2, 3, 1, 4])):
                 got[key] = value
-    assert 2 not in got and all(got[k] == 10 * k for k in got)
+    assert 1 not in got and all(got[k] == math.sqrt(k * k - 4) for k in got)
     if jobs == 1:  # in order: the runs before the failure came back with their results
-        assert got == {0: 0, 1: 10}
+        assert got == {2: 0.0, 3: math.sqrt(5)}
 
 
 def test_results_come_back_keyed_whatever_the_order():
     with Pool(2, threads=1) as pool:
-        got = dict(pool.run((k, _fails, (k,)) for k in (5, 1, 7, 3)))
-    assert got == {5: 50, 1: 10, 7: 70, 3: 30}
+        got = dict(pool.run(_tasks([5, 2, 7, 3])))
+    assert got == {k: math.sqrt(k * k - 4) for k in (5, 2, 7, 3)}
 
 
 @pytest.mark.parametrize("bad", ["0", "-2"])
