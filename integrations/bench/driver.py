@@ -125,6 +125,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cores() -> int:
+    """The cores this process may run on (all of the machine's where that is not known)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _positive(name: str, value: int | None, least: int = 1) -> None:
     if value is not None and value < least:
         raise ConfigError(f"{name}: must be >= {least}, got {value}; pass {name} {max(least, 1)} "
@@ -445,7 +452,7 @@ def _main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--epochs: the fixed budget {fixed_epochs} exceeds --max-epochs "
                           f"{max_epochs}; raise --max-epochs")
     tune_seeds = [100 + i for i in range(args.tune_seeds or (1 if quick else 3))]
-    workers = args.jobs or min(len(os.sched_getaffinity(0)), 8)
+    workers = args.jobs or min(_cores(), 8)
     max_train = 512 if quick else None
     cfg = TrainConfig(max_epochs=max_epochs, patience=args.patience, fixed_epochs=fixed_epochs,
                       batch_size=args.batch_size, model=args.model)
