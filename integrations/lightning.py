@@ -75,15 +75,16 @@ class BOGCCallback(pl.Callback):
         ``params(module)`` returns the parameters to calibrate, as parameters
         or ``(name, parameter)`` pairs; default every parameter that requires
         a gradient, by name.
-    shortcut : bool
-        Pass the module as ``model=`` so that ``nn.Linear`` layers use the
-        per-layer second-moment shortcut (see ``GradientCalibrator``).
     log_diagnostics : bool
         Log ``bogc/...`` scalars (fused uncertainty, belief-scale range, mean
         weight and evidence per source) after every training batch.
     **calibrator_kwargs :
         Any other keyword of ``GradientCalibrator`` (``diagnostics``,
-        ``on_nonfinite``); ``model`` and ``distributed`` are the callback's.
+        ``on_nonfinite``, ``model``). ``model`` defaults to the
+        ``LightningModule``, so that its layers take the per-layer formulas (as
+        ``BOGCTrainer`` does); ``model=None`` turns them off, for a module whose
+        examples' losses depend on each other's rows (batch norm).
+        ``distributed`` is refused: the callback calibrates on one process.
 
     Attributes
     ----------
@@ -99,15 +100,21 @@ class BOGCCallback(pl.Callback):
         samples: SampleSource | str = "microbatch",
         source_weights: Mapping[str, float] | None = None,
         params: Callable[[torch.nn.Module], Iterable[Any]] | None = None,
-        shortcut: bool = False,
         log_diagnostics: bool = True,
         **calibrator_kwargs: Any,
     ) -> None:
         super().__init__()
-        if "model" in calibrator_kwargs or "distributed" in calibrator_kwargs:
+        if "distributed" in calibrator_kwargs:
             raise ConfigError(
-                "calibrator_kwargs: 'model' and 'distributed' are set by the callback; use "
-                "shortcut=True for the per-layer shortcut"
+                "calibrator_kwargs: 'distributed' is not supported by BOGCCallback, which "
+                "calibrates on one process; leave it out, or use GradientCalibrator with "
+                "Distributed() in your own loop"
+            )
+        model = calibrator_kwargs.get("model", True)
+        if model is not None and model is not True and not isinstance(model, torch.nn.Module):
+            raise ConfigError(
+                f"model: None (no per-layer formulas) or an nn.Module, got {type(model).__name__}; "
+                f"leave it out to use the LightningModule"
             )
         self.kwargs = dict(
             config=config,
@@ -116,7 +123,6 @@ class BOGCCallback(pl.Callback):
             **calibrator_kwargs,
         )
         self.params = params
-        self.shortcut = shortcut
         self.log_diagnostics = log_diagnostics
         self.calibrator: GradientCalibrator | None = None
         self.last_diagnostics: dict[str, Any] | None = None
@@ -136,9 +142,10 @@ class BOGCCallback(pl.Callback):
             if self.params is not None
             else [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         )
-        self.calibrator = GradientCalibrator(
-            params, model=pl_module if self.shortcut else None, **self.kwargs
-        )
+        kw = dict(self.kwargs)
+        if kw.get("model", True) is True:
+            kw["model"] = pl_module
+        self.calibrator = GradientCalibrator(params, **kw)
         if self._pending_state is not None:
             self.calibrator.load_state_dict(self._pending_state)
             self._pending_state = None

@@ -209,8 +209,23 @@ def test_gradient_accumulation_is_refused() -> None:
 
 
 def test_reserved_keywords_are_refused() -> None:
-    with pytest.raises(bc.ConfigError, match="shortcut"):
-        BOGCCallback(model=nn.Linear(2, 2))
+    with pytest.raises(bc.ConfigError, match="distributed"):
+        BOGCCallback(distributed=object())
+    with pytest.raises(bc.ConfigError, match="model: None"):
+        BOGCCallback(model="yes")
+
+
+@pytest.mark.parametrize("model", ["default", None], ids=["per-layer", "off"])
+def test_per_layer_formulas_by_default_and_off_with_model_none(model: Any) -> None:
+    # both ways give the reference calibrator's update (the formulas are exact); only the
+    # path differs, which the diagnostics name
+    module = Manual()
+    kw = {} if model == "default" else {"model": None}
+    cb = BOGCCallback(samples=Microbatch(chunks=4), **kw)
+    _fit(module, cb)
+    _assert_same(module.net, _reference(2, None))
+    used = cb.last_diagnostics["shortcut_parameters"]
+    assert (len(used) > 0) == (model == "default")
 
 
 def test_params_selection_leaves_others_plain() -> None:
