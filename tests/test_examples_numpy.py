@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from scripttools import load_script
 
 from bogc_core import CalibrationConfig
 
@@ -18,12 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "numpy_logreg.py"
 
 @pytest.fixture(scope="module")
 def ex() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("numpy_logreg", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["numpy_logreg"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
 
 
 def test_per_example_gradients_match_finite_differences(ex: ModuleType) -> None:

@@ -337,11 +337,13 @@ class Runner:
                     key = (train_setting, shots if train_setting == "fewshot" else None, n,
                            tuple(sorted(p.items())), seed)
                     keys[seed, n, sel] = key
-                    self.described[n] = registry.build(n).with_params(**p).describe()
                     if key not in self.cache and key not in queued:
                         queued.add(key)
                         tasks.append((key, train_task, (split, n, p, seed, self.cfg)))
-        tasks.sort(key=lambda t: -registry.build(t[0][2]).cost)  # stable: seed order kept
+        methods = {n: registry.build(n) for n in names}
+        for n in names:
+            self.described[n] = methods[n].with_params(**self.params(n, "fixed")).describe()
+        tasks.sort(key=lambda t: -methods[t[0][2]].cost)  # stable: seed order kept
         desc = f"{self.data.name}/{setting}" + (f"-{shots}" if setting == "fewshot" else "")
         with _progress(len(tasks), desc, self.args.no_progress) as bar:
             for key, result in pool.run(tasks):

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -16,25 +13,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-
-def _load() -> ModuleType:
-    try:
-        return importlib.import_module("bogc_core.integrations.bench.plots")
-    except ImportError:
-        # While integrations/bench.py is still a module next to the bench/ folder,
-        # plots.py is loaded from its file (it needs nothing from the package).
-        import bogc_core.integrations as integ
-
-        path = Path(integ.__path__[0]) / "bench" / "plots.py"
-        spec = importlib.util.spec_from_file_location("bench_plots", path)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-
-plots = _load()
+from bogc_core.integrations.bench import plots  # noqa: E402
 
 
 def _entry(curve: list[float], accs: list[float], diag: bool = False) -> dict[str, Any]:

@@ -358,12 +358,9 @@ def test_no_tune_and_reuse_tuning_still_work(tmp_path):
 
 # ------------------------------------------------------------------ the confirmatory table
 def _gen_module():
-    import importlib.util
+    from scripttools import load_script
 
-    spec = importlib.util.spec_from_file_location("gen_bench_docs", REPO / "scripts" / "gen_bench_docs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(REPO / "scripts" / "gen_bench_docs.py")
 
 
 def _noisy_doc(diffs: list[float]) -> dict:

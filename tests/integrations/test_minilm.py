@@ -10,14 +10,13 @@ does; reentrant checkpointing is refused.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from scripttools import load_script
 
 torch = pytest.importorskip("torch", reason="needs the torch extra")
 pytest.importorskip("transformers", reason="needs the optional transformers extra")
@@ -35,12 +34,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ex() -> ModuleType:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    spec = importlib.util.spec_from_file_location("finetune_minilm", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["finetune_minilm"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
 
 
 def _run(ex: ModuleType, out: Path, resume: str | None = None, checkpointing: str = "non-reentrant",

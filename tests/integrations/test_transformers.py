@@ -9,13 +9,12 @@ independent computation on a copy of the model taken at the start of the step.
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from scripttools import load_script
 
 torch = pytest.importorskip("torch", reason="needs the torch extra")
 pytest.importorskip("transformers", reason="needs the optional transformers extra")
@@ -30,12 +29,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_transformers.
 
 @pytest.fixture(scope="module")
 def ex() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_transformers", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["train_transformers"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
 
 
 class Recorder(TrainerCallback):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+from scripttools import load_script
 
 pytest.importorskip("torch")
 
@@ -15,10 +15,7 @@ EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "train_two_modality
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("train_two_modality", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(EXAMPLE)
 
 
 def test_example_trains_with_microbatch(capsys):
