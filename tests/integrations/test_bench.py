@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchtools import toy_npz
 from bogc_core.integrations.bench import main
 from bogc_core.integrations.bench.methods.registry import GRID, MAIN_METHODS, expand
 from bogc_core.integrations.bench.metrics import (
@@ -62,12 +63,7 @@ def _check_schema(doc, seeds, must=("sum", "bogc")):
 
 
 def _toy(tmp_path, n_per=40):
-    rng = np.random.default_rng(1)
-    y = np.repeat(np.arange(3), n_per)
-    centers = rng.normal(size=(3, 5)) * 3
-    path = tmp_path / "toy.npz"
-    np.savez(path, y=y, x_a=centers[y] + rng.normal(size=(y.size, 5)), x_b=rng.normal(size=(y.size, 2)))
-    return path
+    return toy_npz(tmp_path, n_per=n_per)
 
 
 def test_quick_run_writes_results_and_plots_and_prints_every_path(tmp_path, capsys):

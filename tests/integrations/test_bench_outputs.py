@@ -10,8 +10,8 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
+from benchtools import toy_npz
 
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib", reason="the plots need the bench extra (matplotlib)")
@@ -37,16 +37,7 @@ TINY = ["--seeds", "2", "--tune-seeds", "1", "--epochs", "1", "--max-epochs", "2
         "--no-progress", "--jobs", "1"]
 
 
-def _toy(folder: Path, modalities: int = 2, n_per: int = 30, name: str = "toy") -> Path:
-    rng = np.random.default_rng(1)
-    y = np.repeat(np.arange(3), n_per)
-    centers = rng.normal(size=(3, 5)) * 3
-    arrays = {"x_a": centers[y] + rng.normal(size=(y.size, 5))}
-    if modalities == 2:
-        arrays["x_b"] = rng.normal(size=(y.size, 2))
-    path = folder / f"{name}.npz"
-    np.savez(path, y=y, **arrays)
-    return path
+_toy = toy_npz
 
 
 def _printed(out: str) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.stats
+from benchtools import toy_npz
 from bogc_core.integrations.bench import main, protocol
 from bogc_core.integrations.bench.methods import build
 from bogc_core.integrations.bench.methods.registry import (
@@ -291,13 +292,7 @@ def _strict_load(path: Path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-def _toy(tmp_path):
-    rng = np.random.default_rng(1)
-    y = np.repeat(np.arange(3), 30)
-    centers = rng.normal(size=(3, 5)) * 3
-    path = tmp_path / "toy.npz"
-    np.savez(path, y=y, x_a=centers[y] + rng.normal(size=(y.size, 5)), x_b=rng.normal(size=(y.size, 2)))
-    return path
+_toy = toy_npz
 
 
 def test_a_tiny_run_writes_strict_json_with_mde_grid_budget_and_interior_flags(tmp_path, capsys):
