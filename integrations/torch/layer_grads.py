@@ -191,18 +191,36 @@ def slice_sums(tap: Tap, dt: torch.dtype, delta: torch.Tensor, slices: list[slic
         g.index_add_(0, who * num + idx, d)
         out[tap.weight] = g.reshape((C,) + tuple(mod.weight.shape))
         return out
+    n = _equal_size(slices, delta.shape[0])
+
+    def per_slice(rows: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (C, ...)
+        if n is not None:
+            return rows.reshape((C, n) + tuple(rows.shape[1:])).sum(dim=1)
+        return torch.stack([rows[s].sum(dim=0) for s in slices])
+
     if kind is nn.LayerNorm:
         for idx, g in _norm_rows(tap, dt, delta):
-            out[idx] = torch.stack([g[s].sum(dim=0) for s in slices])
+            out[idx] = per_slice(g)
         return out
     A, B = _flat(tap, dt, delta)
     o, i = A.shape[2], B.shape[2]
     if tap.weight is not None:
-        g = torch.empty((C, o, i), dtype=dt, device=A.device)
-        for j, s in enumerate(slices):
-            torch.mm(A[s].reshape(-1, o).T, B[s].reshape(-1, i), out=g[j])
+        if n is not None:  # one batched product over the slices
+            g = torch.bmm(A.reshape(C, -1, o).transpose(1, 2), B.reshape(C, -1, i))
+        else:
+            g = torch.empty((C, o, i), dtype=dt, device=A.device)
+            for j, s in enumerate(slices):
+                torch.mm(A[s].reshape(-1, o).T, B[s].reshape(-1, i), out=g[j])
         out[tap.weight] = g.reshape((C,) + tuple(tap.layer_weight.shape))
     if tap.bias is not None:
-        rows = A.sum(dim=1)
-        out[tap.bias] = torch.stack([rows[s].sum(dim=0) for s in slices])
+        out[tap.bias] = per_slice(A.sum(dim=1))
     return out
+
+
+def _equal_size(slices: list[slice], N: int) -> int | None:
+    """The common length of ``slices`` when they tile ``0..N`` in order, else None."""
+    n = N // len(slices)
+    if n * len(slices) != N or any(s.start != j * n or s.stop != (j + 1) * n
+                                   for j, s in enumerate(slices)):
+        return None
+    return n

@@ -154,27 +154,25 @@ def require_examples(prob: Problem, k: int, at_least: int, what: str) -> None:
         )
 
 
-def delta_batches(prob: Problem, sources: list[int]) -> list[tuple[Tap, list[int], torch.Tensor]]:
-    """``d loss_k.sum() / d out`` for every shortcut layer output, all sources in one backward.
-
-    Returns ``(tap, ks, G)`` per layer call: ``G[r]`` ``(N, out)`` is source
-    ``ks[r]``'s output gradient; ``ks`` lists only the sources whose shortcut
-    uses that layer (a source that does not reach a layer costs nothing there).
-    """
+def delta_rows(prob: Problem, sources: list[int]) -> dict[int, dict[int, torch.Tensor]]:
+    """``d loss_k.sum() / d out`` for every shortcut layer output of each source in ``sources``,
+    keyed by source, then by ``id(tap.out)``: ``(N, out)`` each. Only the layers a source's
+    shortcut uses are visited (a source that does not reach a layer costs nothing there)."""
     taps: dict[int, Tap] = {}
     users: dict[int, list[int]] = {}
     for k in sources:
         for tap in prob.shortcut[k]:
             taps[id(tap.out)] = tap
             users.setdefault(id(tap.out), []).append(k)
-    if not taps:
-        return []
     # One backward per source rather than one vmapped backward for all: it works under
     # gradient checkpointing with dropout (vmap cannot draw random numbers), each source
     # walks only to the layers it uses, and node hooks see plain tensors.
     per_source: dict[int, dict[int, torch.Tensor]] = {}
     for k in sources:
         mine = [tid for tid in taps if k in users[tid]]
+        if not mine:
+            per_source[k] = {}
+            continue
         captured: dict[int, torch.Tensor] = {}
         handles = []
         for tid in mine:
@@ -189,9 +187,18 @@ def delta_batches(prob: Problem, sources: list[int]) -> list[tuple[Tap, list[int
             for h in handles:
                 h.remove()
         per_source[k] = {tid: captured.get(tid, g) for tid, g in zip(mine, grads)}
+    return per_source
+
+
+def delta_batches(prob: Problem, sources: list[int]) -> list[tuple[Tap, list[int], torch.Tensor]]:
+    """:func:`delta_rows` per layer call: ``(tap, ks, G)``, where ``G[r]`` ``(N, out)`` is
+    source ``ks[r]``'s output gradient and ``ks`` lists only the sources whose shortcut
+    uses that layer."""
+    taps = {id(tap.out): tap for k in sources for tap in prob.shortcut[k]}
+    per_source = delta_rows(prob, sources)
     res = []
     for tid, tap in taps.items():
-        ks = users[tid]
+        ks = [k for k in sources if tid in per_source[k]]
         res.append((tap, ks, torch.stack([per_source[k].pop(tid) for k in ks])))
     return res
 
@@ -200,15 +207,6 @@ def _capture(store: dict[int, torch.Tensor], key: int):
     def hook(grad_outputs: tuple) -> None:
         store[key] = grad_outputs[0]
     return hook
-
-
-def delta_rows(prob: Problem, sources: list[int]) -> dict[int, dict[int, torch.Tensor]]:
-    """:func:`delta_batches` keyed by source, then by ``id(tap.out)``."""
-    res: dict[int, dict[int, torch.Tensor]] = {k: {} for k in sources}
-    for tap, ks, g in delta_batches(prob, sources):
-        for r, k in enumerate(ks):
-            res[k][id(tap.out)] = g[r]
-    return res
 
 
 @dataclass

@@ -90,17 +90,43 @@ def test_mean_impute_replaces_the_tokens_and_the_mask_equals_a_shorter_sequence(
         model(xs)
         means = [t.mean(0) for t in model.last_features]
         assert means[0].shape == (TOKENS, WIDTH)
+        cls, toks = model.tokens(xs)
+        # the modality embedding is row m of one table, added to every token of modality m
+        torch.testing.assert_close(toks[2] - model.encoders[2](xs[2]),
+                                   model.modality.weight[2].expand(10, TOKENS, WIDTH))
         z_fill, _ = model(xs, drop=(1,), fill=means)
-        seq = torch.cat([model.cls.expand(10, -1, -1)]
-                        + [model.encoders[0](xs[0]), means[1].expand(10, -1, -1),
-                           model.encoders[2](xs[2])], 1)
+        seq = torch.cat([cls, toks[0], means[1].expand(10, -1, -1), toks[2]], 1)
         torch.testing.assert_close(z_fill, model.fusion_head(model.trunk(seq)[:, 0]))
         # masking modality 1 equals leaving its tokens out of the sequence
         z_mask, _ = model(xs, drop=(1,))
-        short = torch.cat([model.cls.expand(10, -1, -1), model.encoders[0](xs[0]),
-                           model.encoders[2](xs[2])], 1)
+        short = torch.cat([cls, toks[0], toks[2]], 1)
         torch.testing.assert_close(z_mask, model.fusion_head(model.trunk(short)[:, 0]),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_block_equals_torch_encoder_layer_with_the_same_weights():
+    """The hand-written block is PyTorch's pre-norm ``TransformerEncoderLayer`` (ReLU, 4
+    heads), its attention projections as ``nn.Linear`` layers; with a key mask too."""
+    from bogc_core.integrations.bench.transformer import FFN, HEADS, Block
+
+    torch.manual_seed(3)
+    block = Block().eval()
+    ref = torch.nn.TransformerEncoderLayer(WIDTH, HEADS, FFN, batch_first=True, norm_first=True).eval()
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(block.qkv.weight)
+        ref.self_attn.in_proj_bias.copy_(block.qkv.bias)
+        ref.self_attn.out_proj.weight.copy_(block.out.weight)
+        ref.self_attn.out_proj.bias.copy_(block.out.bias)
+        for a, b in ((ref.linear1, block.ff1), (ref.linear2, block.ff2), (ref.norm1, block.norm1),
+                     (ref.norm2, block.norm2)):
+            a.weight.copy_(b.weight)
+            a.bias.copy_(b.bias)
+        h = torch.randn(5, 7, WIDTH)
+        torch.testing.assert_close(block(h), ref(h), rtol=1e-5, atol=1e-5)
+        pad = torch.zeros(5, 7, dtype=torch.bool)
+        pad[:, 4:] = True
+        torch.testing.assert_close(block(h, ~pad[:, None, None, :]),
+                                   ref(h, src_key_padding_mask=pad), rtol=1e-5, atol=1e-5)
 
 
 def test_zeroshot_embeddings_see_their_own_modality_only():
@@ -119,9 +145,9 @@ def test_zeroshot_embeddings_see_their_own_modality_only():
 @pytest.mark.parametrize("samples", ["microbatch", "per_example"])
 def test_calibrator_statistics_on_attention_and_layernorm_are_exact(samples):
     """The calibrator's per-source mean equals autograd's gradient of the mean loss for every
-    parameter. Linear layers (on 2-D and 3-D inputs) and LayerNorm take the per-layer formulas;
-    the attention's projections (called inside ``F.multi_head_attention_forward``, not as
-    modules), the CLS token and the modality embeddings take the generic path."""
+    parameter, and every parameter takes a per-layer formula: Linear on 2-D and 3-D inputs
+    (tokenizers, attention projections, feed-forward, heads), LayerNorm and Embedding (the
+    CLS token and the modality embeddings)."""
     model = _net()
     model.eval()
     xs, y = _inputs(B=8)
@@ -134,15 +160,9 @@ def test_calibrator_statistics_on_attention_and_layernorm_are_exact(samples):
                                    allow_unused=True)
             for s, loss in losses.items()}
     diag = cal.backward(losses)
-    short = set(diag["shortcut_parameters"])
-    assert "encoders.0.proj.weight" in short and "fusion_head.weight" in short
-    assert "heads.1.weight" in short
-    generic = [n for n, _ in named if "self_attn" in n or n in ("cls", "encoders.0.modality")]
-    assert generic and short.isdisjoint(generic)
-    assert any("self_attn.in_proj_weight" in n for n in generic)
-    formulas = [n for n, _ in named if n.startswith("trunk.") and "self_attn" not in n]
-    assert any("norm" in n for n in formulas) and any("linear1" in n for n in formulas)
-    assert set(formulas) <= short
+    assert set(diag["shortcut_parameters"]) == {n for n, _ in named}
+    assert {"cls.weight", "modality.weight", "trunk.blocks.0.qkv.weight",
+            "trunk.norm.bias"} <= {n for n, _ in named}
     for s in losses:
         for (n, _), g in zip(named, want[s]):
             st = cal.last_statistics[s].get(n)
