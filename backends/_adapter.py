@@ -24,15 +24,8 @@ from bogc_core.errors import DTypeError, ShapeError
 
 from ._gradient import Outputs, Shim, Summary, gradient
 
-__all__ = [
-    "Adapter",
-    "BLOCK",
-    "run",
-    "check_call",
-    "decline_reason",
-    "evidence_range_problem",
-    "hugepage_buffer",
-]
+__all__ = ["Adapter", "BLOCK", "run", "check_call", "decline_reason", "evidence_range_problem",
+           "hugepage_buffer"]
 
 #: Engine block length (elements) on the CPU: ~10 float64 temporaries of a
 #: block stay in L2. On an accelerator the engine takes the whole array per call.
@@ -81,9 +74,8 @@ def decline_reason(space: Any, stats: Sequence[Any], config: CalibrationConfig |
     return evidence_range_problem(config, space.tiny, space.max)
 
 
-def check_call(
-    stats: Sequence[Any], segments: Sequence[int] | None, out: Any
-) -> tuple[tuple[int, ...], int]:
+def check_call(stats: Sequence[Any], segments: Sequence[int] | None,
+               out: Any) -> tuple[tuple[int, ...], int]:
     """The checks of ``segments`` and ``out``; returns ``(shape, D)``."""
     shape = tuple(int(v) for v in stats[0].shape)
     D = math.prod(shape)
@@ -114,22 +106,11 @@ def _flat_count(xp: Any, count: Any, shape: tuple[int, ...]) -> Any:
     return xp.reshape(xp.broadcast_to(count, shape), (-1,))
 
 
-def run(
-    adapter: Adapter,
-    space: Any,
-    names: Sequence[str],
-    stats: Sequence[Any],
-    lambdas: Sequence[float],
-    config: CalibrationConfig,
-    *,
-    out: Any = None,
-    segments: Sequence[int] | None = None,
-    diagnostics: dict[str, Any] | None = None,
-    full: bool = False,
-    native: bool = False,
-    summarize: bool | Sequence[int] = False,
-    check_values: bool = False,
-) -> Any:
+def run(adapter: Adapter, space: Any, names: Sequence[str], stats: Sequence[Any],
+        lambdas: Sequence[float], config: CalibrationConfig, *, out: Any = None,
+        segments: Sequence[int] | None = None, diagnostics: dict[str, Any] | None = None,
+        full: bool = False, native: bool = False, summarize: bool | Sequence[int] = False,
+        check_values: bool = False) -> Any:
     """The engine on one call: the gradient (into ``out`` when given), or with
     ``full`` the whole :class:`Calibration`. Raises :class:`Decline` to decline.
 
@@ -165,25 +146,13 @@ def run(
     if summarize is not False and summarize is not None and diagnostics is not None:
         summary = Summary(None if summarize is True else summarize)
     with adapter.context():
-        gradient(
-            shim,
-            names,
-            [view(xp.reshape(st.mean, (-1,))) for st in stats],
-            [view(xp.reshape(st.m2, (-1,))) for st in stats],
-            [c if isinstance(c, float) else view(c) for c in counts],
-            lambdas,
-            config,
-            view(work),
-            segments,
-            min(block, D),
-            space.tiny,
-            str(space.dtype).endswith("float32"),
-            info,
-            threads=threads,
-            outputs=outputs,
-            summary=summary,
-            check=(lambda: check_stats(names, stats)) if check_values else None,
-        )
+        gradient(shim, names, [view(xp.reshape(st.mean, (-1,))) for st in stats],
+                 [view(xp.reshape(st.m2, (-1,))) for st in stats],
+                 [c if isinstance(c, float) else view(c) for c in counts], lambdas, config,
+                 view(work), segments, min(block, D), space.tiny,
+                 str(space.dtype).endswith("float32"), info, threads=threads, outputs=outputs,
+                 summary=summary,
+                 check=(lambda: check_stats(names, stats)) if check_values else None)
     finite = info.pop("finite", False)
     if check_values:
         info["finite"] = finite
@@ -203,16 +172,9 @@ def run(
     if not full:
         return target
     flags = {"path": adapter.name, "zero_variance_sources": info.get("zero_variance_sources", [])}
-    return Calibration(
-        target,
-        xp.reshape(w, (S,) + shape),
-        xp.reshape(U, shape),
-        xp.reshape(s, shape),
-        xp.reshape(e, (S,) + shape),
-        names,
-        float(config.prior_weight),
-        flags,
-    )
+    return Calibration(target, xp.reshape(w, (S,) + shape), xp.reshape(U, shape),
+                       xp.reshape(s, shape), xp.reshape(e, (S,) + shape), names,
+                       float(config.prior_weight), flags)
 
 
 class Adapter:
@@ -246,14 +208,8 @@ class Adapter:
         with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
             yield
 
-    def calibrate(
-        self,
-        space: Any,
-        names: Sequence[str],
-        stats: Sequence[Any],
-        lambdas: Sequence[float],
-        config: CalibrationConfig,
-    ) -> Calibration:
+    def calibrate(self, space: Any, names: Sequence[str], stats: Sequence[Any],
+                  lambdas: Sequence[float], config: CalibrationConfig) -> Calibration:
         """The full :class:`Calibration` of one group (float32/float64 arrays)."""
         result: Calibration = run(self, space, names, stats, lambdas, config, full=True)
         return result

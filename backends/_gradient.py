@@ -63,10 +63,9 @@ from bogc_core._fusion import belief_bound as _belief_bound
 from bogc_core._types import CalibrationConfig, Decline
 from bogc_core._weights import gauss_legendre01
 
-__all__ = [
-    "FEW_SAMPLES", "Shim", "NumpyShim", "Outputs", "Plan", "Summary", "plan_blocks", "gradient",
-    "gauss_legendre01",
-]
+__all__ = ["FEW_SAMPLES", "Shim", "NumpyShim", "Outputs", "Plan", "Summary", "plan_blocks",
+           "gradient", "gauss_legendre01", "fast32_fits", "reference", "score_consts",
+           "zero_variance_sources"]
 
 # A log score is at least 2*log(smallest subnormal) - log(largest float) >
 # -2200 (float64) when finite; -inf (a zero mean) is lifted to this floor so
@@ -79,6 +78,36 @@ _POWERS = {0.5: "sqrt", 1.0: "one", 2.0: "square", 4.0: "square2"}
 _np_clip: Any = getattr(np, "_core", np).umath.clip
 #: The reason to decline where the reference raises InsufficientSamplesError.
 FEW_SAMPLES = "fewer than 2 samples in every dimension (the reference raises)"
+
+
+def score_consts(prior: Any, counts: Sequence[Any], tiny: float) -> np.ndarray:
+    """``C_k = log(alpha_n) + log(kappa_n)``, the scalar part of source ``k``'s log score
+    for one count ``n`` (0 for per-dimension counts, whose logs are taken per dimension)."""
+    return np.asarray([math.log(max(prior.alpha0 + 0.5 * n, tiny)) + math.log(max(prior.kappa0 + n, tiny))
+                       if isinstance(n, float) else 0.0 for n in counts])
+
+
+def reference(sums: np.ndarray, cnts: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """``ref_g`` ``(G,)``: the mean finite log score of each segment, from the sums of
+    ``l - C_k`` and the numbers of finite scores, ``(S, G)`` each."""
+    return np.sum(sums + C[:, None] * cnts, axis=0) / np.maximum(np.sum(cnts, axis=0), 1.0)
+
+
+def fast32_fits(p: float, lk: np.ndarray, L: float, W: float) -> bool:
+    """The power form in float32 arithmetic, as the reference's own: ``t = |mu| / (sqrt(beta)
+    K^(-1/p))``, then ``e = clip(t)^p``. An over- or underflow of ``t`` lands on the clip
+    bound it would reach anyway, given that every scalar (``K = exp(lk)``, the clip bounds,
+    ``W``) is a normal float32 number, which this tests."""
+    f32 = np.finfo(np.float32)
+    tiny, big, m = float(f32.smallest_normal), float(f32.max), float(np.max(np.abs(lk)))
+    return (p * 65.0 + m / math.log(10.0) < _LOG10_RANGE and m / p < 15.0 * math.log(10.0)
+            and L / p < math.log(big) - 1.0 and tiny < math.exp(-L) / W
+            and math.exp(L) / W < big and tiny < W < big)
+
+
+def zero_variance_sources(names: Sequence[str], zero_var: np.ndarray, prior: Any) -> list[str]:
+    """The sources whose ``M2`` is zero in some segment (the empirical-Bayes prior only)."""
+    return [n for n, z in zip(names, zero_var) if prior.beta0 is None and bool(z.any())]
 
 
 class Shim:
@@ -379,25 +408,12 @@ class _Src:
     lam: float
 
 
-def gradient(
-    shim: Shim,
-    names: Sequence[str],
-    means: Sequence[Any],
-    m2s: Sequence[Any],
-    counts: Sequence[Any],
-    lambdas: Sequence[float],
-    config: CalibrationConfig,
-    out: Any,
-    segments: Sequence[int] | None,
-    block: int,
-    tiny: float,
-    float32: bool,
-    diagnostics: dict[str, Any] | None = None,
-    threads: int = 1,
-    outputs: Outputs | None = None,
-    summary: Summary | None = None,
-    check: Callable[[], None] | None = None,
-) -> Any:
+def gradient(shim: Shim, names: Sequence[str], means: Sequence[Any], m2s: Sequence[Any],
+             counts: Sequence[Any], lambdas: Sequence[float], config: CalibrationConfig, out: Any,
+             segments: Sequence[int] | None, block: int, tiny: float, float32: bool,
+             diagnostics: dict[str, Any] | None = None, threads: int = 1,
+             outputs: Outputs | None = None, summary: Summary | None = None,
+             check: Callable[[], None] | None = None) -> Any:
     """Write ``calibrate(...).gradient`` of every segment into the flat ``out``; return it.
 
     ``means``/``m2s``: one flat ``(D,)`` array per source (input dtype);
@@ -477,23 +493,11 @@ def gradient(
                 zero_var[k] = ~(tot_h > 0)
     seg_equal = np.any(zero_var, axis=0) if prior.beta0 is None else np.zeros(G, dtype=bool)
     if diagnostics is not None:
-        diagnostics["zero_variance_sources"] = [
-            names[k] for k in range(S) if prior.beta0 is None and bool(zero_var[k].any())
-        ]
+        diagnostics["zero_variance_sources"] = zero_variance_sources(names, zero_var, prior)
     if summary is not None:
         summary.start(shim, D, S, block, segments, zero_var)
 
-    # Scalar part of the log score, log(alpha) + log(kappa), for one count.
-    consts = []
-    for s in srcs:
-        if isinstance(s.n, float):
-            consts.append(
-                math.log(max(prior.alpha0 + 0.5 * s.n, tiny))
-                + math.log(max(prior.kappa0 + s.n, tiny))
-            )
-        else:
-            consts.append(0.0)
-    C = np.asarray(consts)
+    C = score_consts(prior, [s.n for s in srcs], tiny)
     snr = config.evidence_from == "snr"
 
     # ---- pass B: ref per segment. With kappa0 = 0 (mu = m) the scores are
@@ -530,34 +534,16 @@ def gradient(
         cnts = sum(acc[1] for acc in accs[1:]) + accs[0][1] if len(accs) > 1 else accs[0][1]
         sums_h, cnts_h = shim.to_host(sums), shim.to_host(cnts)
         # cnts holds minus the number of zero means; add the segment lengths.
-        cnts_h = cnts_h + lengths[None, :]
-        total = np.sum(sums_h + C[:, None] * cnts_h, axis=0)
-        ref = total / np.maximum(np.sum(cnts_h, axis=0), 1.0)
+        ref = reference(sums_h, cnts_h + lengths[None, :], C)
 
     # ---- pass C: evidence, fused belief, weights, B * g' (or g') into out
     p = 2.0 * gamma
     lk = gamma * (C[:, None] - ref[None, :])  # (S, G): log K
-    power = (
-        not per_dim
-        and float32
-        and p in _POWERS
-        and p * 65.0 + float(np.max(np.abs(lk))) / math.log(10.0) < _LOG10_RANGE
-    )
+    power = (not per_dim and float32 and p in _POWERS
+             and p * 65.0 + float(np.max(np.abs(lk))) / math.log(10.0) < _LOG10_RANGE)
     K = np.exp(lk) if power else None
-    # Native float32: the power form in the input dtype, as the reference's own
-    # float32 arithmetic. t = |mu| / (sqrt(beta) K^(-1/p)) then e = clip(t)^p;
-    # an over- or underflow of t lands on the clip bound it would reach anyway,
-    # given that every scalar below is a normal float32 number.
     f32 = np.finfo(np.float32)
-    fast32 = (
-        power
-        and prior.kappa0 == 0
-        and float(np.max(np.abs(lk))) / p < 15.0 * math.log(10.0)
-        and L / p < math.log(float(f32.max)) - 1.0
-        and float(f32.smallest_normal) < lo / W
-        and hi / W < float(f32.max)
-        and float(f32.smallest_normal) < W < float(f32.max)
-    )
+    fast32 = power and prior.kappa0 == 0 and fast32_fits(p, lk, L, W)
     belief = config.scale == "belief"
     keep_b = belief and (config.s_max is not None or wide or outputs is not None)
     if outputs is not None:

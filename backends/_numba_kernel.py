@@ -45,6 +45,8 @@ import numpy as np
 from bogc_core._types import CalibrationConfig
 from bogc_core.errors import ConfigError
 
+from ._gradient import fast32_fits, reference, score_consts, zero_variance_sources
+
 __all__ = ["AVAILABLE", "ENABLED", "BAD", "gradient", "set_threads", "get_threads"]
 
 #: What :func:`gradient` returns when the values check of a pass found a NaN, an
@@ -576,9 +578,7 @@ def gradient(
                 beta0[k] = float(prior.alpha0) * (tot / ns[k] / lens_f)
                 zero_var[k] = ~(tot > 0)
         seg_equal = np.any(zero_var, axis=0) if prior.beta0 is None else np.zeros(G, dtype=bool)
-        C = np.asarray(
-            [math.log(max(prior.alpha0 + 0.5 * n, tiny)) + math.log(max(prior.kappa0 + n, tiny)) for n in ns]
-        )
+        C = score_consts(prior, ns, tiny)
         beta0_32 = beta0.astype(f32)
 
         # ---- pass B
@@ -605,24 +605,12 @@ def gradient(
                     return False
                 _reduce_items_c(part, iseg, sums[k])
                 nzs[k] = np.bincount(iseg, weights=nzp, minlength=G).astype(np.int64)
-            cnts = lens_f[None, :] - nzs
-            total = np.sum(2.0 * sums + C[:, None] * cnts, axis=0)
-            ref = total / np.maximum(np.sum(cnts, axis=0), 1.0)
+            ref = reference(2.0 * sums, lens_f[None, :] - nzs, C)
 
         # ---- pass C: the engine's fast32 conditions
         lk = gamma * (C[:, None] - ref[None, :])
         lo, hi = math.exp(-L), math.exp(L)
-        max_lk = float(np.max(np.abs(lk)))
-        if not (
-            p * 65.0 + max_lk / math.log(10.0) < 290.0
-            and max_lk / p < 15.0 * math.log(10.0)
-            and L / p < math.log(float(fi.max)) - 1.0
-            and tiny < lo / W
-            and hi / W < float(fi.max)
-            and tiny < W < float(fi.max)
-        ):
-            return False
-        if c_b is None:
+        if not fast32_fits(p, lk, L, W):
             return False
         invk = np.exp(-lk / p).astype(f32)
         floor_beta = not bool(np.all(beta0 >= tiny))
@@ -654,9 +642,7 @@ def gradient(
             summary[5][...] = bsum / lens_f if belief else math.nan
         if diagnostics is not None:
             diagnostics["finite"] = finite
-            diagnostics["zero_variance_sources"] = [
-                names[k] for k in range(S) if prior.beta0 is None and bool(zero_var[k].any())
-            ]
+            diagnostics["zero_variance_sources"] = zero_variance_sources(names, zero_var, prior)
             diagnostics["kernel"] = "numba"
         return True
 

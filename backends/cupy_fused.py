@@ -84,13 +84,8 @@ def _fuse_kernel(S: int, weights: str) -> cp.ElementwiseKernel:
     return _elementwise(cuda.fuse(S, weights))
 
 
-def _full(
-    space: Any,
-    names: Sequence[str],
-    stats: Sequence[Any],
-    lambdas: Sequence[float],
-    config: CalibrationConfig,
-) -> Calibration:
+def _full(space: Any, names: Sequence[str], stats: Sequence[Any], lambdas: Sequence[float],
+          config: CalibrationConfig) -> Calibration:
     """The full result (float32/float64 CuPy arrays, checked by :func:`._adapter.run`)."""
     dtype = np.dtype(space.dtype)
     shape = tuple(stats[0].shape)

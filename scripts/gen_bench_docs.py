@@ -2,7 +2,9 @@
 
 Every number on that page between ``<!-- BEGIN GENERATED: name -->`` and
 ``<!-- END GENERATED: name -->`` comes from the ``results.json`` and
-``search.json`` files under ``docs/results/bench/``; nothing is copied by hand.
+``search.json`` files under ``docs/results/bench/`` (the ``--model mlp`` runs)
+and ``docs/results/bench-transformer/`` (the ``transformer`` block); nothing is
+copied by hand.
 Every t interval, p-value, Holm adjustment and minimum detectable effect is
 recomputed from the stored per-seed accuracies (``report.restat``).
 ``docs/results/bench/summary.md`` is regenerated the same way.
@@ -202,7 +204,17 @@ def positive_control(docs) -> list[str]:
     return L
 
 
-def blocks(docs, searches) -> dict[str, list[str]]:
+def transformer_block(docs) -> list[str]:
+    """The ``--model transformer`` runs: their headline rows, then every table."""
+    if not docs:
+        return ["(not run yet)"]
+    L = headline(docs) + [""]
+    for ds, folder, doc in docs:
+        L += [f"#### {title(doc)}", "", f"Tuning: {tuning_line(doc)}", ""] + markdown_tables(doc)
+    return L
+
+
+def blocks(docs, searches, transformer=()) -> dict[str, list[str]]:
     results: list[str] = []
     for ds, folder, doc in docs:
         results += [f"### {title(doc)}", "",
@@ -212,7 +224,8 @@ def blocks(docs, searches) -> dict[str, list[str]]:
         results += markdown_tables(doc)
     return {"headline": headline(docs), "missing": missing_best_rule(docs),
             "confirmatory": confirmatory(docs), "positive": positive_control(docs),
-            "search": search_table(searches), "cost": cost_lines(docs, searches), "results": results}
+            "search": search_table(searches), "cost": cost_lines(docs, searches), "results": results,
+            "transformer": transformer_block(list(transformer))}
 
 
 def render(md: str, generated: dict[str, list[str]]) -> str:
@@ -237,11 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="fail on drift instead of writing")
     p.add_argument("--results", default=str(REPO / "docs" / "results" / "bench"))
+    p.add_argument("--transformer-results", default=str(REPO / "docs" / "results" / "bench-transformer"))
     p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
     args = p.parse_args(argv)
     root, doc_path = Path(args.results), Path(args.doc)
     docs, searches = load(root)
-    want_md = render(doc_path.read_text(), blocks(docs, searches))
+    troot = Path(args.transformer_results)
+    tdocs = load(troot)[0] if troot.is_dir() else []
+    want_md = render(doc_path.read_text(), blocks(docs, searches, tdocs))
     want_summary = summary(docs)
     targets = [(doc_path, want_md), (root / "summary.md", want_summary)]
     if args.check:

@@ -19,6 +19,11 @@ from torch import nn
 
 from bogc_core.errors import ConfigError
 
+#: a bench model's inputs, one ``(B, d_m)`` tensor per modality (and ``fill``: one per modality)
+Inputs = Sequence[torch.Tensor]
+#: a bench model's output: the fusion logits ``(B, C)`` and the unimodal logits ``(B, C)`` each
+Logits = tuple[torch.Tensor, list[torch.Tensor]]
+
 FUSION = "fusion"
 #: the contrastive loss source of the ``zeroshot`` setting (:mod:`.zeroshot`)
 ALIGN = "align"
@@ -45,12 +50,7 @@ class MultiModalNet(nn.Module):
     def sources(self) -> tuple[str, ...]:
         return (FUSION,) + self.modalities
 
-    def forward(
-        self,
-        xs: Sequence[torch.Tensor],
-        drop: Iterable[int] = (),
-        fill: Sequence[torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, xs: Inputs, drop: Iterable[int] = (), fill: Inputs | None = None) -> Logits:
         """``xs[i]``: ``(B, d_i)``. ``drop``: modality indices whose branch is removed;
         their features enter the fusion head as ``fill[i]`` (a ``(feat,)`` vector,
         e.g. the training mean) or, without ``fill``, as zeros. Returns fusion

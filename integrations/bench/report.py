@@ -318,6 +318,8 @@ def diff_text(d: dict | None, bootstrap: bool = True, mde: bool = True) -> str:
 
 def title(doc: dict) -> str:
     head = f"{doc['dataset']} / {doc['setting']}"
+    if doc.get("train_config", {}).get("model", "mlp") != "mlp":
+        head += f", {doc['train_config']['model']}"
     if doc["split"].get("shots"):
         head += f" k={doc['split']['shots']}"
     if doc["split"].get("noise_modality"):

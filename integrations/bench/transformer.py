@@ -48,7 +48,7 @@ batched backward passes).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ from torch import nn
 
 from bogc_core.errors import ConfigError
 
-from .model import ALIGN, FUSION
+from .model import ALIGN, FUSION, Inputs, Logits
 
 #: tokens per modality
 TOKENS = 2
@@ -162,7 +162,7 @@ class FusionTransformer(nn.Module):
         """Positions of each modality's tokens in the sequence (CLS is position 0)."""
         return [slice(1 + i * TOKENS, 1 + (i + 1) * TOKENS) for i in range(len(self.modalities))]
 
-    def tokens(self, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def tokens(self, xs: Inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The CLS token ``(B, 1, W)`` and each modality's tokens ``tok_m`` ``(B, T, W)``."""
         B = xs[0].shape[0]
         ids = torch.arange(len(xs), device=xs[0].device).repeat_interleave(TOKENS)
@@ -171,12 +171,7 @@ class FusionTransformer(nn.Module):
         return cls, [enc(x) + mod[:, s.start - 1 : s.stop - 1]
                      for enc, x, s in zip(self.encoders, xs, self.spans())]
 
-    def forward(
-        self,
-        xs: Sequence[torch.Tensor],
-        drop: Iterable[int] = (),
-        fill: Sequence[torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, xs: Inputs, drop: Iterable[int] = (), fill: Inputs | None = None) -> Logits:
         """``xs[i]``: ``(B, d_i)``. Returns fusion logits ``(B, C)`` and the unimodal logits.
 
         ``drop``: modality indices masked out of attention, or, with ``fill``, whose

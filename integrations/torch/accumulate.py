@@ -10,11 +10,31 @@ the mean loss over the whole batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from bogc_core import GradientStats
 
-__all__ = ["Accumulator"]
+__all__ = ["Accumulator", "Moments"]
+
+
+@dataclass(frozen=True, slots=True)
+class Moments:
+    """``(n, m, M2)`` of one source's samples for one tensor, unchecked.
+
+    The integration's own record of a step's statistics: building a
+    :class:`~bogc_core.GradientStats` validates its inputs, which costs more
+    than the arithmetic for small tensors, so the sources return these and the
+    core sees checked ``GradientStats`` of whole flat groups only.
+    """
+
+    count: float | torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    def checked(self) -> GradientStats:
+        return GradientStats(self.count, self.mean, self.m2)
 
 
 class Accumulator:
@@ -62,7 +82,7 @@ class Accumulator:
         self.m2 = self.m2 + m2 + (delta * delta) * (self.count * frac)
         self.count = n
 
-    def stats(self) -> GradientStats:
-        if self.mean is None:
+    def stats(self) -> Moments:
+        if self.mean is None or self.m2 is None:
             raise RuntimeError("Accumulator.stats: no samples were added")
-        return GradientStats(self.count, self.mean, self.m2)
+        return Moments(self.count, self.mean, self.m2)

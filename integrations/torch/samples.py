@@ -22,7 +22,7 @@ import torch
 from bogc_core import GradientStats
 from bogc_core.errors import InsufficientSamplesError
 
-from .accumulate import Accumulator
+from .accumulate import Accumulator, Moments
 from .shortcut import Tap
 
 __all__ = [
@@ -30,24 +30,6 @@ __all__ = [
     "require_examples", "stats_from_sums", "unaliased", "work_dtype",
 ]
 
-
-
-@dataclass(frozen=True, slots=True)
-class Moments:
-    """``(n, m, M2)`` of one source's samples for one tensor, unchecked.
-
-    The integration's own record of a step's statistics: building a
-    :class:`~bogc_core.GradientStats` validates its inputs, which costs more
-    than the arithmetic for small tensors, so the sources return these and the
-    core sees checked ``GradientStats`` of whole flat groups only.
-    """
-
-    count: float | torch.Tensor
-    mean: torch.Tensor
-    m2: torch.Tensor
-
-    def checked(self) -> GradientStats:
-        return GradientStats(self.count, self.mean, self.m2)
 
 
 Stats = Moments | GradientStats
