@@ -61,7 +61,7 @@ from .model import ALIGN, FUSION, Inputs, Logits
 #: tokens per modality
 TOKENS = 2
 #: token width
-WIDTH = 64
+WIDTH = 32
 LAYERS = 2
 HEADS = 4
 #: feed-forward width of each encoder layer
