@@ -53,3 +53,30 @@ def test_microbatch_unequal_chunks_are_weighted():
             m2 = (fw * (cm - mean) ** 2).sum(0)
             per_param.setdefault(n, {})[s] = GradientStats(4.0, mean, m2)
     assert_grads(m, stats_reference(per_param))
+
+
+def test_shared_buffer_for_small_tensors_gives_the_per_tensor_bits(monkeypatch):
+    """Equal chunks of small tensors take their moments from one shared buffer; the result
+    is bit-identical to each tensor's own accumulator (``SMALL = 0``: every tensor alone)."""
+    from bogc_core.integrations.torch import Diagnostics
+    from bogc_core.integrations.torch import microbatch as mb
+
+    def statistics():
+        m = make()
+        xa, xb, y = batch(12)
+        cal = GradientCalibrator(m.named_parameters(), samples=Microbatch(4), model=m,
+                                 diagnostics=Diagnostics(keep_statistics=True))
+        cal.backward(losses_of(m, xa, xb, y))
+        return {s: {n: (st.count, st.mean.clone(), st.m2.clone()) for n, st in d.items()}
+                for s, d in cal.last_statistics.items()}
+
+    shared = statistics()
+    monkeypatch.setattr(mb, "SMALL", 0)
+    alone = statistics()
+    assert shared.keys() == alone.keys()
+    for s in shared:
+        assert shared[s].keys() == alone[s].keys() and shared[s]
+        for n, (c, mean, m2) in shared[s].items():
+            c2, mean2, m22 = alone[s][n]
+            assert float(c) == float(c2) == 4.0
+            assert torch.equal(mean, mean2) and torch.equal(m2, m22), (s, n)
