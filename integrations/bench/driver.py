@@ -92,8 +92,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tune", action="store_true",
                    help="skip the validation search and use learning rate 0.03 for every method "
                    "(no tuning record; the protocol entry says so)")
-    p.add_argument("--tune", action="store_true",
-                   help="kept for compatibility: tuning on validation is the default")
     p.add_argument("--reuse-tuning", default=None, metavar="DIR",
                    help="take the validation choices from DIR/<dataset>/standard/results.json of an "
                    "earlier --all run instead of tuning again (the record is copied along)")
