@@ -530,26 +530,17 @@ def gradient(
     prior = config.prior
     p = 2.0 * float(config.gamma)
     f32 = np.float32
-    if not (
-        c_b is not None
-        and p in _POW_CODE
-        and prior.kappa0 == 0
-        and config.weights in ("evidence", "uniform")
-        and config.s_max is None
-        and out.dtype == f32
-        and all(isinstance(n, float) for n in counts)
-        and all(x.dtype == f32 and x.flags.c_contiguous for x in (*means, *m2s))
-        and out.flags.c_contiguous
-    ):
+    if not (c_b is not None and p in _POW_CODE and prior.kappa0 == 0
+            and config.weights in ("evidence", "uniform") and config.s_max is None
+            and out.dtype == f32 and out.flags.c_contiguous
+            and all(isinstance(n, float) for n in counts)
+            and all(x.dtype == f32 and x.flags.c_contiguous for x in (*means, *m2s))):
         return False
     threads = 1 if summary is not None else _threads_for(means[0])
     loops = _SERIAL if threads == 1 else _PARALLEL
     with _threads(threads) if threads > 1 else contextlib.nullcontext():
-        prior = config.prior
         gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
-        p = 2.0 * gamma
         belief = config.scale == "belief"
-        f32 = np.float32
         fi = np.finfo(f32)
         tiny = float(fi.smallest_normal)
         S = len(means)

@@ -22,7 +22,7 @@ from .samples import (
     Problem,
     Row,
     SourceStats,
-    delta_batches,
+    delta_rows,
     generic_rows,
     require_examples,
     stats_from_sums,
@@ -47,15 +47,15 @@ def per_example(prob: Problem, chunk_bytes: int = 1 << 26, sink: Sink = None) ->
         require_examples(prob, k, 2, "per-example gradient statistics")
     out: SourceStats = {n: {} for n in prob.names}
     with_sc = [k for k in range(S) if prob.shortcut and prob.shortcut[k]]
-    pending = delta_batches(prob, with_sc)
-    pending.reverse()
-    while pending:
-        # Popped, so that each layer's output gradients are freed once used.
-        tap, ks, G = pending.pop()
-        dt = work_dtype(tap.layer_weight)
-        for r, k in enumerate(ks):
-            name, n = prob.names[k], float(prob.batch(k))
-            for idx, (tot, sq) in example_sums(tap, dt, G[r], chunk_bytes).items():
+    deltas = delta_rows(prob, with_sc)
+    for k in with_sc:
+        name, n = prob.names[k], float(prob.batch(k))
+        mine = deltas.pop(k)
+        for tap in prob.shortcut[k]:
+            # Popped, so that each layer's output gradient is freed once used.
+            delta = mine.pop(id(tap.out))
+            for idx, (tot, sq) in example_sums(tap, work_dtype(tap.layer_weight), delta,
+                                               chunk_bytes).items():
                 shape = prob.params[idx].shape
                 views = sink(name, idx) if sink is not None else None
                 if views is not None:
@@ -63,7 +63,7 @@ def per_example(prob: Problem, chunk_bytes: int = 1 << 26, sink: Sink = None) ->
                     views[1].copy_(sq.reshape(shape))
                     tot, sq = views
                 out[name][idx] = stats_from_sums(n, tot.reshape(shape), sq.reshape(shape))
-        del G
+            del delta
 
     gen = [prob.generic(k) for k in range(S)]
     rows = [Row(k, slice(i, i + 1), 1.0, 1.0) for k in range(S) if gen[k] for i in range(prob.batch(k))]

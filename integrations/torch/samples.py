@@ -26,11 +26,9 @@ from .accumulate import Accumulator, Moments
 from .shortcut import Tap
 
 __all__ = [
-    "Moments", "Problem", "Row", "SourceStats", "Stats", "batched_grads", "chunk_slices", "delta_batches", "delta_rows", "generic_rows",
+    "Moments", "Problem", "Row", "SourceStats", "Stats", "batched_grads", "chunk_slices", "delta_rows", "generic_rows",
     "require_examples", "stats_from_sums", "unaliased", "work_dtype",
 ]
-
-
 
 Stats = Moments | GradientStats
 SourceStats = dict[str, dict[int, Stats]]
@@ -170,19 +168,6 @@ def delta_rows(prob: Problem, sources: list[int]) -> dict[int, dict[int, torch.T
                 h.remove()
         per_source[k] = {tid: captured.get(tid, g) for tid, g in zip(mine, grads)}
     return per_source
-
-
-def delta_batches(prob: Problem, sources: list[int]) -> list[tuple[Tap, list[int], torch.Tensor]]:
-    """:func:`delta_rows` per layer call: ``(tap, ks, G)``, where ``G[r]`` ``(N, out)`` is
-    source ``ks[r]``'s output gradient and ``ks`` lists only the sources whose shortcut
-    uses that layer."""
-    taps = {id(tap.out): tap for k in sources for tap in prob.shortcut[k]}
-    per_source = delta_rows(prob, sources)
-    res = []
-    for tid, tap in taps.items():
-        ks = [k for k in sources if tid in per_source[k]]
-        res.append((tap, ks, torch.stack([per_source[k].pop(tid) for k in ks])))
-    return res
 
 
 def _capture(store: dict[int, torch.Tensor], key: int):

@@ -101,17 +101,21 @@ def test_a_source_costs_nothing_where_it_does_not_reach(monkeypatch):
     # per-layer sums for enc_b, head_b and fusion are formed for other sources only.
     m = make()
     cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m)
-    seen = {}
-    real = samples_mod.delta_batches
+    seen: dict = {}
+    real = samples_mod.delta_rows
 
     def spy(prob, sources):
         res = real(prob, sources)
-        for tap, ks, G in res:
-            seen[tap.module] = sorted(prob.names[k] for k in ks)
-            assert G.shape[0] == len(ks)
+        taps = {id(tap.out): tap for k in sources for tap in prob.shortcut[k]}
+        for k, rows in res.items():
+            for tid, G in rows.items():
+                seen.setdefault(taps[tid].module, []).append(prob.names[k])
+                assert G.shape[0] == prob.batch(k)
+        for v in seen.values():
+            v.sort()
         return res
 
-    monkeypatch.setattr(pe_mod, "delta_batches", spy)
+    monkeypatch.setattr(pe_mod, "delta_rows", spy)
     cal.backward(losses_of(m, *batch(8)))
     assert seen[m.enc_a] == ["a", "fusion"]
     assert seen[m.enc_b] == ["b", "fusion"]
