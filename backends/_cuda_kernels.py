@@ -22,26 +22,27 @@ Kernels (every formula is the reference's, in the same order):
   weights and ``G = S sum_k w_k lambda_k mu_k``.
 - :data:`SCALE` (elementwise): ``s = B / mean(B)`` (clipped at ``s_max``) in
   place of ``B``, and ``g = s G`` in place of ``G``.
+
+:func:`full` launches them in order for the full result, through two launch
+functions: CuPy's compiled kernels in ``cupy_fused``, the g++ build on NumPy
+arrays in the tests, so that the tests run the orchestration a GPU runs.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from ._gradient import gauss_legendre01
+import numpy as np
 
-__all__ = [
-    "PREAMBLE",
-    "WEIGHTS",
-    "Elementwise",
-    "Reduction",
-    "SCORE_SUM",
-    "SCORE_COUNT",
-    "EB_SUM",
-    "EB_COUNT",
-    "SCALE",
-    "fuse",
-]
+from bogc_core._types import CalibrationConfig, Decline
+
+from ._gradient import FEW_SAMPLES, gauss_legendre01
+
+__all__ = ["PREAMBLE", "WEIGHTS", "Elementwise", "Reduction", "SCORE_SUM", "SCORE_COUNT", "EB_SUM",
+           "EB_COUNT", "SCALE", "fuse", "full"]
 
 #: The weights kinds :func:`fuse` generates code for.
 WEIGHTS = ("evidence", "uniform", "dempster")
@@ -221,3 +222,74 @@ def fuse(S: int, weights: str) -> Elementwise:
     body += [f"acc = acc + w[{k}] * lam{k} * mu[{k}];" for k in range(1, S)]
     body.append(f"G = (T){S} * acc;")
     return Elementwise(f"bogc_fuse_{S}_{weights}", ins, outs, "\n".join(body), PREAMBLE)
+
+
+def full(xp: Any, reduce: Callable[..., float], elementwise: Callable[..., None],
+         names: Sequence[str], stats: Sequence[Any], lambdas: Sequence[float],
+         config: CalibrationConfig, tiny: float) -> tuple[Any, ...]:
+    """The full result ``(G, W, U, B, E, zero_variance_sources)`` from the kernels.
+
+    ``xp``: the arrays' module (``cupy``, or ``numpy`` for the host build);
+    ``reduce(kernel, *inputs) -> float`` and ``elementwise(kernel, *args)`` launch a
+    kernel of this module; ``stats``: ``(count, mean, m2)`` of each source, float32 or
+    float64 arrays of one shape; ``tiny``: the dtype's smallest normal number.
+    Stages: A. ``vbar`` and the zero-variance test per source (a plain sum of ``M2``,
+    or :data:`EB_SUM` / :data:`EB_COUNT` with per-dimension counts); B. ``ref``
+    (:data:`SCORE_SUM` / :data:`SCORE_COUNT` over every source); C. :func:`fuse`;
+    D. :data:`SCALE` with ``mean(B)``. Raises :class:`Decline` where the reference
+    raises (fewer than 2 samples).
+    """
+    dtype, shape = stats[0].mean.dtype, tuple(stats[0].mean.shape)
+    D, S, T = math.prod(shape), len(stats), np.dtype(dtype).type
+    prior = config.prior
+    counts = [T(float(s.count.reshape(-1)[0])) if s.count.size == 1 else s.count for s in stats]
+
+    beta0s, zero_var = [], []
+    for name, s, n in zip(names, stats, counts):
+        if prior.beta0 is not None:
+            beta0s.append(float(prior.beta0))
+            continue
+        if isinstance(n, xp.ndarray):
+            n_b = xp.broadcast_to(n, shape)
+            n_valid = reduce(EB_COUNT, n_b)
+            if not n_valid > 0:
+                raise Decline(FEW_SAMPLES)
+            vbar = reduce(EB_SUM, n_b, s.m2) / n_valid
+        else:
+            if not float(n) >= 2:
+                raise Decline(FEW_SAMPLES)
+            vbar = float(xp.sum(s.m2, dtype=xp.float64)) / float(n) / D
+        beta0s.append(float(prior.alpha0) * vbar)
+        if not bool(xp.any(s.m2 > 0)):
+            zero_var.append(name)
+
+    common = (T(prior.alpha0), T(prior.kappa0), T(prior.mu0), T(tiny))
+    snr = np.int32(config.evidence_from == "snr")
+    flat = bool(zero_var) or config.gamma == 0
+    ref = 0.0
+    if not flat:
+        total = count = 0.0
+        for s, n, b0 in zip(stats, counts, beta0s):
+            # Scalars as 0-d arrays: reductions broadcast their inputs.
+            scal = [xp.asarray(v) for v in (n, T(b0)) + common + (snr,)]
+            sargs = (scal[0], s.mean, s.m2) + tuple(scal[1:])
+            total += reduce(SCORE_SUM, *sargs)
+            count += reduce(SCORE_COUNT, *sargs)
+        ref = total / max(count, 1.0)
+
+    E, Wt = xp.empty((S,) + shape, dtype=dtype), xp.empty((S,) + shape, dtype=dtype)
+    U, Bs, G = (xp.empty(shape, dtype=dtype) for _ in range(3))
+    args: list[Any] = []
+    for s, n, b0, lam in zip(stats, counts, beta0s, lambdas):
+        args += [n, s.mean, s.m2, T(b0), T(lam)]
+    args += [T(ref), T(config.gamma), T(config.clip), T(config.prior_weight), *common, snr,
+             np.int32(flat)]
+    elementwise(fuse(S, config.weights), *args, *E, *Wt, U, Bs, G)
+    if config.scale == "belief":
+        mean_b = float(xp.sum(Bs, dtype=xp.float64)) / D
+        s_max = config.s_max
+        elementwise(SCALE, T(mean_b), T(0.0 if s_max is None else s_max), np.int32(s_max is not None),
+                    Bs, G)
+    else:
+        Bs.fill(1)
+    return G, Wt, U, Bs, E, zero_var

@@ -12,8 +12,8 @@ at ``__syncthreads``), run on NumPy arrays with CuPy's launch shapes:
 - each reduction against its closed form in NumPy, for block sizes that do
   and do not divide ``D``, ``D = 1``, and with the threads of a block run in
   reverse order (a missing barrier would change the result);
-- the whole ``cupy_fused`` full-result pipeline, driven here exactly as
-  ``cupy_fused._full`` drives the kernels, against the reference
+- the whole ``cupy_fused`` full-result pipeline, the orchestration
+  ``cupy_fused`` runs (``_cuda_kernels.full``) with host launches, against the reference
   ``calibrate`` for every option, both dtypes, scalar and per-dimension
   counts, zeros, a zero-variance source, a single sample, tiny and huge
   variances.
@@ -223,78 +223,15 @@ def host_full(
     lambdas: list[float],
     config: CalibrationConfig,
 ) -> dict[str, Any]:
-    """``cupy_fused._full`` on NumPy arrays, each kernel launch as it is written there."""
+    """``cupy_fused``'s full result on NumPy arrays: the same orchestration
+    (``_cuda_kernels.full``), each kernel launched from the host build."""
     names = [str(k) for k in range(len(raw))]  # the names calibrate() gives a list of sources
-    m0 = raw[0][1]
-    dtype, shape = m0.dtype, m0.shape
-    D, S = m0.size, len(raw)
-    T = dtype.type
-    tiny = float(np.finfo(dtype).smallest_normal)
-    prior = config.prior
-    counts = [T(float(np.reshape(n, -1)[0])) if np.size(n) == 1 else n for n, _, _ in raw]
-
-    beta0s, zero_var = [], []
-    for name, (_, _m, m2), n in zip(names, raw, counts):
-        if prior.beta0 is not None:
-            beta0s.append(float(prior.beta0))
-            continue
-        if isinstance(n, np.ndarray):
-            n_b = np.broadcast_to(n, shape)
-            n_valid = hk.reduce(K.EB_COUNT, n_b)
-            assert n_valid > 0
-            vbar = hk.reduce(K.EB_SUM, n_b, m2) / n_valid
-        else:
-            assert float(n) >= 2
-            vbar = float(np.sum(m2, dtype=np.float64)) / float(n) / D
-        beta0s.append(float(prior.alpha0) * vbar)
-        if not bool(np.any(m2 > 0)):
-            zero_var.append(name)
-
-    common = (T(prior.alpha0), T(prior.kappa0), T(prior.mu0), T(tiny))
-    snr = np.int32(config.evidence_from == "snr")
-    flat = bool(zero_var) or config.gamma == 0
-    ref = 0.0
-    if not flat:
-        total = count = 0.0
-        for (_, m, m2), n, b0 in zip(raw, counts, beta0s):
-            scal = [np.asarray(v) for v in (n, T(b0)) + common + (snr,)]
-            sargs = (scal[0], m, m2) + tuple(scal[1:])
-            total += hk.reduce(K.SCORE_SUM, *sargs)
-            count += hk.reduce(K.SCORE_COUNT, *sargs)
-        ref = total / max(count, 1.0)
-
-    E = np.full((S,) + shape, np.nan, dtype=dtype)
-    Wt = np.full((S,) + shape, np.nan, dtype=dtype)
-    U, Bs, G = (np.full(shape, np.nan, dtype=dtype) for _ in range(3))
-    args: list[Any] = []
-    for (_, m, m2), n, b0, lam in zip(raw, counts, beta0s, lambdas):
-        args += [n, m, m2, T(b0), T(lam)]
-    args += [T(ref), T(config.gamma), T(config.clip), T(config.prior_weight)] + list(common)
-    args += [snr, np.int32(flat)]
-    outs = [E[k] for k in range(S)] + [Wt[k] for k in range(S)] + [U, Bs, G]
-    hk.elementwise(K.fuse(S, config.weights), *args, *outs)
-
-    if config.scale == "belief":
-        mean_b = float(np.sum(Bs, dtype=np.float64)) / D
-        s_max = config.s_max
-        hk.elementwise(
-            K.SCALE,
-            T(mean_b),
-            T(s_max if s_max is not None else 0.0),
-            np.int32(s_max is not None),
-            Bs,
-            G,
-        )
-    else:
-        Bs.fill(1)
-    return {
-        "gradient": G,
-        "weights": Wt,
-        "uncertainty": U,
-        "belief_scale": Bs,
-        "evidence": E,
-        "zero_variance_sources": zero_var,
-    }
+    stats = [GradientStats(n, m, m2) for n, m, m2 in raw]
+    tiny = float(np.finfo(raw[0][1].dtype).smallest_normal)
+    G, Wt, U, Bs, E, zero_var = K.full(np, hk.reduce, hk.elementwise, names, stats, lambdas,
+                                       config, tiny)
+    return {"gradient": G, "weights": Wt, "uncertainty": U, "belief_scale": Bs, "evidence": E,
+            "zero_variance_sources": zero_var}
 
 
 def _raw(rng, S, shape, dtype, n=8.0, var_scale=1.0, per_dim=False, zeros=False):
