@@ -75,7 +75,7 @@ class Block(nn.Module):
 
     In eval mode it is PyTorch's ``TransformerEncoderLayer(norm_first=True)``. In training
     only the sub-layers' outputs are dropped, not the attention weights or the feed-forward
-    hidden units: on the CPU, drawing those masks cost a quarter of a step.
+    hidden units: on the CPU, drawing those masks cost a fifth of a step.
     """
 
     def __init__(self, width: int = WIDTH, heads: int = HEADS, ffn: int = FFN,
