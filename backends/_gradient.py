@@ -63,51 +63,19 @@ from bogc_core._fusion import belief_bound as _belief_bound
 from bogc_core._types import CalibrationConfig, Decline
 from bogc_core._weights import gauss_legendre01
 
+from ._scalars import LOG10_RANGE, fast32_fits, reference, score_consts, zero_variance_sources
+
 __all__ = ["FEW_SAMPLES", "Shim", "NumpyShim", "Outputs", "Plan", "Summary", "plan_blocks",
-           "gradient", "gauss_legendre01", "fast32_fits", "reference", "score_consts",
-           "zero_variance_sources"]
+           "gradient", "gauss_legendre01"]
 
 # A log score is at least 2*log(smallest subnormal) - log(largest float) >
 # -2200 (float64) when finite; -inf (a zero mean) is lifted to this floor so
 # a block sum stays finite, and the floor's contributions are taken back out.
 _LFLOOR = -1.0e4
-# The power form r^p K is taken only while |log10| of every factor keeps the
-# product inside float64's normal range with a margin.
-_LOG10_RANGE = 290.0
 _POWERS = {0.5: "sqrt", 1.0: "one", 2.0: "square", 4.0: "square2"}
 _np_clip: Any = getattr(np, "_core", np).umath.clip
 #: The reason to decline where the reference raises InsufficientSamplesError.
 FEW_SAMPLES = "fewer than 2 samples in every dimension (the reference raises)"
-
-
-def score_consts(prior: Any, counts: Sequence[Any], tiny: float) -> np.ndarray:
-    """``C_k = log(alpha_n) + log(kappa_n)``, the scalar part of source ``k``'s log score
-    for one count ``n`` (0 for per-dimension counts, whose logs are taken per dimension)."""
-    return np.asarray([math.log(max(prior.alpha0 + 0.5 * n, tiny)) + math.log(max(prior.kappa0 + n, tiny))
-                       if isinstance(n, float) else 0.0 for n in counts])
-
-
-def reference(sums: np.ndarray, cnts: np.ndarray, C: np.ndarray) -> np.ndarray:
-    """``ref_g`` ``(G,)``: the mean finite log score of each segment, from the sums of
-    ``l - C_k`` and the numbers of finite scores, ``(S, G)`` each."""
-    return np.sum(sums + C[:, None] * cnts, axis=0) / np.maximum(np.sum(cnts, axis=0), 1.0)
-
-
-def fast32_fits(p: float, lk: np.ndarray, L: float, W: float) -> bool:
-    """The power form in float32 arithmetic, as the reference's own: ``t = |mu| / (sqrt(beta)
-    K^(-1/p))``, then ``e = clip(t)^p``. An over- or underflow of ``t`` lands on the clip
-    bound it would reach anyway, given that every scalar (``K = exp(lk)``, the clip bounds,
-    ``W``) is a normal float32 number, which this tests."""
-    f32 = np.finfo(np.float32)
-    tiny, big, m = float(f32.smallest_normal), float(f32.max), float(np.max(np.abs(lk)))
-    return (p * 65.0 + m / math.log(10.0) < _LOG10_RANGE and m / p < 15.0 * math.log(10.0)
-            and L / p < math.log(big) - 1.0 and tiny < math.exp(-L) / W
-            and math.exp(L) / W < big and tiny < W < big)
-
-
-def zero_variance_sources(names: Sequence[str], zero_var: np.ndarray, prior: Any) -> list[str]:
-    """The sources whose ``M2`` is zero in some segment (the empirical-Bayes prior only)."""
-    return [n for n, z in zip(names, zero_var) if prior.beta0 is None and bool(z.any())]
 
 
 class Shim:
@@ -540,7 +508,7 @@ def gradient(shim: Shim, names: Sequence[str], means: Sequence[Any], m2s: Sequen
     p = 2.0 * gamma
     lk = gamma * (C[:, None] - ref[None, :])  # (S, G): log K
     power = (not per_dim and float32 and p in _POWERS
-             and p * 65.0 + float(np.max(np.abs(lk))) / math.log(10.0) < _LOG10_RANGE)
+             and p * 65.0 + float(np.max(np.abs(lk))) / math.log(10.0) < LOG10_RANGE)
     K = np.exp(lk) if power else None
     f32 = np.finfo(np.float32)
     fast32 = power and prior.kappa0 == 0 and fast32_fits(p, lk, L, W)

@@ -45,7 +45,7 @@ import numpy as np
 from bogc_core._types import CalibrationConfig
 from bogc_core.errors import ConfigError
 
-from ._gradient import fast32_fits, reference, score_consts, zero_variance_sources
+from ._scalars import fast32_fits, reference, score_consts, zero_variance_sources
 
 __all__ = ["AVAILABLE", "ENABLED", "BAD", "gradient", "set_threads", "get_threads"]
 
