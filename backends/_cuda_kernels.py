@@ -30,6 +30,7 @@ arrays in the tests, so that the tests run the orchestration a GPU runs.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -168,6 +169,7 @@ SCALE = Elementwise(
 )
 
 
+@functools.lru_cache(maxsize=64)
 def fuse(S: int, weights: str) -> Elementwise:
     """Stages 2-5 for ``S`` sources: writes ``e_k, w_k, U, B`` and ``S * sum_k w_k lam_k mu_k``.
 

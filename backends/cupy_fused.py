@@ -54,11 +54,6 @@ _REDUCTIONS = {k.name: _reduction(k) for k in (cuda.SCORE_SUM, cuda.SCORE_COUNT,
 _elementwise(cuda.SCALE)
 
 
-def _fuse_kernel(S: int, weights: str) -> cp.ElementwiseKernel:
-    """Stage 2-5 kernel for ``S`` sources (:func:`._cuda_kernels.fuse`)."""
-    return _elementwise(cuda.fuse(S, weights))
-
-
 def _reduce(k: cuda.Reduction, *inputs: Any) -> float:
     return float(_REDUCTIONS[k.name](*inputs))
 

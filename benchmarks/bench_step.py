@@ -26,10 +26,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from bogc_core.integrations.bench.methods.registry import configured
-from bogc_core.integrations.bench.model import FUSION
 from bogc_core.integrations.bench.models import build_model
+from bogc_core.integrations.bench.protocol import source_losses
 
 DIMS = {"audio": 384, "image": 196}
 CLASSES, BATCH = 10, 128
@@ -48,9 +47,7 @@ def make_step(model_name: str, method: str):
 
     def step() -> None:
         z, zs = model(xs)
-        losses = {FUSION: F.cross_entropy(z, y, reduction="none")}
-        for name, u in zip(model.modalities, zs):
-            losses[name] = F.cross_entropy(u, y, reduction="none")
+        losses = source_losses(model, z, zs, y)
         opt.zero_grad(set_to_none=True)
         m.backward(losses, (z, zs), y)
         opt.step()

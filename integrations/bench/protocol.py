@@ -138,6 +138,20 @@ def evaluate(model: MultiModalNet, split: Split, xtr: list[torch.Tensor],
     return out
 
 
+def source_losses(model: Any, z: torch.Tensor, zs: list[torch.Tensor],
+                  y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example losses ``(B,)`` of every source of the forward ``(z, zs)``: ``fusion``, each
+    modality's head, and (``zeroshot``) the batch's ``align`` loss."""
+    losses = {FUSION: F.cross_entropy(z, y, reduction="none")}
+    for m, zm in zip(model.modalities, zs):
+        losses[m] = F.cross_entropy(zm, y, reduction="none")
+    if ALIGN in model.sources:
+        from .zeroshot import info_nce
+
+        losses[ALIGN] = info_nce(model.last_embeddings)
+    return losses
+
+
 def train_run(split: Split, method: Method, seed: int, cfg: TrainConfig,
               on_step: Callable[[], None] | None = None, evaluate_test: bool = True) -> dict[str, Any]:
     """Train one model with ``method``; return both results (see the module docstring).
@@ -181,13 +195,7 @@ def train_run(split: Split, method: Method, seed: int, cfg: TrainConfig,
             pos += bs
             y = ytr[idx]
             z, zs = model([x[idx] for x in xtr])
-            losses = {FUSION: F.cross_entropy(z, y, reduction="none")}
-            for m, zm in zip(model.modalities, zs):
-                losses[m] = F.cross_entropy(zm, y, reduction="none")
-            if ALIGN in model.sources:
-                from .zeroshot import info_nce
-
-                losses[ALIGN] = info_nce(model.last_embeddings)
+            losses = source_losses(model, z, zs, y)
             opt.zero_grad(set_to_none=True)
             if not all(bool(torch.isfinite(v).all()) for v in losses.values()):
                 diverged = epoch + 1

@@ -64,9 +64,9 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> Source
     # the FLOPs of a single weight gradient).
     sc = [k for k in range(S) if prob.shortcut and prob.shortcut[k]]
     deltas = delta_rows(prob, sc)
-    small: dict[tuple[torch.dtype, torch.device], list[tuple[int, torch.Tensor]]] = {}
     for k in sc:
         mine = deltas.pop(k)
+        small: dict[tuple[torch.dtype, torch.device], list[tuple[int, torch.Tensor]]] = {}
         f = torch.tensor([weight(k, j) for j in range(len(slices[k]))], dtype=torch.float64)
         unit = bool((f == 1).all())
         inv = torch.tensor([1.0 / (s_.stop - s_.start) for s_ in slices[k]], dtype=torch.float64)
@@ -88,7 +88,6 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> Source
             del sums
         for items in small.values():
             out[prob.names[k]].update(_equal_chunk_moments(items, float(inv[0])))
-        small.clear()
 
     gen = [prob.generic(k) for k in range(S)]
     rows = [

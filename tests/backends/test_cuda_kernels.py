@@ -357,7 +357,7 @@ def test_cupy_fused_builds_its_kernels_from_these_sources(tmp_path: Path) -> Non
         from bogc_core.backends import cupy_fused
         for S in (1, 3):
             for w in ("evidence", "uniform", "dempster"):
-                cupy_fused._fuse_kernel(S, w)
+                cupy_fused._elementwise(cupy_fused.cuda.fuse(S, w))
         print(json.dumps(made))
         """
     )
