@@ -91,6 +91,10 @@ def _rank(rank: int, init: str, rounds: int, batch: int, samples: str, out: str)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(res, indent=2) + "\n")
         print(json.dumps(res, indent=2))
+    # gloo's threads free the last collective's tensors under the GIL; let them finish
+    # before the interpreter exits (examples/train_distributed.py says why)
+    dist.barrier()
+    time.sleep(0.2)
     dist.destroy_process_group()
 
 

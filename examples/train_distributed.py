@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -106,6 +107,13 @@ def main(argv: list[str] | None = None) -> float:
     if rank == 0:
         print(f"wrap={args.wrap} samples={args.samples} ranks={world} test accuracy {acc:.3f}")
     if distributed:
+        # gloo's worker threads free each finished collective's tensors after the caller's
+        # wait returns, and take the GIL to do so; one still at it when the interpreter shuts
+        # down aborts the process. FSDP keeps the group alive past destroy_process_group, so
+        # its threads are never joined: after the barrier (every rank done), the sleep
+        # releases the GIL while they finish.
+        dist.barrier()
+        time.sleep(0.2)
         dist.destroy_process_group()
     return acc
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
-__all__ = ["run_ranks", "init_rank"]
+__all__ = ["run_ranks", "init_rank", "end_rank"]
 
 
 def run_ranks(script: str, scenario: str, out_dir: Path, world: int = 2, timeout: float = 90.0
@@ -53,3 +54,20 @@ def init_rank(argv: list[str], timeout_s: float = 30.0) -> tuple[str, int, int, 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
     return scenario, rank, world, out
+
+
+def end_rank() -> None:
+    """Leave the process group so that the rank exits cleanly.
+
+    gloo's worker threads free a finished collective's tensors after the
+    caller's wait returns, taking the GIL to do so; one still at it when the
+    interpreter shuts down aborts the process. Once FSDP is imported the group
+    outlives ``destroy_process_group`` (its threads are never joined), so the
+    barrier waits for every rank and the sleep releases the GIL while the
+    threads finish.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    time.sleep(0.2)
+    dist.destroy_process_group()

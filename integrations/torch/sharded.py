@@ -19,6 +19,7 @@ result, as a ``DTensor`` with the parameter's mesh and placements.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -28,13 +29,23 @@ from bogc_core.errors import ConfigError
 __all__ = ["is_sharded", "compute_params", "compute_tensors", "local_grad", "layer_type"]
 
 
+def _loaded(module: str, name: str) -> Any:
+    """``module.name`` if the caller's program imported ``module``, else ``None``.
+
+    An instance of a class exists only once its module was imported, so the
+    checks below never import one themselves: importing
+    ``torch.distributed.fsdp`` stores the default process group in function
+    defaults, which keeps it (and gloo's worker threads) alive past
+    ``destroy_process_group`` until the interpreter shuts down.
+    """
+    mod = sys.modules.get(module)
+    return getattr(mod, name, None) if mod is not None else None
+
+
 def is_sharded(p: torch.Tensor) -> bool:
     """Whether ``p`` is a ``DTensor`` (an FSDP2 or tensor-parallel parameter)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(p, DTensor)
+    dtensor = _loaded("torch.distributed.tensor", "DTensor")
+    return dtensor is not None and isinstance(p, dtensor)
 
 
 def layer_type(mod: object) -> type:
@@ -45,12 +56,9 @@ def layer_type(mod: object) -> type:
     the per-layer shortcut treats it as the ``nn.Linear`` it computes as.
     """
     t = type(mod)
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch built without distributed
-        return t
-    if isinstance(mod, FSDPModule):
-        bases = [b for b in t.__bases__ if b is not FSDPModule]
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is not None and isinstance(mod, fsdp_module):
+        bases = [b for b in t.__bases__ if b is not fsdp_module]
         if len(bases) == 1 and getattr(t, "forward", None) is getattr(bases[0], "forward", None):
             return bases[0]
     return t

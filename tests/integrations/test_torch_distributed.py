@@ -25,7 +25,7 @@ if __name__ == "__main__":  # a rank started by run_ranks: tests/ holds distlaun
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 from bogc_core.integrations.torch import DistributedError, GradientCalibrator  # noqa: E402
-from distlaunch import init_rank, run_ranks  # noqa: E402
+from distlaunch import end_rank, init_rank, run_ranks  # noqa: E402
 from torch import nn  # noqa: E402
 from torchtools import source  # noqa: E402
 
@@ -288,13 +288,13 @@ def _agree_worker(rank: int, world: int, out: Path) -> None:
     fresh = GradientCalibrator(m.named_parameters(), samples="per_example")
     res["step"] = _attempt(fresh if rank == 1 else cal, m, base)
     (out / f"agree{rank}.json").write_text(json.dumps(res))
-    dist.destroy_process_group()
+    end_rank()
 
 
 def _equal_worker(rank: int, world: int, out: Path) -> None:
     res = {name: run_case(kw, rank) for name, (kw, _) in CASES.items()}
     torch.save(res, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    end_rank()
 
 
 def _stalled_peer_worker(rank: int, world: int, out: Path) -> None:
