@@ -389,9 +389,9 @@ def gradient(shim: Shim, names: Sequence[str], means: Sequence[Any], m2s: Sequen
     ``(D,)`` array. ``tiny`` is the input dtype's smallest normal number,
     which the reference uses as the floor of ``alpha``, ``kappa``, ``beta``.
     Raises :class:`Decline` where the reference raises. ``threads > 1`` runs
-    passes B and C on that many threads, each over a contiguous run of blocks
-    with its own partial sums (NumPy and PyTorch release the GIL inside each
-    array operation). ``outputs``: also write ``e, w, U, s`` there. ``summary``:
+    the compiled loops on that many threads, or else passes B and C, each
+    thread over a contiguous run of blocks with its own partial sums (NumPy and
+    PyTorch release the GIL inside each array operation). ``outputs``: also write ``e, w, U, s`` there. ``summary``:
     accumulate the diagnostics' reductions there. ``check``: the
     values check of the statistics (raises on NaN, inf, negative ``M2``), which
     the compiled loops fold into their passes (then ``diagnostics["finite"]``
@@ -416,7 +416,7 @@ def gradient(shim: Shim, names: Sequence[str], means: Sequence[Any], m2s: Sequen
         arrays = None if summary is None else summary.arrays(S, D, segments)
         done = _numba_kernel.gradient(
             names, means, m2s, counts, lambdas, config, out, segments, None if wide else c_b,
-            diagnostics, check is not None, arrays,
+            diagnostics, check is not None, arrays, threads,
         )
         if done is True:
             if summary is not None and arrays is not None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import types
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
@@ -43,11 +42,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bogc_core._types import CalibrationConfig
-from bogc_core.errors import ConfigError
 
 from ._scalars import fast32_fits, reference, score_consts, zero_variance_sources
 
-__all__ = ["AVAILABLE", "ENABLED", "BAD", "gradient", "set_threads", "get_threads"]
+__all__ = ["AVAILABLE", "ENABLED", "BAD", "gradient"]
 
 #: What :func:`gradient` returns when the values check of a pass found a NaN, an
 #: infinity or a negative ``M2`` before anything was written (the caller's own
@@ -83,10 +81,6 @@ _BL_B = 1000
 # reduced in item order afterwards, so every result is bit-identical for any
 # thread count (and across ranks).
 _ITEM = 16 * _BL
-# Threads of the compiled loops on NumPy inputs; None: numba's default (the
-# machine's cores, or NUMBA_NUM_THREADS). Torch inputs (zero-copy views of
-# CPU tensors) take torch.get_num_threads().
-_THREADS: list[int | None] = [None]
 
 
 # The summary arrays of a call without a summary (never written; the same types).
@@ -450,22 +444,6 @@ _PARALLEL = _Loops(*(_jit(f, parallel=True) for f in _ITEM_LOOPS))
 _SERIAL = _Loops(*(_jit(_renamed(f, "_serial")) for f in _ITEM_LOOPS))
 
 
-def set_threads(n: int | None) -> None:
-    """Threads of the compiled loops on NumPy inputs (``None``: numba's default).
-
-    Results are bit-identical for any count. Torch inputs follow
-    ``torch.get_num_threads()`` instead.
-    """
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ConfigError(f"set_threads: n must be a positive int or None (numba's default), got {n!r}")
-    _THREADS[0] = n
-
-
-def get_threads() -> int | None:
-    """The thread setting for NumPy inputs (``None``: numba's default)."""
-    return _THREADS[0]
-
-
 @contextlib.contextmanager
 def _threads(n: int) -> Iterator[None]:
     """numba's thread count set to ``n`` for the duration of one call."""
@@ -475,18 +453,6 @@ def _threads(n: int) -> Iterator[None]:
         yield
     finally:
         numba.set_num_threads(saved)
-
-
-def _threads_for(x: np.ndarray) -> int:
-    """Threads for a call on ``x``: torch's intra-op count for a view of a CPU
-    tensor, the module setting otherwise; at most numba's pool size."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x.base, torch.Tensor):
-        n: int | None = int(torch.get_num_threads())
-    else:
-        n = _THREADS[0]
-    pool = int(numba.config.NUMBA_NUM_THREADS)
-    return pool if n is None else max(1, min(n, pool))
 
 
 def gradient(
@@ -502,6 +468,7 @@ def gradient(
     diagnostics: dict[str, Any] | None = None,
     check: bool = False,
     summary: tuple[np.ndarray, ...] | None = None,
+    threads: int = 1,
 ) -> bool | str:
     """Write ``calibrate(...).gradient`` into the flat float32 ``out`` with the compiled
     loops and return ``True``; ``False`` where the case is not theirs (``out`` not
@@ -524,6 +491,9 @@ def gradient(
     offsets, refining the segments; see :func:`_summary_block`), and the
     zero-variance flags ``(S, G)`` and mean fused belief ``(G,)`` of every
     segment. The call then runs on one thread (the same bits as any other).
+
+    ``threads``: the caller's thread count (at most numba's pool); one runs the
+    serial compilation, which starts no pool.
     """
     if not (AVAILABLE and ENABLED[0]):
         return False
@@ -536,7 +506,7 @@ def gradient(
             and all(isinstance(n, float) for n in counts)
             and all(x.dtype == f32 and x.flags.c_contiguous for x in (*means, *m2s))):
         return False
-    threads = 1 if summary is not None else _threads_for(means[0])
+    threads = 1 if summary is not None else max(1, min(threads, int(numba.config.NUMBA_NUM_THREADS)))
     loops = _SERIAL if threads == 1 else _PARALLEL
     with _threads(threads) if threads > 1 else contextlib.nullcontext():
         gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)

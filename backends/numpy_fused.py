@@ -28,7 +28,9 @@ _THREADS = [1]
 
 
 def set_threads(n: int) -> None:
-    """Threads of the array engine on NumPy arrays (default 1, NumPy's own habit)."""
+    """Threads of the engine (compiled loops or array passes) on NumPy arrays (default 1,
+    NumPy's own habit); results are bit-identical for any count. CPU tensors follow
+    ``torch.get_num_threads()`` instead."""
     if not (isinstance(n, int) and n >= 1):
         raise ConfigError(f"n: must be an int >= 1, got {n!r}")
     _THREADS[0] = n

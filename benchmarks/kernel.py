@@ -279,11 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    from bogc_core.backends import _numba_kernel
+    from bogc_core.backends import numpy_fused
 
-    if _numba_kernel.AVAILABLE:
-        # NumPy inputs take the module setting, torch inputs torch's count.
-        _numba_kernel.set_threads(a.threads)
+    # NumPy inputs take the module setting, torch inputs torch's count.
+    numpy_fused.set_threads(a.threads)
     rounds = a.rounds or (3 if a.quick else 7)
     cpu_rows = a.device == "cpu" and not a.grad_only
     main_row = case(10**7, 3, a.dtype, a.device, rounds, cpu_rows, cpu_rows, a.native)
@@ -309,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "numpy": np.__version__,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "numba_threads_numpy": _numba_kernel.get_threads() if _numba_kernel.AVAILABLE else None,
+        "numpy_threads": a.threads,
         "rounds": rounds,
         "numba": _numba_version(),
         "loadavg_at_start": load_start,

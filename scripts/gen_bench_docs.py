@@ -209,7 +209,7 @@ def transformer_block(docs) -> list[str]:
     if not docs:
         return ["(not run yet)"]
     L = headline(docs) + [""]
-    for ds, folder, doc in docs:
+    for ds, _folder, doc in docs:
         L += [f"#### {title(doc)}", "", f"Tuning: {tuning_line(doc)}", ""] + markdown_tables(doc)
     return L
 

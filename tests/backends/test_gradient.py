@@ -409,10 +409,10 @@ def _numba_pool() -> str | None:
 @pytest.mark.skipif(_numba_pool() is not None, reason=str(_numba_pool()))
 @pytest.mark.parametrize("segments", [None, "items"])
 def test_numba_threads_bit_identical(segments):
-    """1 and 2 threads give the same bits (NumPy through set_threads, torch through
-    torch.set_num_threads): the partial sums of the fixed work items are reduced
+    """1 and 2 threads give the same bits (NumPy through numpy_fused.set_threads, torch
+    through torch.set_num_threads): the partial sums of the fixed work items are reduced
     in item order, whatever thread ran them."""
-    from bogc_core.backends import _numba_kernel
+    from bogc_core.backends import _numba_kernel, numpy_fused
 
     item = _numba_kernel._ITEM
     # Segments that end inside, at and across work items; more items than threads.
@@ -424,16 +424,14 @@ def test_numba_threads_bit_identical(segments):
     path = Path("numpy_fused", "numpy", numba=True)
     stats = make(path, "float32", raw)
     got = {}
-    saved = _numba_kernel.get_threads()
     try:
         for n in (1, 2, 1):
-            _numba_kernel.set_threads(n)
-            assert _numba_kernel._threads_for(path.to_numpy(stats[0].mean)) == n
+            numpy_fused.set_threads(n)
             diag: dict[str, Any] = {}
             got[n] = path.to_numpy(path.run(stats, lambdas, CalibrationConfig(), segments=segs, diagnostics=diag)).copy()
             assert diag["kernel"] == "numba"
     finally:
-        _numba_kernel.set_threads(saved)
+        numpy_fused.set_threads(1)
     assert got[1].view(np.uint32).tolist() == got[2].view(np.uint32).tolist()
     check(path, "float32", raw, CalibrationConfig(), segments=segs, lambdas=lambdas)
     if _torch_cpu() is None:
@@ -446,7 +444,6 @@ def test_numba_threads_bit_identical(segments):
         try:
             for n in (1, 2):
                 torch.set_num_threads(n)
-                assert _numba_kernel._threads_for(tstats[0].mean.numpy()) == n
                 tgot[n] = tpath.to_numpy(tpath.run(tstats, lambdas, CalibrationConfig(), segments=segs)).copy()
         finally:
             torch.set_num_threads(t_saved)
@@ -454,16 +451,15 @@ def test_numba_threads_bit_identical(segments):
         assert tgot[1].view(np.uint32).tolist() == got[1].view(np.uint32).tolist()
 
 
-@pytest.mark.skipif(_numba() is not None, reason=str(_numba()))
-def test_numba_set_threads_rejects_bad_counts():
-    from bogc_core.backends import _numba_kernel
+def test_set_threads_rejects_bad_counts():
+    from bogc_core.backends import numpy_fused
 
     from bogc_core import BOGCError
 
-    for bad in (0, -1, 1.5, "2"):
-        with pytest.raises(BOGCError, match="set_threads"):
-            _numba_kernel.set_threads(bad)  # type: ignore[arg-type]
-    assert _numba_kernel.get_threads() is None
+    for bad in (0, -1, 1.5, "2", None):
+        with pytest.raises(BOGCError, match="n: must be an int >= 1"):
+            numpy_fused.set_threads(bad)  # type: ignore[arg-type]
+    assert numpy_fused._THREADS == [1]
 
 
 @pytest.mark.skipif(_numba() is not None, reason=str(_numba()))
@@ -471,6 +467,7 @@ def test_numba_one_thread_runs_the_serial_loops(monkeypatch):
     """One thread never enters a parallel region (numba's pool would start, and its idle
     workers spin after each region, taking a core from the caller); two threads do."""
     from bogc_core.backends import _numba_kernel as nk
+    from bogc_core.backends import numpy_fused
 
     def refuse(*a):
         raise AssertionError("a parallel loop ran")
@@ -479,20 +476,19 @@ def test_numba_one_thread_runs_the_serial_loops(monkeypatch):
     raw = random_raw(rng, 2, 3 * nk._ITEM + 11)
     path = Path("numpy_fused", "numpy", numba=True)
     stats = make(path, "float32", raw)
-    saved = nk.get_threads()
     try:
-        nk.set_threads(1)
+        numpy_fused.set_threads(1)
         with monkeypatch.context() as mp:
             mp.setattr(nk, "_PARALLEL", nk._Loops(refuse, refuse, refuse, refuse))
             diag: dict[str, Any] = {}
             one = path.to_numpy(path.run(stats, [1.0, 1.0], CalibrationConfig(), diagnostics=diag))
             assert diag["kernel"] == "numba"
-        nk.set_threads(2)
+        numpy_fused.set_threads(2)
         with monkeypatch.context() as mp:
             mp.setattr(nk, "_SERIAL", nk._Loops(refuse, refuse, refuse, refuse))
             two = path.to_numpy(path.run(stats, [1.0, 1.0], CalibrationConfig()))
     finally:
-        nk.set_threads(saved)
+        numpy_fused.set_threads(1)
     assert one.view(np.uint32).tolist() == two.view(np.uint32).tolist()
 
 
