@@ -309,7 +309,7 @@ class Summary:
             if taken is not None:
                 top = xp.logical_and(top, xp.logical_not(taken))
             taken = top if taken is None else xp.logical_or(taken, top)
-            for j, x in enumerate((e, bk, uk, ws[k], _as_work(shim, top))):
+            for j, x in enumerate((e, bk, uk, ws[k], shim.work(top))):
                 _add_seg(shim, sums[j * S + k], x, off, 0, g1 - g0)
         _add_seg(shim, sums[5 * S], U, off, 0, g1 - g0)
         hoff = self.host.offsets[i]
@@ -330,7 +330,7 @@ class Summary:
         assert self.plan is not None
         xp = shim.xp
         for i, (a, b, g0, g1) in enumerate(self.plan.blocks):
-            _add_seg(shim, self.bad, _as_work(shim, xp.logical_not(xp.isfinite(out[a:b]))),
+            _add_seg(shim, self.bad, shim.work(xp.logical_not(xp.isfinite(out[a:b]))),
                      self.plan.offsets[i], g0, g1)
 
     def finish(self, shim: Shim, s_max: float | None) -> list[dict[str, Any]]:
@@ -449,7 +449,7 @@ def gradient(shim: Shim, names: Sequence[str], means: Sequence[Any], m2s: Sequen
                 nv, vs, tot = shim.zeros((G,)), shim.zeros((G,)), shim.zeros((G,))
                 n = s.n
                 m2 = s.m2
-                _accumulate(shim, plan, nv, lambda a, b, n=n: _as_work(shim, n[a:b] >= 2))
+                _accumulate(shim, plan, nv, lambda a, b, n=n: shim.work(n[a:b] >= 2))
                 _accumulate(
                     shim, plan, vs, lambda a, b, n=n, m2=m2: _masked_var(shim, n[a:b], m2[a:b])
                 )
@@ -684,13 +684,6 @@ def _power(xp: Any, r: Any, p: float) -> Any:
     return e if p == 2.0 else e * e
 
 
-def _as_work(shim: Shim, x: Any) -> Any:
-    xp = shim.xp
-    if xp is np:
-        return x.astype(np.float64)
-    return x.to(xp.float64) if hasattr(x, "to") else xp.asarray(x, dtype=xp.float64)
-
-
 def _masked_var(shim: Shim, n: Any, m2: Any) -> Any:
     """``M2/n`` where ``n >= 2``, else 0 (float64)."""
     xp = shim.xp
@@ -717,7 +710,7 @@ def _score_sums(
     xp = shim.xp
     zero = mu == 0
     r = xp.abs(mu) / xp.sqrt(shim.clip(beta, tiny, None))
-    r1 = r + _as_dtype(shim, zero, r)
+    r1 = r + shim.cast(zero, r)
     lo_r, hi_r = float(xp.min(r1)), float(xp.max(r1))
     if not (lo_r >= tiny and hi_r < math.inf):
         _score_sums_two_logs(shim, s, a, b, prior, beta, mu, tiny, sums, cnts, off, g0, g1)
@@ -736,7 +729,7 @@ def _score_sums(
         cnts[g0] -= nz
     else:
         sums[g0 : g1 + 1] += 2.0 * shim.segsum(xp.log(r1), off)
-        cnts[g0 : g1 + 1] -= shim.segsum(_as_work(shim, zero), off)
+        cnts[g0 : g1 + 1] -= shim.segsum(shim.work(zero), off)
 
 
 def _score_sums_two_logs(
@@ -754,15 +747,9 @@ def _score_sums_two_logs(
         sums[g0] -= _LFLOOR * nz
         cnts[g0] -= nz
     else:
-        nzs = shim.segsum(_as_work(shim, zero), off)
+        nzs = shim.segsum(shim.work(zero), off)
         sums[g0 : g1 + 1] -= _LFLOOR * nzs
         cnts[g0 : g1 + 1] -= nzs
-
-
-def _as_dtype(shim: Shim, mask: Any, like: Any) -> Any:
-    if shim.xp is np:
-        return mask.astype(like.dtype)
-    return mask.to(like.dtype)
 
 
 def _segment_totals(shim: Shim, plan: Plan, x: Any) -> np.ndarray:
