@@ -24,12 +24,17 @@ from bogc_core.errors import DTypeError, ShapeError
 
 from ._gradient import Outputs, Shim, Summary, gradient
 
-__all__ = ["Adapter", "BLOCK", "run", "check_call", "decline_reason", "evidence_range_problem",
+__all__ = ["Adapter", "BLOCK", "identity", "run", "check_call", "decline_reason", "evidence_range_problem",
            "hugepage_buffer"]
 
 #: Engine block length (elements) on the CPU: ~10 float64 temporaries of a
 #: block stay in L2. On an accelerator the engine takes the whole array per call.
 BLOCK = {"cpu": 1 << 15}
+
+
+def identity(x: Any) -> Any:
+    """The view of an array library whose arrays the engine takes as they are."""
+    return x
 
 
 def evidence_range_problem(config: CalibrationConfig, tiny: float, big: float) -> str | None:
@@ -197,10 +202,10 @@ class Adapter:
 
     def empty(self, space: Any, shape: tuple[int, ...], output: bool = False) -> Any:
         """An uninitialised array (``output``: one returned to the caller)."""
-        raise NotImplementedError
+        return space.xp.empty(shape, dtype=space.dtype)
 
     def contiguous(self, x: Any) -> bool:
-        raise NotImplementedError
+        return bool(x.flags.c_contiguous)
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:

@@ -89,7 +89,7 @@ class Shim:
 
     def work(self, x: Any) -> Any:
         """``x`` as a float64 array (may be ``x`` itself: the engine never writes into it)."""
-        raise NotImplementedError
+        return self.xp.asarray(x, dtype=self.xp.float64)
 
     def segsum(self, x: Any, offsets: Any) -> Any:
         """Sums of ``x`` over the runs starting at ``offsets`` (float64)."""
@@ -100,18 +100,20 @@ class Shim:
         raise NotImplementedError
 
     def zeros(self, shape: tuple[int, ...]) -> Any:
-        raise NotImplementedError
+        return self.xp.zeros(shape, dtype=self.xp.float64)
 
     def index(self, x: np.ndarray) -> Any:
-        """A host int64 array as this library's index array."""
-        raise NotImplementedError
+        """A host int64 array as this library's index array (by default the host
+        layout itself, from which ``segsum`` and ``expand`` build what they need)."""
+        return x
 
     def asarray(self, x: Any) -> Any:
-        raise NotImplementedError
+        """Host values as a float64 array of this library."""
+        return self.work(x)
 
     def store(self, dst: Any, src: Any) -> None:
         """``dst[...] = src`` with a cast to ``dst``'s dtype."""
-        raise NotImplementedError
+        dst[...] = src
 
     def cast(self, x: Any, like: Any) -> Any:
         """``x`` in the dtype of the array ``like``."""
@@ -134,9 +136,6 @@ class Shim:
 
 class NumpyShim(Shim):
     xp = np
-
-    def work(self, x: Any) -> Any:
-        return np.asarray(x, dtype=np.float64)
 
     def segsum(self, x: Any, offsets: Any) -> Any:
         return np.add.reduceat(x, offsets, dtype=np.float64)
@@ -161,15 +160,6 @@ class NumpyShim(Shim):
 
     def expand(self, vals: Any, counts: Any) -> Any:
         return np.repeat(vals, counts)
-
-    def zeros(self, shape: tuple[int, ...]) -> Any:
-        return np.zeros(shape, dtype=np.float64)
-
-    def index(self, x: np.ndarray) -> Any:
-        return x
-
-    def asarray(self, x: Any) -> Any:
-        return np.asarray(x, dtype=np.float64)
 
     def store(self, dst: Any, src: Any) -> None:
         np.copyto(dst, src, casting="unsafe")
@@ -439,26 +429,21 @@ def gradient(shim: Shim, names: Sequence[str], means: Sequence[Any], m2s: Sequen
         beta0[:] = float(prior.beta0)
     else:
         for k, s in enumerate(srcs):
+            tot_h = _segment_totals(shim, plan, s.m2)
+            zero_var[k] = ~(tot_h > 0)
             if isinstance(s.n, float):
                 if not s.n >= 2:
                     raise Decline(FEW_SAMPLES)
-                tot_h = _segment_totals(shim, plan, s.m2)
                 beta0[k] = float(prior.alpha0) * (tot_h / s.n / lengths)
-                zero_var[k] = ~(tot_h > 0)
-            else:
-                nv, vs, tot = shim.zeros((G,)), shim.zeros((G,)), shim.zeros((G,))
-                n = s.n
-                m2 = s.m2
-                _accumulate(shim, plan, nv, lambda a, b, n=n: shim.work(n[a:b] >= 2))
-                _accumulate(
-                    shim, plan, vs, lambda a, b, n=n, m2=m2: _masked_var(shim, n[a:b], m2[a:b])
-                )
-                _accumulate(shim, plan, tot, lambda a, b, m2=m2: m2[a:b])
-                nv_h, vs_h, tot_h = shim.to_host(nv), shim.to_host(vs), shim.to_host(tot)
-                if not bool(np.all(nv_h > 0)):
-                    raise Decline(FEW_SAMPLES)
-                beta0[k] = float(prior.alpha0) * (vs_h / nv_h)
-                zero_var[k] = ~(tot_h > 0)
+                continue
+            n, m2 = s.n, s.m2
+            nv, vs = shim.zeros((G,)), shim.zeros((G,))
+            _accumulate(shim, plan, nv, lambda a, b, n=n: shim.work(n[a:b] >= 2))
+            _accumulate(shim, plan, vs, lambda a, b, n=n, m2=m2: _masked_var(shim, n[a:b], m2[a:b]))
+            nv_h = shim.to_host(nv)
+            if not bool(np.all(nv_h > 0)):
+                raise Decline(FEW_SAMPLES)
+            beta0[k] = float(prior.alpha0) * (shim.to_host(vs) / nv_h)
     seg_equal = np.any(zero_var, axis=0) if prior.beta0 is None else np.zeros(G, dtype=bool)
     if diagnostics is not None:
         diagnostics["zero_variance_sources"] = zero_variance_sources(names, zero_var, prior)
@@ -669,8 +654,7 @@ def _run_blocks(n: int, threads: int, make_acc: Any, body: Any) -> list[Any]:
         for i in parts[k].tolist():
             body(i, accs[k])
 
-    for f in [pool.submit(run, k) for k in range(len(parts))]:
-        f.result()
+    list(pool.map(run, range(len(parts))))  # waits for every part; raises what a part raised
     return accs
 
 

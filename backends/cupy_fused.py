@@ -30,7 +30,7 @@ import numpy as np
 from bogc_core._types import Calibration, CalibrationConfig
 
 from . import _cuda_kernels as cuda
-from ._adapter import Adapter
+from ._adapter import Adapter, identity
 from ._gradient import Shim
 
 __all__ = ["NAME", "accepts", "calibrate", "calibrate_gradient", "CupyShim"]
@@ -76,9 +76,6 @@ class CupyShim(Shim):
 
     xp = cp
 
-    def work(self, x: Any) -> Any:
-        return cp.asarray(x, dtype=cp.float64)
-
     def segsum(self, x: Any, offsets: Any) -> Any:
         counts = np.diff(np.append(offsets, x.shape[0]))
         ids = cp.asarray(np.repeat(np.arange(offsets.size), counts))
@@ -90,24 +87,8 @@ class CupyShim(Shim):
         ids = cp.asarray(np.repeat(np.arange(len(counts)), counts))
         return vals[ids]
 
-    def zeros(self, shape: tuple[int, ...]) -> Any:
-        return cp.zeros(shape, dtype=cp.float64)
-
-    def index(self, x: np.ndarray) -> Any:
-        return x  # host layout: segsum/expand build their device indices from it
-
-    def asarray(self, x: Any) -> Any:
-        return cp.asarray(x, dtype=cp.float64)
-
-    def store(self, dst: Any, src: Any) -> None:
-        dst[...] = src
-
     def to_host(self, x: Any) -> np.ndarray:
         return cp.asnumpy(x)
-
-
-def _identity(x: Any) -> Any:
-    return x
 
 
 class CupyAdapter(Adapter):
@@ -119,13 +100,7 @@ class CupyAdapter(Adapter):
         return bool(array_api_compat.is_cupy_namespace(space.xp))
 
     def engine(self, space: Any, native: bool) -> tuple[Shim, Any, int, int]:
-        return CupyShim(), _identity, 1 << 62, 1
-
-    def empty(self, space: Any, shape: tuple[int, ...], output: bool = False) -> Any:
-        return cp.empty(shape, dtype=space.dtype)
-
-    def contiguous(self, x: Any) -> bool:
-        return bool(x.flags.c_contiguous)
+        return CupyShim(), identity, 1 << 62, 1
 
     kernels = staticmethod(_full)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from bogc_core.errors import ConfigError
 
-from ._adapter import BLOCK, Adapter, hugepage_buffer
+from ._adapter import BLOCK, Adapter, hugepage_buffer, identity
 from ._gradient import NumpyShim, Shim
 
 __all__ = ["GRADIENT_OPTIONS", "NAME", "accepts", "calibrate", "calibrate_gradient", "set_threads"]
@@ -34,10 +34,6 @@ def set_threads(n: int) -> None:
     if not (isinstance(n, int) and n >= 1):
         raise ConfigError(f"n: must be an int >= 1, got {n!r}")
     _THREADS[0] = n
-
-
-def _identity(x: Any) -> Any:
-    return x
 
 
 def empty_numpy(dtype: Any, shape: tuple[int, ...], output: bool) -> np.ndarray:
@@ -58,13 +54,10 @@ class NumpyAdapter(Adapter):
         return bool(array_api_compat.is_numpy_namespace(space.xp))
 
     def engine(self, space: Any, native: bool) -> tuple[Shim, Callable[[Any], Any], int, int]:
-        return NumpyShim(), _identity, BLOCK["cpu"], _THREADS[0]
+        return NumpyShim(), identity, BLOCK["cpu"], _THREADS[0]
 
     def empty(self, space: Any, shape: tuple[int, ...], output: bool = False) -> Any:
         return empty_numpy(space.dtype, shape, output)
-
-    def contiguous(self, x: Any) -> bool:
-        return bool(x.flags.c_contiguous)
 
 
 #: What the adapter's ``calibrate_gradient`` (:func:`._adapter.run`) takes beyond the protocol.

@@ -20,7 +20,7 @@ import array_api_compat
 import numpy as np
 import torch
 
-from ._adapter import BLOCK, Adapter, hugepage_buffer
+from ._adapter import BLOCK, Adapter, hugepage_buffer, identity
 from ._gradient import NumpyShim, Shim
 
 __all__ = ["GRADIENT_OPTIONS", "NAME", "TorchShim", "accepts", "calibrate", "calibrate_gradient"]
@@ -69,10 +69,6 @@ def _numpy_view(x: Any) -> Any:
     return x.numpy()
 
 
-def _identity(x: Any) -> Any:
-    return x
-
-
 class TorchAdapter(Adapter):
     name = NAME
 
@@ -85,7 +81,7 @@ class TorchAdapter(Adapter):
         if device.type == "cpu" and not native:
             return NumpyShim(), _numpy_view, BLOCK["cpu"], torch.get_num_threads()
         block = BLOCK["cpu"] if device.type == "cpu" else 1 << 62
-        return TorchShim(device), _identity, block, 1
+        return TorchShim(device), identity, block, 1
 
     def empty(self, space: Any, shape: tuple[int, ...], output: bool = False) -> Any:
         device = torch.device(space.device)
