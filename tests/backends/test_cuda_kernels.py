@@ -431,3 +431,72 @@ def test_host_header_keeps_barrier_semantics(gxx: str, tmp_path: Path) -> None:
         np.testing.assert_array_equal(out, want)
     assert any(not np.array_equal(run(1, r)[1], want) for r in (False, True))
     assert run(2, False)[0] == 1
+
+
+CUPY_SHIM_CHILD = """
+import json, sys, types
+import numpy as np
+# NumPy standing in for CuPy (and np.add.at for cupyx.scatter_add): the engine's CuPy
+# operations run on the host, so CupyShim's code is executed without a GPU
+cp = types.ModuleType("cupy")
+cp.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+cp.asnumpy = np.asarray
+cp.ReductionKernel = cp.ElementwiseKernel = lambda *a, **k: None
+cupyx = types.ModuleType("cupyx")
+cupyx.scatter_add = np.add.at
+sys.modules["cupy"], sys.modules["cupyx"] = cp, cupyx
+from bogc_core.backends._gradient import gradient
+from bogc_core.backends.cupy_fused import CupyShim
+from bogc_core import CalibrationConfig, NormalGammaPrior
+rng = np.random.default_rng(3)
+D, S = 1000, 3
+means = [rng.normal(size=D) * 10.0 ** rng.uniform(-3, 1) for _ in range(S)]
+means[1][::7] = 0.0
+m2s = [rng.random(D) * 4.0 for _ in range(S)]
+per_dim = [np.full(D, 6.0), np.where(np.arange(D) % 5 == 1, 1.0, 8.0), np.full(D, 3.0)]
+res = {}
+for case, config, counts in [
+    ("default", CalibrationConfig(), [8.0, 8.0, 8.0]),
+    ("kappa_dempster", CalibrationConfig(weights="dempster", prior=NormalGammaPrior(kappa0=2.0)),
+     [5.0, 9.0, 3.0]),
+    ("per_dim_smax", CalibrationConfig(s_max=1.5, evidence_from="precision"), per_dim),
+]:
+    out = np.empty(D)
+    gradient(CupyShim(), ["a", "b", "c"], means, m2s, counts, [1.0, 0.5, 2.0], config, out,
+             [300, 1, 699], 256, float(np.finfo(np.float64).tiny), False)
+    res[case] = out.tolist()
+print(json.dumps(res))
+"""
+
+
+def test_cupy_shim_runs_the_engine_as_the_reference(tmp_path: Path) -> None:
+    """The engine's CuPy shim (``cupy_fused.CupyShim``), run on NumPy standing in for CuPy,
+    gives ``calibrate(...).gradient`` of every segment (blocks that cross segments, a zero
+    mean every 7th dimension, per-dimension counts below 2): the shim's own operations
+    (``segsum`` by ``scatter_add``, ``expand`` by an index, ``to_host``) and the engine's
+    branches for a library other than NumPy, without a GPU."""
+    proc = subprocess.run([sys.executable, "-c", CUPY_SHIM_CHILD], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    rng = np.random.default_rng(3)
+    D, S = 1000, 3
+    means = [rng.normal(size=D) * 10.0 ** rng.uniform(-3, 1) for _ in range(S)]
+    means[1][::7] = 0.0
+    m2s = [rng.random(D) * 4.0 for _ in range(S)]
+    per_dim = [np.full(D, 6.0), np.where(np.arange(D) % 5 == 1, 1.0, 8.0), np.full(D, 3.0)]
+    cases = {
+        "default": (CalibrationConfig(), [8.0, 8.0, 8.0]),
+        "kappa_dempster": (CalibrationConfig(weights="dempster", prior=NormalGammaPrior(kappa0=2.0)),
+                           [5.0, 9.0, 3.0]),
+        "per_dim_smax": (CalibrationConfig(s_max=1.5, evidence_from="precision"), per_dim),
+    }
+    for case, (config, counts) in cases.items():
+        want = np.empty(D)
+        for a, b in [(0, 300), (300, 301), (301, D)]:
+            stats = {k: GradientStats(count=np.asarray(counts[i]) if isinstance(counts[i], float)
+                                      else counts[i][a:b], mean=means[i][a:b], m2=m2s[i][a:b])
+                     for i, k in enumerate("abc")}
+            ref = dataclasses.replace(config, fast_path="reference")
+            want[a:b] = calibrate(stats, ref, {"a": 1.0, "b": 0.5, "c": 2.0}).gradient
+        np.testing.assert_allclose(np.asarray(got[case]), want, rtol=1e-10, atol=0, err_msg=case)
