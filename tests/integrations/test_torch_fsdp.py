@@ -277,13 +277,15 @@ print(sorted(m for m in ("torch.distributed.fsdp", "torch.distributed.tensor") i
 """
 
 
-def test_calibrator_never_imports_fsdp_for_a_plain_model():
+def test_calibrator_never_imports_fsdp_for_a_plain_model(tmp_path):
     # importing torch.distributed.fsdp keeps the default process group alive past
     # destroy_process_group (gloo's threads then race the interpreter's shutdown): the
-    # FSDP2 checks look only at modules the caller imported
+    # FSDP2 checks look only at modules the caller imported. (Run from an empty folder:
+    # the source tree's bogc_core folder would shadow the installed package.)
     import subprocess
 
-    run = subprocess.run([sys.executable, "-c", NO_FSDP], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", NO_FSDP], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "[]", run.stdout
 
