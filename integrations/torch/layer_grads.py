@@ -27,6 +27,8 @@ formed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,18 +58,30 @@ def _flat(tap: Tap, dt: torch.dtype, delta: torch.Tensor) -> tuple[torch.Tensor,
 
 # Per-example gradient rows are squared while a block of them still sits in cache.
 CACHE_BYTES = 1 << 21
+# Examples whose squared inputs and output gradients are formed at a time (one row each).
+SQUARE_BYTES = 1 << 18
 
 
-def _blocked_squares(A: torch.Tensor, B: torch.Tensor, chunk_bytes: int):
+def _blocked_squares(A: torch.Tensor, B: torch.Tensor, chunk_bytes: int,
+                     into: tuple[torch.Tensor, torch.Tensor] | None = None):
     """``(sum_i A_i^T B_i, sum_i (A_i^T B_i)^2)``: per-example products formed in blocks of
     at most ``chunk_bytes`` of examples and, within those, of output rows small enough to
-    be squared and summed while in cache."""
+    be squared and summed while in cache. ``into``: ``(out, inner)`` tensors of ``A``'s
+    dtype to write the two sums into (one row per example only), instead of new ones."""
     N, T, out = A.shape
     inner = B.shape[2]
-    tot = torch.mm(A.reshape(N * T, out).T, B.reshape(N * T, inner))
     if T == 1:
-        # One row per example: the square of an outer product is the outer product of squares.
-        return tot, torch.mm((A[:, 0] * A[:, 0]).T, B[:, 0] * B[:, 0])
+        # One row per example: the square of an outer product is the outer product of squares,
+        # taken over a few examples at a time so that their squares stay small.
+        a, b = A[:, 0], B[:, 0]
+        tot = torch.mm(a.T, b, out=None if into is None else into[0])
+        step = max(1, SQUARE_BYTES // max((out + inner) * A.element_size(), 1))
+        sq = torch.mm((a[:step] * a[:step]).T, b[:step] * b[:step], out=None if into is None else into[1])
+        for s in range(step, N, step):
+            a_s, b_s = a[s:s + step], b[s:s + step]
+            sq.addmm_((a_s * a_s).T, b_s * b_s)
+        return tot, sq
+    tot = torch.mm(A.reshape(N * T, out).T, B.reshape(N * T, inner))
     size = A.element_size()
     R = max(1, int(chunk_bytes // max(out * inner * size, 1)))
     At = A.transpose(1, 2).contiguous()  # (N, out, T)
@@ -112,9 +126,11 @@ def _embedding_keys(tap: Tap, dt: torch.dtype, delta: torch.Tensor, group: torch
     return d, idx, who
 
 
-def example_sums(tap: Tap, dt: torch.dtype, delta: torch.Tensor, chunk_bytes: int) -> Sums:
+def example_sums(tap: Tap, dt: torch.dtype, delta: torch.Tensor, chunk_bytes: int,
+                 into: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> Sums:
     """``{parameter index: (sum_i g_i, sum_i g_i^2)}`` for the call's calibrated tensors,
-    each sum in the parameter's shape and dtype ``dt``."""
+    each sum in the parameter's shape and dtype ``dt``. ``into(index)``: tensors in the
+    parameter's shape where a Linear weight's sums may be written (``None``: new ones)."""
     mod = tap.module
     kind = layer_type(mod)
     out: Sums = {}
@@ -135,7 +151,10 @@ def example_sums(tap: Tap, dt: torch.dtype, delta: torch.Tensor, chunk_bytes: in
         return out
     A, B = _flat(tap, dt, delta)
     if tap.weight is not None:
-        tot, sq = _blocked_squares(A, B, chunk_bytes)
+        dst = into(tap.weight) if into is not None and A.shape[1] == 1 else None
+        if dst is not None and not all(t.dtype == dt and t.dim() == 2 and t.is_contiguous() for t in dst):
+            dst = None
+        tot, sq = _blocked_squares(A, B, chunk_bytes, dst)
         out[tap.weight] = (tot.reshape(tap.layer_weight.shape), sq.reshape(tap.layer_weight.shape))
     if tap.bias is not None:
         gb = A.sum(dim=1)

@@ -63,9 +63,7 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> Source
     # g_j = delta_j^T x_j / n_j over the rows of chunk j (one matmul per chunk:
     # the FLOPs of a single weight gradient).
     sc = [k for k in range(S) if prob.shortcut and prob.shortcut[k]]
-    deltas = delta_rows(prob, sc)
-    for k in sc:
-        mine = deltas.pop(k)
+    for k, mine in delta_rows(prob, sc):
         small: dict[tuple[torch.dtype, torch.device], list[tuple[int, torch.Tensor]]] = {}
         f = torch.tensor([weight(k, j) for j in range(len(slices[k]))], dtype=torch.float64)
         unit = bool((f == 1).all())

@@ -15,6 +15,7 @@ per source and sample.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -134,10 +135,12 @@ def require_examples(prob: Problem, k: int, at_least: int, what: str) -> None:
         )
 
 
-def delta_rows(prob: Problem, sources: list[int]) -> dict[int, dict[int, torch.Tensor]]:
-    """``d loss_k.sum() / d out`` for every shortcut layer output of each source in ``sources``,
-    keyed by source, then by ``id(tap.out)``: ``(N, out)`` each. Only the layers a source's
-    shortcut uses are visited (a source that does not reach a layer costs nothing there)."""
+def delta_rows(prob: Problem, sources: list[int]) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
+    """``(k, rows)`` for each source ``k`` in ``sources``, in turn: ``rows`` maps ``id(tap.out)``
+    to ``d loss_k.sum() / d out`` for every shortcut layer output of the source, ``(N, out)``
+    each. Only the layers a source's shortcut uses are visited (a source that does not reach a
+    layer costs nothing there). A source's backward runs when the caller asks for it, so
+    only one source's output gradients are alive at a time (the caller pops them as used)."""
     taps: dict[int, Tap] = {}
     users: dict[int, list[int]] = {}
     for k in sources:
@@ -147,11 +150,10 @@ def delta_rows(prob: Problem, sources: list[int]) -> dict[int, dict[int, torch.T
     # One backward per source rather than one vmapped backward for all: it works under
     # gradient checkpointing with dropout (vmap cannot draw random numbers), each source
     # walks only to the layers it uses, and node hooks see plain tensors.
-    per_source: dict[int, dict[int, torch.Tensor]] = {}
     for k in sources:
         mine = [tid for tid in taps if k in users[tid]]
         if not mine:
-            per_source[k] = {}
+            yield k, {}
             continue
         captured: dict[int, torch.Tensor] = {}
         handles = []
@@ -166,8 +168,9 @@ def delta_rows(prob: Problem, sources: list[int]) -> dict[int, dict[int, torch.T
         finally:
             for h in handles:
                 h.remove()
-        per_source[k] = {tid: captured.get(tid, g) for tid, g in zip(mine, grads)}
-    return per_source
+        rows = {tid: captured.get(tid, g) for tid, g in zip(mine, grads)}
+        del grads, captured
+        yield k, rows
 
 
 def _capture(store: dict[int, torch.Tensor], key: int):

@@ -12,6 +12,8 @@ reentrant is refused before any ``p.grad`` changes.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -68,6 +70,35 @@ def _cases():
         ("layernorm_2axes", nn.LayerNorm((3, 4)).double(),
          torch.randn(5, 2, 3, 4, generator=g, dtype=D64) + 1.0),
     ]
+
+
+@pytest.mark.parametrize("square_bytes", [1, 200, 1 << 18])
+def test_linear_squares_in_example_blocks_and_into_given_tensors(monkeypatch, square_bytes):
+    """A Linear layer on (N, in) inputs squares its rows a few examples at a time (one, three
+    or all of them here) and writes both sums into the tensors ``into`` gives: the sums of
+    per-example autograd either way, and the given tensors are the ones returned."""
+    from bogc_core.integrations.torch import layer_grads
+
+    monkeypatch.setattr(layer_grads, "SQUARE_BYTES", square_bytes)
+    g = torch.Generator().manual_seed(4)
+    mod = nn.Linear(4, 3).double()
+    x = torch.randn(7, 4, generator=g, dtype=D64)
+    tap = _tap(mod, x)
+    delta = torch.randn(tap.out.shape, generator=g, dtype=D64)
+    per = _brute(mod, x, delta)
+    dst = (torch.full((3, 4), math.nan, dtype=D64), torch.full((3, 4), math.nan, dtype=D64))
+    for into in (None, lambda idx: dst if idx == 0 else None):
+        sums = example_sums(tap, D64, delta, 1 << 20, into)
+        tot, sq = sums[0]
+        torch.testing.assert_close(tot, per["weight"].sum(0), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sq, (per["weight"] ** 2).sum(0), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sums[1][1], (per["bias"] ** 2).sum(0), rtol=1e-12, atol=1e-12)
+        if into is not None:
+            assert tot.data_ptr() == dst[0].data_ptr() and sq.data_ptr() == dst[1].data_ptr()
+    # a destination of another dtype is not written: new tensors come back
+    wrong = (torch.zeros(3, 4), torch.zeros(3, 4))
+    tot, _ = example_sums(tap, D64, delta, 1 << 20, lambda idx: wrong)[0]
+    assert tot.dtype == D64 and tot.data_ptr() != wrong[0].data_ptr() and not wrong[0].any()
 
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c[0])
