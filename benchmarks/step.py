@@ -230,7 +230,7 @@ def stage_split(model_name: str, batch: int, rounds: int) -> dict[str, float]:
                 spent[stage] = spent.get(stage, 0.0) + time.perf_counter() - t0
         return wrapper
 
-    cal._source.sample = timed("statistics", cal._source.sample)
+    cal._sample = timed("statistics", cal._sample)
     cal._write = timed("write", cal._write)
     orig = {n: getattr(workspace.Group, n) for n in ("fill", "calibrate", "plain", "finite_sum")}
     workspace.Group.fill = timed("fill", orig["fill"])
