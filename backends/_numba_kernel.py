@@ -69,9 +69,10 @@ ENABLED = [AVAILABLE]
 _FM = {"nsz", "contract"}
 _FM_SUM = {"nsz", "contract", "reassoc"}
 _POW_CODE = {0.5: 0, 1.0: 1, 2.0: 2, 4.0: 3}
-# Elements per source processed in one step of pass C (three float32 scratch
-# vectors of this length stay in L1).
-_BL = 2048
+# Elements per source processed in one step of pass C: three float32 scratch
+# vectors of this length stay in L2, and each source's run is long enough for
+# the hardware prefetchers to stream it (2048 measured 10% slower at D = 1e7).
+_BL = 8192
 # Ratios per log in pass B: a product of this many mantissas in [1, 2) stays
 # below 2^1000.
 _BL_B = 1000
@@ -80,7 +81,7 @@ _BL_B = 1000
 # items; each item's partial sums are computed by the same serial code and
 # reduced in item order afterwards, so every result is bit-identical for any
 # thread count (and across ranks).
-_ITEM = 16 * _BL
+_ITEM = 4 * _BL
 
 
 # The summary arrays of a call without a summary (never written; the same types).
@@ -378,7 +379,7 @@ def _evidence_out(
     ``i`` (belief) or its number of non-finite gradient entries."""
     tiny_b = tiny if floor_beta else np.float32(0.0)
     for i in prange(istart.shape[0]):
-        # Three float32 scratch vectors of _BL elements per item stay in L1.
+        # Three float32 scratch vectors of _BL elements per item (see _BL).
         Q = np.empty(_BL, dtype=np.float32)
         num = np.empty(_BL, dtype=np.float32)
         den = np.empty(_BL, dtype=np.float32)
