@@ -41,7 +41,7 @@ from .options import (
     sample_source,
 )
 from .samples import Moments, Problem, SourceStats, Stats
-from .sharded import compute_params, local_grad
+from .sharded import compute_params, is_sharded, local_grad
 from .shortcut import LinearTaps, Tap, broadcast_parent
 from .source import SampleContext, SampleSource
 from .state import StepState
@@ -635,15 +635,29 @@ class GradientCalibrator:
         return d
 
     def _write(self) -> None:
-        """Copy the layout's gradient buffers into ``p.grad`` (after every check of the step passed)."""
-        pending = [(self._params[i][1], v) for i, v in self._workspace.grad_views()]
-        # Form every new gradient first, so that nothing is written if one fails. A sharded
-        # (FSDP2) parameter gets its own shard of the gradient, as a DTensor.
-        fresh = {id(p): local_grad(p, v.detach().to(dtype=p.dtype, device=p.device, copy=True))
-                 for p, v in pending if p.grad is None}
-        shards = {id(p): local_grad(p, v) for p, v in pending if p.grad is not None}
-        for p, _ in pending:
+        """The layout's gradient buffers into ``p.grad`` (after every check of the step passed).
+
+        A parameter without a gradient takes its part of the buffer itself, no copy (like
+        the fresh ``p.grad`` of a plain backward; the buffer then belongs to the gradients
+        and the next step writes a new one); one of another dtype or device, or a sharded
+        (FSDP2) one, gets a converted copy (its shard, as a DTensor); an existing ``p.grad``
+        is overwritten in place. Every new gradient is formed first, so that nothing is
+        written if one fails."""
+        pending = [(g, self._params[i][1], v) for g, i, v in self._workspace.grad_views()]
+        fresh: dict[int, torch.Tensor] = {}
+        given: dict[int, Group] = {}
+        for g, p, v in pending:
+            if p.grad is not None:
+                continue
+            if is_sharded(p) or v.dtype != p.dtype or v.device != p.device:
+                fresh[id(p)] = local_grad(p, v.detach().to(dtype=p.dtype, device=p.device, copy=True))
+            else:
+                fresh[id(p)] = v
+                given[id(g)] = g
+        shards = {id(p): local_grad(p, v) for _, p, v in pending if p.grad is not None}
+        for _, p, _ in pending:
             if id(p) in fresh:
                 p.grad = fresh[id(p)]
             elif p.grad is not None:
                 p.grad.copy_(shards[id(p)])
+        self._workspace.hand_over(list(given.values()))

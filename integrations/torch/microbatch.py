@@ -25,12 +25,13 @@ from .samples import (
     Row,
     SourceStats,
     chunk_slices,
-    delta_rows,
     generic_rows,
     require_examples,
+    use_deltas,
     work_dtype,
 )
 from .sharded import layer_type
+from .shortcut import Tap
 from .source import SampleContext, SampleSource
 
 __all__ = ["Microbatch", "microbatch"]
@@ -63,29 +64,28 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> Source
     # g_j = delta_j^T x_j / n_j over the rows of chunk j (one matmul per chunk:
     # the FLOPs of a single weight gradient).
     sc = [k for k in range(S) if prob.shortcut and prob.shortcut[k]]
-    for k, mine in delta_rows(prob, sc):
-        small: dict[tuple[torch.dtype, torch.device], list[tuple[int, torch.Tensor]]] = {}
-        f = torch.tensor([weight(k, j) for j in range(len(slices[k]))], dtype=torch.float64)
-        unit = bool((f == 1).all())
-        inv = torch.tensor([1.0 / (s_.stop - s_.start) for s_ in slices[k]], dtype=torch.float64)
-        for tap in prob.shortcut[k]:
-            dt = work_dtype(tap.layer_weight)
-            if layer_type(tap.module) is nn.Embedding and tap.weight is not None:
-                W, mean, m2 = embedding_slice_moments(tap, dt, mine.pop(id(tap.out)), slices[k],
-                                                      f.tolist())
-                acc.setdefault((k, tap.weight), Accumulator()).add_moments(W, mean, m2)
+    f = {k: torch.tensor([weight(k, j) for j in range(len(slices[k]))], dtype=torch.float64) for k in sc}
+    inv = {k: torch.tensor([1.0 / (s_.stop - s_.start) for s_ in slices[k]], dtype=torch.float64) for k in sc}
+    unit = {k: bool((f[k] == 1).all()) for k in sc}
+    small: dict[tuple[int, torch.dtype, torch.device], list[tuple[int, torch.Tensor]]] = {}
+
+    def use(k: int, tap: Tap, delta: torch.Tensor) -> None:
+        dt = work_dtype(tap.layer_weight)
+        if layer_type(tap.module) is nn.Embedding and tap.weight is not None:
+            W, mean, m2 = embedding_slice_moments(tap, dt, delta, slices[k], f[k].tolist())
+            acc.setdefault((k, tap.weight), Accumulator()).add_moments(W, mean, m2)
+            return
+        for idx, g in slice_sums(tap, dt, delta, slices[k]).items():
+            if unit[k] and g[0].numel() <= SMALL:
+                small.setdefault((k, g.dtype, g.device), []).append((idx, g))
                 continue
-            sums = slice_sums(tap, dt, mine.pop(id(tap.out)), slices[k])
-            for idx, g in sums.items():
-                if unit and g[0].numel() <= SMALL:
-                    small.setdefault((g.dtype, g.device), []).append((idx, g))
-                    continue
-                scale = inv.to(dtype=dt, device=g.device).reshape((-1,) + (1,) * (g.dim() - 1))
-                fw = None if unit else f.to(dtype=dt, device=g.device)
-                acc.setdefault((k, idx), Accumulator()).add(g.mul_(scale), fw, owned=True)
-            del sums
-        for items in small.values():
-            out[prob.names[k]].update(_equal_chunk_moments(items, float(inv[0])))
+            scale = inv[k].to(dtype=dt, device=g.device).reshape((-1,) + (1,) * (g.dim() - 1))
+            fw = None if unit[k] else f[k].to(dtype=dt, device=g.device)
+            acc.setdefault((k, idx), Accumulator()).add(g.mul_(scale), fw, owned=True)
+
+    use_deltas(prob, sc, use)
+    for (k, _, _), items in small.items():
+        out[prob.names[k]].update(_equal_chunk_moments(items, float(inv[k][0])))
 
     gen = [prob.generic(k) for k in range(S)]
     rows = [

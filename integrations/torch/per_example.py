@@ -22,12 +22,13 @@ from .samples import (
     Problem,
     Row,
     SourceStats,
-    delta_rows,
     generic_rows,
     require_examples,
     stats_from_sums,
+    use_deltas,
     work_dtype,
 )
+from .shortcut import Tap
 from .source import SampleContext, SampleSource
 
 __all__ = ["PerExample", "per_example"]
@@ -47,23 +48,21 @@ def per_example(prob: Problem, chunk_bytes: int = 1 << 26, sink: Sink = None) ->
         require_examples(prob, k, 2, "per-example gradient statistics")
     out: SourceStats = {n: {} for n in prob.names}
     with_sc = [k for k in range(S) if prob.shortcut and prob.shortcut[k]]
-    for k, mine in delta_rows(prob, with_sc):
+
+    def use(k: int, tap: Tap, delta: torch.Tensor) -> None:
         name, n = prob.names[k], float(prob.batch(k))
-        for tap in prob.shortcut[k]:
-            # Popped, so that each layer's output gradient is freed once used.
-            delta = mine.pop(id(tap.out))
-            into = (lambda idx, name=name: sink(name, idx)) if sink is not None else None
-            for idx, (tot, sq) in example_sums(tap, work_dtype(tap.layer_weight), delta,
-                                               chunk_bytes, into).items():
-                shape = prob.params[idx].shape
-                views = sink(name, idx) if sink is not None else None
-                if views is not None and tot.data_ptr() != views[0].data_ptr():
-                    views[0].copy_(tot.reshape(shape))
-                    views[1].copy_(sq.reshape(shape))
-                if views is not None:
-                    tot, sq = views
-                out[name][idx] = stats_from_sums(n, tot.reshape(shape), sq.reshape(shape))
-            del delta
+        into = (lambda idx: sink(name, idx)) if sink is not None else None
+        for idx, (tot, sq) in example_sums(tap, work_dtype(tap.layer_weight), delta, chunk_bytes, into).items():
+            shape = prob.params[idx].shape
+            views = sink(name, idx) if sink is not None else None
+            if views is not None and tot.data_ptr() != views[0].data_ptr():
+                views[0].copy_(tot.reshape(shape))
+                views[1].copy_(sq.reshape(shape))
+            if views is not None:
+                tot, sq = views
+            out[name][idx] = stats_from_sums(n, tot.reshape(shape), sq.reshape(shape))
+
+    use_deltas(prob, with_sc, use)
 
     gen = [prob.generic(k) for k in range(S)]
     rows = [Row(k, slice(i, i + 1), 1.0, 1.0) for k in range(S) if gen[k] for i in range(prob.batch(k))]

@@ -15,8 +15,9 @@ per source and sample.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -27,8 +28,8 @@ from .accumulate import Accumulator, Moments
 from .shortcut import Tap
 
 __all__ = [
-    "Moments", "Problem", "Row", "SourceStats", "Stats", "batched_grads", "chunk_slices", "delta_rows", "generic_rows",
-    "require_examples", "stats_from_sums", "unaliased", "work_dtype",
+    "Moments", "Problem", "Row", "SourceStats", "Stats", "batched_grads", "chunk_slices", "generic_rows",
+    "require_examples", "stats_from_sums", "unaliased", "use_deltas", "work_dtype",
 ]
 
 Stats = Moments | GradientStats
@@ -135,48 +136,85 @@ def require_examples(prob: Problem, k: int, at_least: int, what: str) -> None:
         )
 
 
-def delta_rows(prob: Problem, sources: list[int]) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
-    """``(k, rows)`` for each source ``k`` in ``sources``, in turn: ``rows`` maps ``id(tap.out)``
-    to ``d loss_k.sum() / d out`` for every shortcut layer output of the source, ``(N, out)``
-    each. Only the layers a source's shortcut uses are visited (a source that does not reach a
-    layer costs nothing there). A source's backward runs when the caller asks for it, so
-    only one source's output gradients are alive at a time (the caller pops them as used)."""
-    taps: dict[int, Tap] = {}
-    users: dict[int, list[int]] = {}
-    for k in sources:
-        for tap in prob.shortcut[k]:
-            taps[id(tap.out)] = tap
-            users.setdefault(id(tap.out), []).append(k)
+def use_deltas(prob: Problem, sources: list[int], use: Callable[[int, Tap, torch.Tensor], None]) -> None:
+    """``use(k, tap, delta)`` for every shortcut layer call ``tap`` of every source ``k`` in
+    ``sources``, with ``delta = d loss_k.sum() / d tap.out`` ``(N, out)``.
+
+    One backward per source, walking only to the layers the source's shortcut uses (a
+    source that does not reach a layer costs nothing there). An output with another of
+    the source's layers below it is used by a hook as the backward passes it, and freed
+    once passed on; only the lowest outputs, which the backward returns, wait for its
+    end. So few layers' output gradients are alive at a time rather than all of a
+    source's. ``delta`` is only valid during the call."""
     # One backward per source rather than one vmapped backward for all: it works under
-    # gradient checkpointing with dropout (vmap cannot draw random numbers), each source
-    # walks only to the layers it uses, and node hooks see plain tensors.
+    # gradient checkpointing with dropout (vmap cannot draw random numbers), and node
+    # hooks see plain tensors.
     for k in sources:
-        mine = [tid for tid in taps if k in users[tid]]
-        if not mine:
-            yield k, {}
-            continue
-        captured: dict[int, torch.Tensor] = {}
-        handles = []
-        for tid in mine:
-            if taps[tid].via is not None:
-                handles.append(taps[tid].via.register_prehook(_capture(captured, tid)))
-        l = prob.losses[k]
-        try:
-            grads = torch.autograd.grad(l, [taps[tid].out for tid in mine],
-                                        grad_outputs=torch.ones_like(l), retain_graph=True,
-                                        allow_unused=True, materialize_grads=True)
-        finally:
-            for h in handles:
-                h.remove()
-        rows = {tid: captured.get(tid, g) for tid, g in zip(mine, grads)}
-        del grads, captured
-        yield k, rows
+        if prob.shortcut[k]:
+            _source_deltas(prob, k, partial(use, k))
 
 
-def _capture(store: dict[int, torch.Tensor], key: int):
-    def hook(grad_outputs: tuple) -> None:
-        store[key] = grad_outputs[0]
-    return hook
+def _source_deltas(prob: Problem, k: int, use: Callable[[Tap, torch.Tensor], None]) -> None:
+    """:func:`use_deltas` for the one source ``k``."""
+    taps = {id(tap.out): tap for tap in prob.shortcut[k]}
+    lowest = _lowest([t.out for t in taps.values() if t.via is None])
+    done: set[int] = set()
+
+    def take(tap: Tap, delta: torch.Tensor) -> None:
+        done.add(id(tap.out))
+        use(tap, delta)
+
+    handles = []
+    for tid, tap in taps.items():
+        if tap.via is not None:
+            # A row broadcast over the batch: the per-example gradient is the one of the
+            # node adding it to a batched tensor.
+            handles.append(tap.via.register_prehook(lambda grads, tap=tap: take(tap, grads[0])))
+        elif tid not in lowest:
+            handles.append(tap.out.register_hook(lambda grad, tap=tap: take(tap, grad)))
+    ins = [tap for tid, tap in taps.items() if tap.via is not None or tid in lowest]
+    l = prob.losses[k]
+    try:
+        grads = torch.autograd.grad(l, [tap.out for tap in ins], grad_outputs=torch.ones_like(l),
+                                    retain_graph=True, allow_unused=True, materialize_grads=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for tap, g in zip(ins, grads):
+        if id(tap.out) not in done:
+            take(tap, g)
+    del grads
+    # Layers that the source's loss does not reach through the graph.
+    for tid, tap in taps.items():
+        if tid not in done:
+            take(tap, torch.zeros_like(tap.out))
+
+
+def _lowest(outs: list[torch.Tensor]) -> set[int]:
+    """``id`` of each tensor of ``outs`` whose graph, walked towards the inputs, reaches no
+    other one's ``grad_fn``: the backward passes every other one on its way to these."""
+    marked = {o.grad_fn for o in outs if o.grad_fn is not None}
+    memo: dict[object, bool] = {}  # node -> a marked node is at or below it
+
+    def below(node: object) -> bool:
+        kids = [c for c, _ in node.next_functions if c is not None]  # type: ignore[attr-defined]
+        stack = [(c, False) for c in kids]
+        while stack:
+            n, expanded = stack.pop()
+            if n in memo:
+                continue
+            if n in marked:
+                memo[n] = True
+                continue
+            nk = [c for c, _ in n.next_functions if c is not None]
+            if expanded:
+                memo[n] = any(memo[c] for c in nk)
+            else:
+                stack.append((n, True))
+                stack.extend((c, False) for c in nk if c not in memo)
+        return any(memo[c] for c in kids)
+
+    return {id(o) for o in outs if o.grad_fn is None or not below(o.grad_fn)}
 
 
 @dataclass

@@ -7,9 +7,12 @@ parameter elements, tensor after tensor) and its calibrated gradient in one
 ``(D,)`` buffer, so the whole group is calibrated by one
 :func:`bogc_core.calibrate_gradient` call: ``scope="tensor"`` passes one
 segment per tensor, ``scope="global"`` the group as one segment. The buffers
-are kept and reused while the set of groups stays the same (no allocation in
-steady state); ``p.grad`` is written from the gradient buffer only once the
-whole step has succeeded.
+are kept and reused while the set of groups stays the same; ``p.grad`` is
+written from the gradient buffer only once the whole step has succeeded. The
+gradient buffer is allocated when a step first writes it (after the
+statistics, so it never adds to their peak) and, where it becomes the
+parameters' ``p.grad`` itself (:meth:`Workspace.hand_over`), the next step
+writes a new one.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ class Group:
     """Parameters reached by the same ``sources``, with their flat buffers.
 
     ``params[j]`` occupies ``[offsets[j], offsets[j] + sizes[j])`` of every
-    buffer; ``mean``/``m2`` ``(S, D)``, ``out`` ``(D,)``; ``count`` is filled
+    buffer; ``mean``/``m2`` ``(S, D)``, ``out`` ``(D,)`` (``None`` until :meth:`output`
+    allocates it); ``count`` is filled
     per step: one float per source, or an ``(S, D)`` buffer when a source's
     counts differ between the group's tensors (carried statistics).
     """
@@ -43,7 +47,7 @@ class Group:
     offsets: list[int]
     mean: torch.Tensor
     m2: torch.Tensor
-    out: torch.Tensor
+    out: torch.Tensor | None = None
     counts: list[float] = field(default_factory=list)
     count_buf: torch.Tensor | None = None
     #: per parameter, the diagnostics of the last :meth:`calibrate` that was asked for them
@@ -51,7 +55,13 @@ class Group:
 
     @property
     def numel(self) -> int:
-        return int(self.out.numel())
+        return sum(self.sizes)
+
+    def output(self) -> torch.Tensor:
+        """The gradient buffer ``(D,)``, allocated on first use."""
+        if self.out is None:
+            self.out = torch.empty(self.mean.shape[1:], dtype=self.mean.dtype, device=self.mean.device)
+        return self.out
 
     def piece(self, buf: torch.Tensor, j: int, shape: torch.Size) -> torch.Tensor:
         """The ``j``-th parameter's part of a ``(D,)`` buffer, in the parameter's shape."""
@@ -124,12 +134,13 @@ class Group:
 
     def plain(self, lam: Mapping[str, float] | None, scale: float) -> None:
         """``out = scale * sum_k lambda_k mean_k`` (one source, warm-up, or a non-finite step)."""
+        out = self.output()
         for k, s in enumerate(self.sources):
             a = (1.0 if lam is None else lam[s]) * scale
             if k == 0:
-                torch.mul(self.mean[0], a, out=self.out)
+                torch.mul(self.mean[0], a, out=out)
             else:
-                self.out.add_(self.mean[k], alpha=a)
+                out.add_(self.mean[k], alpha=a)
 
     def calibrate(self, config: CalibrationConfig, lam: Mapping[str, float] | None, scale: float,
                   diagnostics: dict[str, Any] | None) -> None:
@@ -138,16 +149,17 @@ class Group:
         With a ``diagnostics`` dict, the same call also leaves one diagnostics dict per
         parameter in :attr:`summaries` (by-products of the passes: no second calibration)."""
         segments = self.sizes if config.scope == "tensor" and len(self.sizes) > 1 else None
+        out = self.output()
         calibrate_gradient(
             self.stats(), config,
             source_weights=None if lam is None else {s: lam[s] for s in self.sources},
-            out=self.out, segments=segments, diagnostics=diagnostics,
+            out=out, segments=segments, diagnostics=diagnostics,
             summarize=False if diagnostics is None else list(self.sizes), check_values=False,
         )
         if diagnostics is not None:
             self.summaries = diagnostics.pop("segments")
         if scale != 1.0:
-            self.out.mul_(scale)
+            out.mul_(scale)
 
 
 class Workspace:
@@ -158,7 +170,6 @@ class Workspace:
         self._key: tuple | None = None
         self.groups: list[Group] = []
         self._views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._grad_views: list[tuple[int, torch.Tensor]] = []
 
     def layout(self, sources_of: Mapping[int, tuple[str, ...]]) -> list[Group]:
         """Groups for ``sources_of`` (parameter index -> the sources reaching it, in order)."""
@@ -185,7 +196,6 @@ class Workspace:
                 sources, idx, sizes, offsets,
                 torch.empty((S, D), dtype=dt, device=dev),
                 torch.empty((S, D), dtype=dt, device=dev),
-                torch.empty((D,), dtype=dt, device=dev),
             ))
         self._key, self.groups = key, groups
         # Views are made once per layout: the buffers live as long as it holds.
@@ -193,9 +203,6 @@ class Workspace:
             (s, i): (g.piece(g.mean[k], j, self._params[i].shape), g.piece(g.m2[k], j, self._params[i].shape))
             for g in groups for k, s in enumerate(g.sources) for j, i in enumerate(g.params)
         }
-        self._grad_views = [
-            (i, g.piece(g.out, j, self._params[i].shape)) for g in groups for j, i in enumerate(g.params)
-        ]
         return groups
 
     def sink(self, source: str, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -204,11 +211,19 @@ class Workspace:
         current layout has no place for them."""
         return self._views.get((source, index))
 
-    def grad_views(self) -> list[tuple[int, torch.Tensor]]:
-        """``(parameter index, its part of a gradient buffer in its shape)`` for every
-        parameter of the layout."""
-        return self._grad_views
+    def grad_views(self) -> list[tuple[Group, int, torch.Tensor]]:
+        """``(group, parameter index, its part of the group's gradient buffer in its shape)``
+        for every parameter of the layout."""
+        return [(g, i, g.piece(g.output(), j, self._params[i].shape))
+                for g in self.groups for j, i in enumerate(g.params)]
+
+    @staticmethod
+    def hand_over(groups: list[Group]) -> None:
+        """These groups' gradient buffers became ``p.grad`` (views of them): the workspace lets
+        go of them, and the next step that writes a gradient allocates a new buffer."""
+        for g in groups:
+            g.out = None
 
     def release(self) -> None:
         """Drop the buffers (the next step allocates them again)."""
-        self._key, self.groups, self._views, self._grad_views = None, [], {}, []
+        self._key, self.groups, self._views = None, [], {}

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from bogc_core.integrations.torch import Diagnostics, GradientCalibrator, PerExample  # noqa: E402
-from bogc_core.integrations.torch.shortcut import per_example_sums  # noqa: E402
+from bogc_core.integrations.torch.shortcut import Tap, per_example_sums  # noqa: E402
 from torch import nn  # noqa: E402
 from torchtools import (  # noqa: E402
     SOURCES,
@@ -206,3 +206,48 @@ def test_conv2d_shortcut_matches_loop(samples):
         ref = reference(G)
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-8, atol=1e-12, msg=n)
+
+
+def _chain():
+    # x -> l1 -> relu -> (l2, l3) -> loss, plus a branch v -> l4 -> loss of its own input.
+    torch.manual_seed(0)
+    l1, l2, l3, l4 = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 3), nn.Linear(2, 3)
+    x, v = torch.randn(6, 4), torch.randn(6, 2)
+    y1 = l1(x)
+    z = torch.relu(y1)
+    y2, y3, y4 = l2(z), l3(z), l4(v)
+    loss = (y2 * y3).sum(dim=1) + y4.pow(2).sum(dim=1) + z.sum(dim=1)
+    # Calls the loss does not reach: one above l1, one with nothing below.
+    calls = ((l1, x, y1), (l2, z, y2), (l3, z, y3), (l4, v, y4), (l2, z, l2(z)), (l4, v, l4(v)))
+    taps = [Tap(m, i.detach(), o, o._version, None, None) for m, i, o in calls]
+    return loss, taps[:4], taps[4:]
+
+
+def test_lowest_outputs_have_no_other_output_below():
+    from bogc_core.integrations.torch.samples import _lowest
+
+    _, taps, _ = _chain()
+    y1, y2, y3, y4 = (t.out for t in taps)
+    assert _lowest([y1, y2, y3, y4]) == {id(y1), id(y4)}
+    assert _lowest([y2, y3, y4]) == {id(y2), id(y3), id(y4)}
+    assert _lowest([y1]) == {id(y1)}
+
+
+def test_use_deltas_hands_each_layer_its_output_gradient_as_the_backward_passes_it():
+    from bogc_core.integrations.torch.samples import Problem, use_deltas
+
+    loss, taps, off = _chain()
+    every = taps + off
+    prob = Problem(["s"], [loss], [], [set()], [every])
+    got: list = []
+    use_deltas(prob, [0], lambda k, tap, d: got.append((tap, d.clone())))
+    order = [next(j for j, t in enumerate(every) if t is tap) for tap, _ in got]
+    # The upper layers come from hooks during the backward, before the lowest ones it returns;
+    # the unreached call above a lowest layer gets zeros, last.
+    assert sorted(order) == [0, 1, 2, 3, 4, 5] and set(order[:2]) == {1, 2} and order[-1] == 4
+    for tap, d in got:
+        if any(tap is t for t in off):
+            assert not d.any()
+        else:
+            ref, = torch.autograd.grad(loss.sum(), tap.out, retain_graph=True)
+            torch.testing.assert_close(d, ref)

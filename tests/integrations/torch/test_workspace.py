@@ -57,10 +57,21 @@ def test_workspace_buffers_are_reused_across_steps():
     m = make()
     cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m)
     cal.backward(losses_of(m, *batch(8, seed=1)))
-    ptrs = [(g.mean.data_ptr(), g.m2.data_ptr(), g.out.data_ptr()) for g in cal._workspace.groups]
+    ptrs = [(g.mean.data_ptr(), g.m2.data_ptr()) for g in cal._workspace.groups]
+    # Parameters without a gradient take their part of the gradient buffer itself (no copy);
+    # the workspace lets go of it.
+    params = dict(m.named_parameters())
+    for g in cal._workspace.groups:
+        assert g.out is None
+        grads = [params[cal._params[i][0]].grad for i in g.params]
+        assert len({t.untyped_storage().data_ptr() for t in grads}) == 1
+    held = {n: p.grad for n, p in params.items()}
     for seed in (2, 3):
         cal.backward(losses_of(m, *batch(8, seed=seed)))
-        assert [(g.mean.data_ptr(), g.m2.data_ptr(), g.out.data_ptr()) for g in cal._workspace.groups] == ptrs
+        assert [(g.mean.data_ptr(), g.m2.data_ptr()) for g in cal._workspace.groups] == ptrs
+        # Existing gradients are overwritten in place, and the workspace keeps its buffer.
+        assert all(p.grad is held[n] for n, p in params.items())
+        assert all(g.out is not None for g in cal._workspace.groups)
     # A source sitting a step out changes the layout; the buffers follow it.
     ls = losses_of(m, *batch(8, seed=4))
     ls["b"] = ls["b"][:0]
@@ -102,17 +113,16 @@ def test_a_source_costs_nothing_where_it_does_not_reach(monkeypatch):
     m = make()
     cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m)
     seen: dict = {}
-    real = samples_mod.delta_rows
+    real = samples_mod.use_deltas
 
-    def spy(prob, sources):
-        taps = {id(tap.out): tap for k in sources for tap in prob.shortcut[k]}
-        for k, rows in real(prob, sources):
-            for tid, G in rows.items():
-                seen.setdefault(taps[tid].module, []).append(prob.names[k])
-                assert G.shape[0] == prob.batch(k)
-            yield k, rows
+    def spy(prob, sources, use):
+        def seen_use(k, tap, G):
+            seen.setdefault(tap.module, []).append(prob.names[k])
+            assert G.shape[0] == prob.batch(k)
+            use(k, tap, G)
+        real(prob, sources, seen_use)
 
-    monkeypatch.setattr(pe_mod, "delta_rows", spy)
+    monkeypatch.setattr(pe_mod, "use_deltas", spy)
     cal.backward(losses_of(m, *batch(8)))
     for v in seen.values():
         v.sort()
