@@ -145,7 +145,8 @@ def use_deltas(prob: Problem, sources: list[int], use: Callable[[int, Tap, torch
     the source's layers below it is used by a hook as the backward passes it, and freed
     once passed on; only the lowest outputs, which the backward returns, wait for its
     end. So few layers' output gradients are alive at a time rather than all of a
-    source's. ``delta`` is only valid during the call."""
+    source's. ``use`` must not keep ``delta`` or change it in place: the backward passes
+    it on once ``use`` returns."""
     # One backward per source rather than one vmapped backward for all: it works under
     # gradient checkpointing with dropout (vmap cannot draw random numbers), and node
     # hooks see plain tensors.
