@@ -150,15 +150,21 @@ def use_deltas(prob: Problem, sources: list[int], use: Callable[[int, Tap, torch
     # One backward per source rather than one vmapped backward for all: it works under
     # gradient checkpointing with dropout (vmap cannot draw random numbers), and node
     # hooks see plain tensors.
+    walked: dict[frozenset[int], set[int]] = {}  # sources with the same layers share a walk
     for k in sources:
         if prob.shortcut[k]:
-            _source_deltas(prob, k, partial(use, k))
+            _source_deltas(prob, k, partial(use, k), walked)
 
 
-def _source_deltas(prob: Problem, k: int, use: Callable[[Tap, torch.Tensor], None]) -> None:
+def _source_deltas(prob: Problem, k: int, use: Callable[[Tap, torch.Tensor], None],
+                   walked: dict[frozenset[int], set[int]]) -> None:
     """:func:`use_deltas` for the one source ``k``."""
     taps = {id(tap.out): tap for tap in prob.shortcut[k]}
-    lowest = _lowest([t.out for t in taps.values() if t.via is None])
+    outs = [t.out for t in taps.values() if t.via is None]
+    key = frozenset(id(o) for o in outs)
+    if key not in walked:
+        walked[key] = _lowest(outs)
+    lowest = walked[key]
     done: set[int] = set()
 
     def take(tap: Tap, delta: torch.Tensor) -> None:
@@ -172,7 +178,9 @@ def _source_deltas(prob: Problem, k: int, use: Callable[[Tap, torch.Tensor], Non
             # node adding it to a batched tensor.
             handles.append(tap.via.register_prehook(lambda grads, tap=tap: take(tap, grads[0])))
         elif tid not in lowest:
-            handles.append(tap.out.register_hook(lambda grad, tap=tap: take(tap, grad)))
+            node = tap.out.grad_fn
+            assert node is not None  # a layer output without one is among the lowest
+            handles.append(node.register_prehook(lambda grads, tap=tap: _take_output(take, tap, grads)))
     ins = [tap for tid, tap in taps.items() if tap.via is not None or tid in lowest]
     l = prob.losses[k]
     try:
@@ -189,6 +197,14 @@ def _source_deltas(prob: Problem, k: int, use: Callable[[Tap, torch.Tensor], Non
     for tid, tap in taps.items():
         if tid not in done:
             take(tap, torch.zeros_like(tap.out))
+
+
+def _take_output(take: Callable[[Tap, torch.Tensor], None], tap: Tap, grads: tuple) -> None:
+    """A node pre-hook's share for ``tap``: the gradient of the node's output ``tap.out``
+    (``None`` where the backward gives that output none)."""
+    g = grads[tap.out.output_nr]
+    if g is not None:
+        take(tap, g)
 
 
 def _lowest(outs: list[torch.Tensor]) -> set[int]:
