@@ -645,19 +645,20 @@ class GradientCalibrator:
         written if one fails."""
         pending = [(g, self._params[i][1], v) for g, i, v in self._workspace.grad_views()]
         fresh: dict[int, torch.Tensor] = {}
+        shards: dict[int, torch.Tensor] = {}
         given: dict[int, Group] = {}
         for g, p, v in pending:
             if p.grad is not None:
-                continue
-            if is_sharded(p) or v.dtype != p.dtype or v.device != p.device:
+                shards[id(p)] = local_grad(p, v)
+            elif is_sharded(p) or v.dtype != p.dtype or v.device != p.device:
                 fresh[id(p)] = local_grad(p, v.detach().to(dtype=p.dtype, device=p.device, copy=True))
             else:
                 fresh[id(p)] = v
                 given[id(g)] = g
-        shards = {id(p): local_grad(p, v) for _, p, v in pending if p.grad is not None}
         for _, p, _ in pending:
             if id(p) in fresh:
                 p.grad = fresh[id(p)]
             elif p.grad is not None:
                 p.grad.copy_(shards[id(p)])
-        self._workspace.hand_over(list(given.values()))
+        for g in given.values():
+            g.hand_over()

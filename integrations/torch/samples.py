@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -150,21 +151,15 @@ def use_deltas(prob: Problem, sources: list[int], use: Callable[[int, Tap, torch
     # One backward per source rather than one vmapped backward for all: it works under
     # gradient checkpointing with dropout (vmap cannot draw random numbers), and node
     # hooks see plain tensors.
-    walked: dict[frozenset[int], set[int]] = {}  # sources with the same layers share a walk
     for k in sources:
         if prob.shortcut[k]:
-            _source_deltas(prob, k, partial(use, k), walked)
+            _source_deltas(prob, k, partial(use, k))
 
 
-def _source_deltas(prob: Problem, k: int, use: Callable[[Tap, torch.Tensor], None],
-                   walked: dict[frozenset[int], set[int]]) -> None:
+def _source_deltas(prob: Problem, k: int, use: Callable[[Tap, torch.Tensor], None]) -> None:
     """:func:`use_deltas` for the one source ``k``."""
     taps = {id(tap.out): tap for tap in prob.shortcut[k]}
-    outs = [t.out for t in taps.values() if t.via is None]
-    key = frozenset(id(o) for o in outs)
-    if key not in walked:
-        walked[key] = _lowest(outs)
-    lowest = walked[key]
+    lowest = _lowest([t.out for t in taps.values() if t.via is None])
     done: set[int] = set()
 
     def take(tap: Tap, delta: torch.Tensor) -> None:
@@ -211,25 +206,20 @@ def _lowest(outs: list[torch.Tensor]) -> set[int]:
     """``id`` of each tensor of ``outs`` whose graph, walked towards the inputs, reaches no
     other one's ``grad_fn``: the backward passes every other one on its way to these."""
     marked = {o.grad_fn for o in outs if o.grad_fn is not None}
-    memo: dict[object, bool] = {}  # node -> a marked node is at or below it
+    dead: set[object] = set()  # nodes with no marked node at or below them
 
-    def below(node: object) -> bool:
-        kids = [c for c, _ in node.next_functions if c is not None]  # type: ignore[attr-defined]
-        stack = [(c, False) for c in kids]
+    def below(node: Any) -> bool:
+        seen: set[object] = set()
+        stack = [c for c, _ in node.next_functions if c is not None]
         while stack:
-            n, expanded = stack.pop()
-            if n in memo:
-                continue
+            n = stack.pop()
             if n in marked:
-                memo[n] = True
-                continue
-            nk = [c for c, _ in n.next_functions if c is not None]
-            if expanded:
-                memo[n] = any(memo[c] for c in nk)
-            else:
-                stack.append((n, True))
-                stack.extend((c, False) for c in nk if c not in memo)
-        return any(memo[c] for c in kids)
+                return True
+            if n not in dead and n not in seen:
+                seen.add(n)
+                stack.extend(c for c, _ in n.next_functions if c is not None)
+        dead.update(seen)  # walked to the end without meeting a marked node
+        return False
 
     return {id(o) for o in outs if o.grad_fn is None or not below(o.grad_fn)}
 

@@ -11,7 +11,7 @@ are kept and reused while the set of groups stays the same; ``p.grad`` is
 written from the gradient buffer only once the whole step has succeeded. The
 gradient buffer is allocated when a step first writes it (after the
 statistics, so it never adds to their peak) and, where it becomes the
-parameters' ``p.grad`` itself (:meth:`Workspace.hand_over`), the next step
+parameters' ``p.grad`` itself (:meth:`Group.hand_over`), the next step
 writes a new one.
 """
 
@@ -53,15 +53,16 @@ class Group:
     #: per parameter, the diagnostics of the last :meth:`calibrate` that was asked for them
     summaries: list[dict[str, Any]] = field(default_factory=list)
 
-    @property
-    def numel(self) -> int:
-        return sum(self.sizes)
-
     def output(self) -> torch.Tensor:
         """The gradient buffer ``(D,)``, allocated on first use."""
         if self.out is None:
             self.out = torch.empty(self.mean.shape[1:], dtype=self.mean.dtype, device=self.mean.device)
         return self.out
+
+    def hand_over(self) -> None:
+        """The gradient buffer became ``p.grad`` (views of it): let go of it, so that the next
+        step that writes a gradient allocates a new one."""
+        self.out = None
 
     def piece(self, buf: torch.Tensor, j: int, shape: torch.Size) -> torch.Tensor:
         """The ``j``-th parameter's part of a ``(D,)`` buffer, in the parameter's shape."""
@@ -216,13 +217,6 @@ class Workspace:
         for every parameter of the layout."""
         return [(g, i, g.piece(g.output(), j, self._params[i].shape))
                 for g in self.groups for j, i in enumerate(g.params)]
-
-    @staticmethod
-    def hand_over(groups: list[Group]) -> None:
-        """These groups' gradient buffers became ``p.grad`` (views of them): the workspace lets
-        go of them, and the next step that writes a gradient allocates a new buffer."""
-        for g in groups:
-            g.out = None
 
     def release(self) -> None:
         """Drop the buffers (the next step allocates them again)."""
