@@ -1,4 +1,5 @@
-"""Compiled loops for the gradient-only path on the CPU (optional: needs ``numba``).
+"""Compiled loops on the CPU (optional: need ``numba``): the gradient-only path's passes
+and, for Stage 0, the moments of equal micro-batches (:func:`moments`).
 
 One compiled loop per pass of :mod:`._gradient` for its common case: float32
 statistics, one count per source, ``kappa0 = 0``, ``2 gamma`` in
@@ -34,6 +35,7 @@ would not.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import types
 from collections.abc import Iterator, Sequence
@@ -43,9 +45,9 @@ import numpy as np
 
 from bogc_core._types import CalibrationConfig
 
-from ._scalars import fast32_fits, reference, score_consts, zero_variance_sources
+from ._scalars import MAX32, TINY32, fast32_fits, reference, score_consts, zero_variance_sources
 
-__all__ = ["AVAILABLE", "ENABLED", "BAD", "gradient"]
+__all__ = ["AVAILABLE", "ENABLED", "BAD", "gradient", "moments"]
 
 #: What :func:`gradient` returns when the values check of a pass found a NaN, an
 #: infinity or a negative ``M2`` before anything was written (the caller's own
@@ -512,15 +514,12 @@ def gradient(
     with _threads(threads) if threads > 1 else contextlib.nullcontext():
         gamma, L, W = float(config.gamma), float(config.clip), float(config.prior_weight)
         belief = config.scale == "belief"
-        fi = np.finfo(f32)
-        tiny = float(fi.smallest_normal)
+        tiny = TINY32
         S = len(means)
         D = int(means[0].shape[0])
-        lengths = np.asarray([D] if segments is None else list(segments), dtype=np.int64)
-        G = int(lengths.size)
-        istart, iend, iseg = _items(lengths)
+        lens_f, istart, iend, iseg = _items((D,) if segments is None else tuple(segments))
+        G = int(lens_f.size)
         part = np.empty(istart.size)
-        lens_f = lengths.astype(np.float64)
         ns = [float(n) for n in counts]
         if check and not all(math.isfinite(n) and n >= 0 for n in ns):
             return BAD
@@ -539,15 +538,16 @@ def gradient(
                 _reduce_items_c(part, iseg, tot)
                 beta0[k] = float(prior.alpha0) * (tot / ns[k] / lens_f)
                 zero_var[k] = ~(tot > 0)
-        seg_equal = np.any(zero_var, axis=0) if prior.beta0 is None else np.zeros(G, dtype=bool)
+        seg_equal = zero_var.any(axis=0) if prior.beta0 is None else np.zeros(G, dtype=bool)
+        all_equal = bool(seg_equal.all())
         C = score_consts(prior, ns, tiny)
         beta0_32 = beta0.astype(f32)
 
         # ---- pass B
         ref = np.zeros(G)
-        if bool(np.all(seg_equal)) and check:
+        if all_equal and check:
             return False  # pass B, which checks the values, has nothing to do
-        if not bool(np.all(seg_equal)):
+        if not all_equal:
             snr = config.evidence_from == "snr"
             if not snr:
                 return False  # precision scores take the array engine's logs
@@ -578,13 +578,13 @@ def gradient(
         floor_beta = not bool(np.all(beta0 >= tiny))
         # S lo <= (1 + Q) sum_k e_k < (1 + hi/W)^S S hi must stay inside the float32
         # range (margins of 2^8 for round-off), so that neither it nor r = 1/it overflows.
-        log_big = math.log(float(fi.max)) - 8.0 * math.log(2.0)
+        log_big = math.log(MAX32) - 8.0 * math.log(2.0)
         one_div = S * math.log1p(hi / W) + math.log(S * hi) < log_big and math.log(S * lo) > -log_big
         bsum = np.zeros(G)
         loops.evidence_out(
             tuple(means), tuple(m2s), np.asarray(lambdas, dtype=f32), beta0_32, invk,
             seg_equal.astype(f32), istart, iend, iseg, f32(tiny), f32(lo ** (1.0 / p)),
-            f32(hi ** (1.0 / p)), f32(1.0 / W), f32(fi.max), _POW_CODE[p],
+            f32(hi ** (1.0 / p)), f32(1.0 / W), f32(MAX32), _POW_CODE[p],
             config.evidence_from == "snr", config.weights == "uniform", belief, f32(c_b),
             f32(S), floor_beta, one_div, out, part, summary is not None, f32(W),
             *(summary or _NO_SUMMARY)[:4],
@@ -609,15 +609,40 @@ def gradient(
         return True
 
 
-def _items(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Work items of at most ``_ITEM`` elements over the segments: ``(start,
-    end, segment)`` per item, in order (a segment of length 0 has none)."""
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    nch = -(-lengths // _ITEM)
-    iseg = np.repeat(np.arange(lengths.size, dtype=np.int64), nch)
+def _moments(x: Any, inv: Any, mean: Any, m2: Any) -> None:
+    """Stage 0 of ``C`` equal micro-batches: ``mean = mean_j s_j``, ``m2 = sum_j (s_j -
+    mean)^2`` of the samples ``s_j = inv x_j``, the rows of ``x`` ``(C, n)``, scaled first
+    (as their own moments would be); row by row, so every loop runs along contiguous memory."""
+    C, n = x.shape
+    for j in range(n):
+        mean[j] = x[0, j] * inv
+    for c in range(1, C):
+        for j in range(n):
+            mean[j] += x[c, j] * inv
+    for j in range(n):
+        mean[j] *= x.dtype.type(1.0 / C)
+        m2[j] = 0
+    for c in range(C):
+        for j in range(n):
+            d = x[c, j] * inv - mean[j]
+            m2[j] += d * d
+
+
+moments = _jit(_moments)
+
+
+@functools.lru_cache(maxsize=256)
+def _items(lengths: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The segments' lengths (float64) and their work items of at most ``_ITEM`` elements:
+    ``(start, end, segment)`` per item, in order (a segment of length 0 has none). Kept per
+    layout (a training step calls with the same one each time); never written."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    nch = -(-lens // _ITEM)
+    iseg = np.repeat(np.arange(lens.size, dtype=np.int64), nch)
     first = np.cumsum(nch) - nch
     off = np.arange(iseg.size, dtype=np.int64) - np.repeat(first, nch)
     istart = starts[iseg] + off * _ITEM
     iend = np.minimum(istart + _ITEM, ends[iseg])
-    return istart, iend, iseg
+    return lens.astype(np.float64), istart, iend, iseg

@@ -9,11 +9,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LOG10_RANGE", "fast32_fits", "reference", "score_consts", "zero_variance_sources"]
+__all__ = ["LOG10_RANGE", "MAX32", "TINY32", "fast32_fits", "reference", "score_consts", "zero_variance_sources"]
 
 # The power form r^p K is taken only while |log10| of every factor keeps the
 # product inside float64's normal range with a margin.
 LOG10_RANGE = 290.0
+TINY32 = float(np.finfo(np.float32).smallest_normal)
+MAX32 = float(np.finfo(np.float32).max)
 
 
 def score_consts(prior: Any, counts: Sequence[Any], tiny: float) -> np.ndarray:
@@ -34,8 +36,7 @@ def fast32_fits(p: float, lk: np.ndarray, L: float, W: float) -> bool:
     K^(-1/p))``, then ``e = clip(t)^p``. An over- or underflow of ``t`` lands on the clip
     bound it would reach anyway, given that every scalar (``K = exp(lk)``, the clip bounds,
     ``W``) is a normal float32 number, which this tests."""
-    f32 = np.finfo(np.float32)
-    tiny, big, m = float(f32.smallest_normal), float(f32.max), float(np.max(np.abs(lk)))
+    tiny, big, m = TINY32, MAX32, float(np.abs(lk).max())
     return (p * 65.0 + m / math.log(10.0) < LOG10_RANGE and m / p < 15.0 * math.log(10.0)
             and L / p < math.log(big) - 1.0 and tiny < math.exp(-L) / W
             and math.exp(L) / W < big and tiny < W < big)

@@ -20,12 +20,15 @@ import array_api_compat
 import numpy as np
 import torch
 
+from . import _numba_kernel
 from ._adapter import BLOCK, Adapter, hugepage_buffer, identity
 from ._gradient import NumpyShim, Shim
 
-__all__ = ["GRADIENT_OPTIONS", "NAME", "TorchShim", "accepts", "calibrate", "calibrate_gradient"]
+__all__ = ["GRADIENT_OPTIONS", "NAME", "TorchShim", "accepts", "calibrate", "calibrate_gradient",
+           "chunk_moments"]
 
 NAME = "torch-fused"
+_FLOATS = (torch.float32, torch.float64)
 
 
 class TorchShim(Shim):
@@ -108,3 +111,18 @@ ADAPTER = TorchAdapter()
 accepts = ADAPTER.accepts
 calibrate = ADAPTER.calibrate
 calibrate_gradient = ADAPTER.calibrate_gradient
+
+
+def chunk_moments(g: torch.Tensor, inv: float, mean: torch.Tensor, m2: torch.Tensor) -> bool:
+    """Stage 0 of equal micro-batches: ``mean`` and ``M2`` (``g[0]``'s numel each) of the
+    samples ``g[j] * inv``, ``g`` ``(C, ...)``, written by the compiled loop in one pass
+    (``True``); ``False``, nothing written, where it cannot take them (numba missing, not
+    contiguous CPU tensors of one dtype, float32 or float64)."""
+    if not (_numba_kernel.AVAILABLE and _numba_kernel.ENABLED[0] and g.dtype in _FLOATS
+            and all(t.dtype == g.dtype and t.device.type == "cpu" and t.is_contiguous()
+                    for t in (g, mean, m2))):
+        return False
+    x = g.detach().numpy().reshape(g.shape[0], -1)
+    _numba_kernel.moments(x, x.dtype.type(inv), mean.detach().numpy().reshape(-1),
+                          m2.detach().numpy().reshape(-1))
+    return True

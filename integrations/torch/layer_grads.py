@@ -235,7 +235,7 @@ def slice_sums(tap: Tap, dt: torch.dtype, delta: torch.Tensor, slices: list[slic
                 torch.mm(A[s].reshape(-1, o).T, B[s].reshape(-1, i), out=g[j])
         out[tap.weight] = g.reshape((C,) + tuple(tap.layer_weight.shape))
     if tap.bias is not None:
-        out[tap.bias] = per_slice(A.sum(dim=1))
+        out[tap.bias] = per_slice(A[:, 0] if A.shape[1] == 1 else A.sum(dim=1))
     return out
 
 

@@ -11,9 +11,11 @@ backward passes elsewhere.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from bogc_core.backends.torch_fused import chunk_moments
 from torch import nn
 
 from bogc_core.errors import ConfigError
@@ -24,6 +26,7 @@ from .samples import (
     Problem,
     Row,
     SourceStats,
+    Stats,
     chunk_slices,
     generic_rows,
     require_examples,
@@ -36,11 +39,14 @@ from .source import SampleContext, SampleSource
 
 __all__ = ["Microbatch", "microbatch"]
 
-#: Tensors of at most this many elements take their moments from one shared buffer.
+#: Tensors of at most this many elements take their moments from one shared buffer
+#: (where the compiled loop does not take them).
 SMALL = 1 << 16
 
+Sink = Callable[[str, int], "tuple[torch.Tensor, torch.Tensor] | None"] | None
 
-def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> SourceStats:
+
+def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26, sink: Sink = None) -> SourceStats:
     """Statistics of ``chunks`` micro-batch gradients per source.
 
     Chunk ``j`` of source ``k`` covers ``n_j`` contiguous examples; its sample
@@ -48,6 +54,9 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> Source
     so that the statistics' mean is exactly the gradient of ``loss.mean()``
     even when ``B`` is not a multiple of ``c`` (equal chunks: unit weights).
     The chunks of all sources share batched backward passes.
+
+    ``sink`` as in :class:`~.source.SampleContext`: the moments of equal chunks
+    of a shortcut layer go straight there when the compiled loops take them.
     """
     S = len(prob.names)
     for k in range(S):
@@ -67,6 +76,7 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> Source
     f = {k: torch.tensor([weight(k, j) for j in range(len(slices[k]))], dtype=torch.float64) for k in sc}
     inv = {k: torch.tensor([1.0 / (s_.stop - s_.start) for s_ in slices[k]], dtype=torch.float64) for k in sc}
     unit = {k: bool((f[k] == 1).all()) for k in sc}
+    inv1 = {k: float(inv[k][0]) for k in sc}  # equal chunks: every chunk's 1 / n_j
     small: dict[tuple[int, torch.dtype, torch.device], list[tuple[int, torch.Tensor]]] = {}
 
     def use(k: int, tap: Tap, delta: torch.Tensor) -> None:
@@ -76,6 +86,9 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> Source
             acc.setdefault((k, tap.weight), Accumulator()).add_moments(W, mean, m2)
             return
         for idx, g in slice_sums(tap, dt, delta, slices[k]).items():
+            if unit[k] and _compiled_moments(out[prob.names[k]], idx, g, inv1[k],
+                                             sink and sink(prob.names[k], idx)):
+                continue
             if unit[k] and g[0].numel() <= SMALL:
                 small.setdefault((k, g.dtype, g.device), []).append((idx, g))
                 continue
@@ -100,6 +113,18 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26) -> Source
     for (k, i), a in acc.items():
         out[prob.names[k]][i] = a.stats()
     return out
+
+
+def _compiled_moments(out: dict[int, Stats], idx: int, g: torch.Tensor, inv: float,
+                      views: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+    """``out[idx]``: the moments of equal chunks, each chunk's sample ``g[j] * inv``, from
+    the compiled loop, into ``views`` (the calibrator's buffers) when given; ``False``
+    where the loop cannot take them (nothing done)."""
+    mean, m2 = views if views is not None else (torch.empty_like(g[0]), torch.empty_like(g[0]))
+    if not chunk_moments(g, inv, mean, m2):
+        return False
+    out[idx] = Moments(float(g.shape[0]), mean, m2)
+    return True
 
 
 def _equal_chunk_moments(items: list[tuple[int, torch.Tensor]], inv: float) -> dict[int, Moments]:
@@ -144,4 +169,4 @@ class Microbatch(SampleSource):
         return {"chunks": self.chunks, **super().options()}
 
     def sample(self, prob: Problem, ctx: SampleContext) -> SourceStats:
-        return microbatch(prob, self.chunks, self.bound(ctx))
+        return microbatch(prob, self.chunks, self.bound(ctx), ctx.sink)

@@ -52,6 +52,11 @@ class Group:
     count_buf: torch.Tensor | None = None
     #: per parameter, the diagnostics of the last :meth:`calibrate` that was asked for them
     summaries: list[dict[str, Any]] = field(default_factory=list)
+    #: ``views[k][j]``: ``(mean, m2)`` of source ``k`` and parameter ``j`` in the parameter's
+    #: shape (views of the buffers, made once per layout)
+    views: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list, repr=False)
+    _stats: dict[str, GradientStats] = field(default_factory=dict, repr=False)
+    _stats_key: tuple[float, ...] | None = field(default=None, repr=False)
 
     def output(self) -> torch.Tensor:
         """The gradient buffer ``(D,)``, allocated on first use."""
@@ -76,10 +81,9 @@ class Group:
             per = used[s]
             for j, i in enumerate(self.params):
                 st = per[i]
-                for buf, t in ((self.mean, st.mean), (self.m2, st.m2)):
-                    dst = buf[k, self.offsets[j]:self.offsets[j] + self.sizes[j]]
-                    if t.data_ptr() != dst.data_ptr():
-                        dst.copy_(t.reshape(-1))
+                for dst, t in zip(self.views[k][j], (st.mean, st.m2)):
+                    if t is not dst and t.data_ptr() != dst.data_ptr():
+                        dst.copy_(t.reshape(dst.shape))
                 counts.append(st.count)
         self._set_counts(counts)
 
@@ -125,13 +129,18 @@ class Group:
         return min(self.counts)
 
     def stats(self) -> dict[str, GradientStats]:
-        """The group's statistics as flat ``GradientStats`` (views of the buffers)."""
-        return {
-            s: GradientStats(
-                self.counts[k] if self.count_buf is None else self.count_buf[k], self.mean[k], self.m2[k]
-            )
-            for k, s in enumerate(self.sources)
-        }
+        """The group's statistics as flat ``GradientStats`` (views of the buffers); kept
+        while the counts stay the same, since they view the same buffers every step."""
+        key = tuple(self.counts) if self.count_buf is None else None
+        if key is None or key != self._stats_key:
+            self._stats = {
+                s: GradientStats(
+                    self.counts[k] if self.count_buf is None else self.count_buf[k], self.mean[k], self.m2[k]
+                )
+                for k, s in enumerate(self.sources)
+            }
+            self._stats_key = key
+        return self._stats
 
     def plain(self, lam: Mapping[str, float] | None, scale: float) -> None:
         """``out = scale * sum_k lambda_k mean_k`` (one source, warm-up, or a non-finite step)."""
@@ -200,10 +209,12 @@ class Workspace:
             ))
         self._key, self.groups = key, groups
         # Views are made once per layout: the buffers live as long as it holds.
-        self._views = {
-            (s, i): (g.piece(g.mean[k], j, self._params[i].shape), g.piece(g.m2[k], j, self._params[i].shape))
-            for g in groups for k, s in enumerate(g.sources) for j, i in enumerate(g.params)
-        }
+        for g in groups:
+            g.views = [[(g.piece(g.mean[k], j, self._params[i].shape),
+                         g.piece(g.m2[k], j, self._params[i].shape)) for j, i in enumerate(g.params)]
+                       for k in range(len(g.sources))]
+        self._views = {(s, i): g.views[k][j] for g in groups for k, s in enumerate(g.sources)
+                       for j, i in enumerate(g.params)}
         return groups
 
     def sink(self, source: str, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -575,3 +575,57 @@ def test_numba_log_sums_square_and_fallback_blocks(mag, compiled):
     diag: dict[str, Any] = {}
     path.run(make(path, "float32", raw), None, CalibrationConfig(), diagnostics=diag)
     assert diag["kernel"] == "numba"
+
+
+@pytest.mark.skipif(_numba() is not None, reason=str(_numba()))
+@settings(max_examples=40, deadline=None)
+@given(C=st.integers(2, 6), n=st.integers(1, 300), f64=st.booleans(),
+       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e15]), seed=st.integers(0, 2**16))
+def test_chunk_moments_two_pass_closed_form(C, n, f64, scale, seed):
+    """The compiled moments of equal micro-batches against the two-pass formulas in
+    float64: ``mean = mean_j (inv x_j)``, ``M2 = sum_j (inv x_j - mean)^2`` (the squares of
+    samples near 1e-30 underflow in float32, as any float32 M2 does: an absolute
+    ``C tiny`` more)."""
+    torch = pytest.importorskip("torch")
+    from bogc_core.backends.torch_fused import chunk_moments
+
+    dt = np.float64 if f64 else np.float32
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((C, n)) * scale + rng.standard_normal(n) * scale * 3).astype(dt)
+    inv = float(rng.uniform(0.01, 2.0))
+    mean, m2 = np.full(n, np.nan, dtype=dt), np.full(n, np.nan, dtype=dt)
+    assert chunk_moments(torch.from_numpy(x), inv, torch.from_numpy(mean), torch.from_numpy(m2))
+    s = x.astype(np.float64) * inv
+    want_mean = s.mean(axis=0)
+    want_m2 = ((s - want_mean) ** 2).sum(axis=0)
+    eps, tiny = float(np.finfo(dt).eps), float(np.finfo(dt).smallest_normal)
+    mag = np.abs(s).max(axis=0)
+    np.testing.assert_array_less(np.abs(mean - want_mean), 4 * C * eps * mag + tiny)
+    # M2's error follows the mean's, times the spread: relative to mag^2.
+    np.testing.assert_array_less(np.abs(m2 - want_m2), 16 * C * C * eps * mag * mag + 2 * C * tiny)
+    assert np.all(m2 >= 0)
+
+
+@pytest.mark.skipif(_numba() is not None, reason=str(_numba()))
+def test_chunk_moments_declines_what_it_cannot_take(monkeypatch):
+    """Mixed dtypes, strided tensors, float16, or the compiled loops switched off: ``False``,
+    and nothing written."""
+    torch = pytest.importorskip("torch")
+    from bogc_core.backends import _numba_kernel
+    from bogc_core.backends.torch_fused import chunk_moments
+
+    g = torch.ones((3, 8, 2))
+    for gg, mean, m2 in [
+        (g[:, :, 0], torch.zeros(8), torch.zeros(8)),  # strided samples
+        (g[:, :, 0].contiguous(), torch.zeros(16)[::2], torch.zeros(8)),  # strided output
+        (g[:, :, 0].contiguous(), torch.zeros(8, dtype=torch.float64), torch.zeros(8)),
+        (g[:, :, 0].half(), torch.zeros(8).half(), torch.zeros(8).half()),
+    ]:
+        assert not chunk_moments(gg, 1.0, mean, m2)
+        assert not mean.any() and not m2.any()
+    mean, m2 = torch.zeros(8), torch.zeros(8)
+    monkeypatch.setattr(_numba_kernel, "ENABLED", [False])
+    assert not chunk_moments(g[:, :, 0].contiguous(), 0.5, mean, m2)
+    monkeypatch.setattr(_numba_kernel, "ENABLED", [True])
+    assert chunk_moments(g[:, :, 0].contiguous(), 0.5, mean, m2)
+    assert torch.equal(mean, torch.full((8,), 0.5)) and torch.equal(m2, torch.zeros(8))

@@ -55,24 +55,29 @@ def test_microbatch_unequal_chunks_are_weighted():
     assert_grads(m, stats_reference(per_param))
 
 
-def test_shared_buffer_for_small_tensors_gives_the_per_tensor_bits(monkeypatch):
-    """Equal chunks of small tensors take their moments from one shared buffer; the result
-    is bit-identical to each tensor's own accumulator (``SMALL = 0``: every tensor alone)."""
+def _statistics():
     from bogc_core.integrations.torch import Diagnostics
+
+    m = make()
+    xa, xb, y = batch(12)
+    cal = GradientCalibrator(m.named_parameters(), samples=Microbatch(4), model=m,
+                             diagnostics=Diagnostics(keep_statistics=True))
+    cal.backward(losses_of(m, xa, xb, y))
+    return {s: {n: (st.count, st.mean.clone(), st.m2.clone()) for n, st in d.items()}
+            for s, d in cal.last_statistics.items()}
+
+
+def test_shared_buffer_for_small_tensors_gives_the_per_tensor_bits(monkeypatch):
+    """Without the compiled loop, equal chunks of small tensors take their moments from one
+    shared buffer; the result is bit-identical to each tensor's own accumulator
+    (``SMALL = 0``: every tensor alone)."""
+    from bogc_core.backends import _numba_kernel
     from bogc_core.integrations.torch import microbatch as mb
 
-    def statistics():
-        m = make()
-        xa, xb, y = batch(12)
-        cal = GradientCalibrator(m.named_parameters(), samples=Microbatch(4), model=m,
-                                 diagnostics=Diagnostics(keep_statistics=True))
-        cal.backward(losses_of(m, xa, xb, y))
-        return {s: {n: (st.count, st.mean.clone(), st.m2.clone()) for n, st in d.items()}
-                for s, d in cal.last_statistics.items()}
-
-    shared = statistics()
+    monkeypatch.setattr(_numba_kernel, "ENABLED", [False])
+    shared = _statistics()
     monkeypatch.setattr(mb, "SMALL", 0)
-    alone = statistics()
+    alone = _statistics()
     assert shared.keys() == alone.keys()
     for s in shared:
         assert shared[s].keys() == alone[s].keys() and shared[s]
@@ -80,3 +85,47 @@ def test_shared_buffer_for_small_tensors_gives_the_per_tensor_bits(monkeypatch):
             c2, mean2, m22 = alone[s][n]
             assert float(c) == float(c2) == 4.0
             assert torch.equal(mean, mean2) and torch.equal(m2, m22), (s, n)
+
+
+def test_compiled_moments_equal_the_torch_ones_and_go_into_the_buffers(monkeypatch):
+    """Where numba is installed, the moments of equal chunks come from the compiled loop,
+    written straight into the calibrator's flat buffers, and equal the torch moments to
+    round-off."""
+    from bogc_core.backends import _numba_kernel
+    from bogc_core.integrations.torch import microbatch as mb
+
+    if not _numba_kernel.AVAILABLE:
+        pytest.skip("numba not installed (it comes with the torch extra, or [fast])")
+    written = []
+    real = mb.chunk_moments
+
+    def spy(g, inv, mean, m2):
+        written.append((mean.data_ptr(), m2.data_ptr()))
+        return real(g, inv, mean, m2)
+
+    monkeypatch.setattr(mb, "chunk_moments", spy)
+    m = make()
+    xa, xb, y = batch(12)
+    cal = GradientCalibrator(m.named_parameters(), samples=Microbatch(4), model=m)
+    cal.backward(losses_of(m, xa, xb, y))
+    n_shortcut = sum(p.numel() > 0 for mod in m.modules() if isinstance(mod, torch.nn.Linear)
+                     for p in mod.parameters())
+    assert len(written) >= n_shortcut  # every Linear tensor of every source that reaches it
+
+    def inside(ptr, buf):
+        lo = buf.data_ptr()
+        return lo <= ptr < lo + buf.numel() * buf.element_size()
+
+    groups = cal._workspace.groups
+    assert all(any(inside(pm, g.mean) and inside(pv, g.m2) for g in groups) for pm, pv in written)
+    compiled = _statistics()
+    monkeypatch.setattr(_numba_kernel, "ENABLED", [False])
+    plain = _statistics()
+    assert compiled.keys() == plain.keys()
+    for s in compiled:
+        assert compiled[s].keys() == plain[s].keys() and compiled[s]
+        for n, (c, mean, m2) in compiled[s].items():
+            c2, mean2, m22 = plain[s][n]
+            assert float(c) == float(c2) == 4.0
+            torch.testing.assert_close(mean, mean2, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(m2, m22, rtol=1e-5, atol=1e-9)

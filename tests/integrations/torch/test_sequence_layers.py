@@ -344,9 +344,9 @@ def test_the_sample_source_gets_its_chunk_bytes_or_the_model_default(chunk_bytes
     seen = []
     real = mb_mod.microbatch
 
-    def spy(prob, chunks, bound):
+    def spy(prob, chunks, bound, sink=None):
         seen.append(bound)
-        return real(prob, chunks, bound)
+        return real(prob, chunks, bound, sink)
 
     monkeypatch.setattr(mb_mod, "microbatch", spy)
     cal.backward(model(ids, tab, y))
