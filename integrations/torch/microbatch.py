@@ -43,6 +43,11 @@ __all__ = ["Microbatch", "microbatch"]
 #: (where the compiled loop does not take them).
 SMALL = 1 << 16
 
+#: Embedding tables whose chunk sums ``(C, num, dim)`` hold at most this many elements are
+#: summed densely and take their moments as any tensor (equal chunks); larger ones take
+#: them from the rows the batch touched alone (no ``(C, num, dim)`` is formed).
+DENSE_EMBEDDING = 1 << 16
+
 Sink = Callable[[str, int], "tuple[torch.Tensor, torch.Tensor] | None"] | None
 
 
@@ -81,7 +86,8 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26, sink: Sin
 
     def use(k: int, tap: Tap, delta: torch.Tensor) -> None:
         dt = work_dtype(tap.layer_weight)
-        if layer_type(tap.module) is nn.Embedding and tap.weight is not None:
+        if layer_type(tap.module) is nn.Embedding and tap.weight is not None and not (
+                unit[k] and len(slices[k]) * tap.layer_weight.numel() <= DENSE_EMBEDDING):
             W, mean, m2 = embedding_slice_moments(tap, dt, delta, slices[k], f[k].tolist())
             acc.setdefault((k, tap.weight), Accumulator()).add_moments(W, mean, m2)
             return

@@ -217,8 +217,16 @@ def _loop_grads(model: nn.Module, ids, tab, y) -> dict[str, dict[str, torch.Tens
     return {s: {n: torch.stack(v) for n, v in d.items()} for s, d in out.items()}
 
 
-@pytest.mark.parametrize("samples", ["per_example", "microbatch"])
-def test_attention_model_every_parameter_on_the_layer_path(samples):
+@pytest.mark.parametrize("samples", ["per_example", "microbatch", "microbatch_sparse_embeddings"])
+def test_attention_model_every_parameter_on_the_layer_path(samples, monkeypatch):
+    """Every parameter on the per-layer path equals the looped per-example reference; with
+    micro-batches, small embedding tables are summed densely, and (``DENSE_EMBEDDING = 0``)
+    from the touched rows alone."""
+    if samples == "microbatch_sparse_embeddings":
+        from bogc_core.integrations.torch import microbatch as mb_mod
+
+        monkeypatch.setattr(mb_mod, "DENSE_EMBEDDING", 0)
+        samples = "microbatch"
     torch.manual_seed(0)
     model = TinyEncoder().double()
     ids, tab, y = _data()
