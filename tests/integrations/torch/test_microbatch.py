@@ -67,6 +67,22 @@ def _statistics():
             for s, d in cal.last_statistics.items()}
 
 
+def _assert_same_statistics(a, b, exact: bool) -> None:
+    """Two runs' ``(count, mean, m2)`` per source and parameter: the same bits (``exact``) or
+    equal to round-off; four chunks each."""
+    assert a.keys() == b.keys()
+    for s in a:
+        assert a[s].keys() == b[s].keys() and a[s]
+        for n, (c, mean, m2) in a[s].items():
+            c2, mean2, m22 = b[s][n]
+            assert float(c) == float(c2) == 4.0
+            if exact:
+                assert torch.equal(mean, mean2) and torch.equal(m2, m22), (s, n)
+            else:
+                torch.testing.assert_close(mean, mean2, rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(m2, m22, rtol=1e-5, atol=1e-9)
+
+
 def test_shared_buffer_for_small_tensors_gives_the_per_tensor_bits(monkeypatch):
     """Without the compiled loop, equal chunks of small tensors take their moments from one
     shared buffer; the result is bit-identical to each tensor's own accumulator
@@ -78,13 +94,7 @@ def test_shared_buffer_for_small_tensors_gives_the_per_tensor_bits(monkeypatch):
     shared = _statistics()
     monkeypatch.setattr(mb, "SMALL", 0)
     alone = _statistics()
-    assert shared.keys() == alone.keys()
-    for s in shared:
-        assert shared[s].keys() == alone[s].keys() and shared[s]
-        for n, (c, mean, m2) in shared[s].items():
-            c2, mean2, m22 = alone[s][n]
-            assert float(c) == float(c2) == 4.0
-            assert torch.equal(mean, mean2) and torch.equal(m2, m22), (s, n)
+    _assert_same_statistics(shared, alone, exact=True)
 
 
 def test_compiled_moments_equal_the_torch_ones_and_go_into_the_buffers(monkeypatch):
@@ -121,11 +131,4 @@ def test_compiled_moments_equal_the_torch_ones_and_go_into_the_buffers(monkeypat
     compiled = _statistics()
     monkeypatch.setattr(_numba_kernel, "ENABLED", [False])
     plain = _statistics()
-    assert compiled.keys() == plain.keys()
-    for s in compiled:
-        assert compiled[s].keys() == plain[s].keys() and compiled[s]
-        for n, (c, mean, m2) in compiled[s].items():
-            c2, mean2, m22 = plain[s][n]
-            assert float(c) == float(c2) == 4.0
-            torch.testing.assert_close(mean, mean2, rtol=1e-6, atol=1e-7)
-            torch.testing.assert_close(m2, m22, rtol=1e-5, atol=1e-9)
+    _assert_same_statistics(compiled, plain, exact=False)
