@@ -20,7 +20,6 @@ import array_api_compat
 import numpy as np
 import torch
 
-from . import _numba_kernel
 from ._adapter import BLOCK, Adapter, hugepage_buffer, identity
 from ._gradient import NumpyShim, Shim
 
@@ -118,6 +117,8 @@ def chunk_moments(g: torch.Tensor, inv: float, mean: torch.Tensor, m2: torch.Ten
     samples ``g[j] * inv``, ``g`` ``(C, ...)``, written by the compiled loop in one pass
     (``True``); ``False``, nothing written, where it cannot take them (numba missing, not
     contiguous CPU tensors of one dtype, float32 or float64)."""
+    from . import _numba_kernel  # numba is imported on first use, not with the module
+
     if not (_numba_kernel.AVAILABLE and _numba_kernel.ENABLED[0] and g.dtype in _FLOATS
             and all(t.dtype == g.dtype and t.device.type == "cpu" and t.is_contiguous()
                     for t in (g, mean, m2))):
