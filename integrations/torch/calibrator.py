@@ -19,7 +19,7 @@ equal evidence everywhere ``g_hat = sum_k lambda_k * grad(loss_k.mean())``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -163,11 +163,11 @@ class GradientCalibrator:
         (``Diagnostics(level="summary", every=50, keep_statistics=False)``;
         a level stands for the default other options).
     on_nonfinite : {"raise", "plain"} (keyword)
-        What to do when a gradient sample is NaN or infinite: raise
-        :class:`~bogc_core.NonFiniteError` (no ``p.grad`` changes), or write
-        the plain summed gradient (with its non-finite values, so that a
-        ``GradScaler`` skips the step). ``backward(..., grad_scaler=...)``
-        implies ``"plain"``.
+        What to do when a gradient sample is NaN or infinite, or the calibrated
+        gradient overflows its dtype: raise :class:`~bogc_core.NonFiniteError`
+        (no ``p.grad`` changes), or write the plain summed gradient (with its
+        non-finite values, so that a ``GradScaler`` skips the step).
+        ``backward(..., grad_scaler=...)`` implies ``"plain"``.
     """
 
     def __init__(
@@ -548,40 +548,87 @@ class GradientCalibrator:
         del stats
         for g in groups:
             g.fill(used)
-        bad = self._nonfinite(groups)
+        # The groups the compiled loops calibrate check their statistics in the passes that
+        # read them anyway; the others are checked here, with one reduction each.
+        late = self._checked_in_calibration(groups)
+        bad = self._nonfinite([g for g in groups if id(g) not in late])
         if bad:
-            if self.on_nonfinite == "raise" and scale is None:
-                s, pname = bad[0]
-                raise NonFiniteError(
-                    f"losses[{s!r}]: the gradient of parameter {pname!r} contains NaN or infinite "
-                    f"values; check the loss for overflow or NaN inputs, lower the learning rate, "
-                    f"or with AMP pass grad_scaler= (or on_nonfinite='plain') so the step is skipped"
-                )
-            for g in groups:
-                g.plain(self.source_weights, out_scale)
-            self._write()
-            return {"samples": self.samples.NAME, "sources": names, "nonfinite": True,
-                    "nonfinite_parameters": sorted({p for _, p in bad}), "warmup": False,
-                    "parameters": {}}
+            return self._nonfinite_step(groups, names, bad, scale, out_scale)
+        kept = None
         if self.diagnostics.keep_statistics:
-            self.last_statistics = {
+            kept = {
                 s: {self._params[i][0]: GradientStats(st.count, st.mean.clone(), st.m2.clone())
                     for i, st in per.items()}
                 for s, per in used.items()
             }
         del used
         # Step 5: every group's gradient into its buffer, and the diagnostics.
-        diag = self._calibrate(groups, names, out_scale, sample_diagnostics)
+        try:
+            diag = self._calibrate(groups, names, out_scale, sample_diagnostics, late)
+        except NonFiniteError:
+            if not late:
+                raise
+            checked = [g for g in groups if id(g) in late]
+            bad = self._nonfinite(checked)
+            if not bad:  # finite statistics, an overflowing calibrated gradient
+                over = [self._params[i][0] for g in checked for i in g.nonfinite_output()]
+                return self._nonfinite_step(groups, names, [], scale, out_scale, over)
+            return self._nonfinite_step(groups, names, bad, scale, out_scale)
+        if kept is not None:
+            self.last_statistics = kept
         diag["shortcut_parameters"] = shortcut
         self._commit(new_state)
         self._steps_done += 1
         return diag
 
+    def _checked_in_calibration(self, groups: list[Group]) -> set[int]:
+        """``id`` of each group whose calibration call checks its values (CPU groups that
+        are calibrated, not stepped plainly: the compiled loops fold the check into their
+        passes); the check of the others is one reduction each, before calibrating."""
+        if self._warmup(groups):
+            return set()
+        return {id(g) for g in groups if len(g.sources) > 1 and g.mean.device.type == "cpu"}
+
+    def _warmup(self, groups: list[Group]) -> bool:
+        """Whether a group of several sources has fewer than two samples of one (the
+        empirical-Bayes prior needs two): then every group takes the plain step."""
+        return self.config.prior.beta0 is None and any(
+            g.min_count() < 2 for g in groups if len(g.sources) > 1)
+
+    def _nonfinite_step(self, groups: list[Group], names: list[str], bad: list[tuple[str, str]],
+                        scale: float | None, out_scale: float,
+                        overflow: list[str] | None = None) -> dict[str, Any]:
+        """A step with a NaN or infinite statistic (``bad``: source, parameter name) or
+        calibrated gradient (``overflow``: parameter names): raise, or (``on_nonfinite=
+        "plain"``, or under a grad scaler, which then skips the step) write the plain
+        gradient, with the carried state unchanged."""
+        if self.on_nonfinite == "raise" and scale is None:
+            if bad:
+                s, pname = bad[0]
+                raise NonFiniteError(
+                    f"losses[{s!r}]: the gradient of parameter {pname!r} contains NaN or infinite "
+                    f"values; check the loss for overflow or NaN inputs, lower the learning rate, "
+                    f"or with AMP pass grad_scaler= (or on_nonfinite='plain') so the step is skipped"
+                )
+            raise NonFiniteError(
+                f"params: the calibrated gradient of {', '.join(map(repr, overflow or []))} "
+                f"overflows its dtype; rescale the losses or the source_weights, calibrate in "
+                f"float64, or pass on_nonfinite='plain' so that such a step is taken plainly"
+            )
+        for g in groups:
+            g.plain(self.source_weights, out_scale)
+        self._write()
+        return {"samples": self.samples.NAME, "sources": names, "nonfinite": True,
+                "nonfinite_parameters": sorted({p for _, p in bad} | set(overflow or [])),
+                "warmup": False, "parameters": {}}
+
     def _calibrate(self, groups: list[Group], names: list[str], out_scale: float,
-                   sample_diagnostics: bool | None = None) -> dict[str, Any]:
-        """Every group's gradient into its ``out`` buffer, and the step's diagnostics."""
+                   sample_diagnostics: bool | None = None,
+                   checked: Collection[int] = ()) -> dict[str, Any]:
+        """Every group's gradient into its ``out`` buffer, and the step's diagnostics; the
+        groups in ``checked`` (ids) have their calibration call check their values."""
         multi = [g for g in groups if len(g.sources) > 1]
-        warmup = self.config.prior.beta0 is None and any(g.min_count() < 2 for g in multi)
+        warmup = self._warmup(groups)
         level = self.diagnostics.level
         due = (self._steps_done % self.diagnostics.every == 0 if sample_diagnostics is None
                else sample_diagnostics)
@@ -604,7 +651,7 @@ class GradientCalibrator:
                                     if len(g.sources) == 1 else {"sources": list(g.sources), "warmup": True})
                 continue
             fl: dict[str, Any] | None = {} if sampled else None
-            g.calibrate(self.config, lam, out_scale, fl)
+            g.calibrate(self.config, lam, out_scale, fl, check=id(g) in checked)
             if fl is not None:
                 flags.append(fl)
                 entries.update(group_entries(g, pnames, self.config, level))

@@ -92,6 +92,14 @@ class Group:
         (or the sums overflow, which :meth:`nonfinite_params` then tells apart)."""
         return self.mean.sum() + self.m2.sum()
 
+    def nonfinite_output(self) -> list[int]:
+        """Index of every parameter whose part of the gradient buffer holds a NaN or infinity."""
+        if self.out is None:
+            return []
+        ok = torch.isfinite(self.out).to(torch.int64)
+        return [i for j, i in enumerate(self.params)
+                if int(ok[self.offsets[j]:self.offsets[j] + self.sizes[j]].sum()) != self.sizes[j]]
+
     def nonfinite_params(self) -> list[tuple[str, int]]:
         """``(source, parameter index)`` of every tensor with a NaN or infinite statistic."""
         bad = []
@@ -153,18 +161,21 @@ class Group:
                 out.add_(self.mean[k], alpha=a)
 
     def calibrate(self, config: CalibrationConfig, lam: Mapping[str, float] | None, scale: float,
-                  diagnostics: dict[str, Any] | None) -> None:
+                  diagnostics: dict[str, Any] | None, check: bool = False) -> None:
         """One :func:`bogc_core.calibrate_gradient` call for the whole group, into ``out``.
 
         With a ``diagnostics`` dict, the same call also leaves one diagnostics dict per
-        parameter in :attr:`summaries` (by-products of the passes: no second calibration)."""
+        parameter in :attr:`summaries` (by-products of the passes: no second calibration).
+        ``check``: the call makes the values check of the statistics and of the gradient
+        (the compiled loops fold it into the passes that read and write them), raising
+        :class:`~bogc_core.errors.NonFiniteError` on a NaN or infinity."""
         segments = self.sizes if config.scope == "tensor" and len(self.sizes) > 1 else None
         out = self.output()
         calibrate_gradient(
             self.stats(), config,
             source_weights=None if lam is None else {s: lam[s] for s in self.sources},
             out=out, segments=segments, diagnostics=diagnostics,
-            summarize=False if diagnostics is None else list(self.sizes), check_values=False,
+            summarize=False if diagnostics is None else list(self.sizes), check_values=check,
         )
         if diagnostics is not None:
             self.summaries = diagnostics.pop("segments")

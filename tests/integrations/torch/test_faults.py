@@ -446,3 +446,111 @@ def test_carried_statistics_follow_model_double(samples):
     for (n, p), q in zip(runs[0].named_parameters(), runs[1].parameters()):
         if q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+# ------------------------------------------------- NaN gradients of finite losses
+class _NanBelow(torch.autograd.Function):
+    """The identity; its backward hands a NaN to row 0 (a finite loss whose gradient is not)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g[0] = float("nan")
+        return g
+
+
+class _NanEncoder(nn.Module):
+    """``TwoModal`` with NaN in the gradient below ``za``: ``enc_a``'s statistics (sources
+    ``fusion`` and ``a``, a calibrated group) are NaN, every other one is finite."""
+
+    def __init__(self, dtype=torch.float64) -> None:
+        super().__init__()
+        self.inner = make(dtype=dtype)
+
+    def forward(self, xa, xb):
+        m = self.inner
+        za, zb = _NanBelow.apply(m.act(m.enc_a(xa))), m.act(m.enc_b(xb))
+        return m.fusion(torch.cat([za, zb], dim=1)), m.head_a(za), m.head_b(zb)
+
+
+def _nan_losses(m: nn.Module, dtype=torch.float64):
+    xa, xb, y = batch(8, dtype=dtype)
+    return losses_of(m, xa, xb, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("samples", ["per_example", "microbatch"])
+def test_nonfinite_statistics_of_a_calibrated_group_raise_and_write_nothing(samples, dtype, monkeypatch):
+    """A calibrated group's statistics are checked by its calibration call (the compiled
+    loops fold the check into their passes; no scan before them): a NaN there raises the
+    error that names the parameter, and no ``p.grad`` is written."""
+    from bogc_core.integrations.torch import workspace
+
+    scanned, first_call = [], []
+    real_sum, real_call = workspace.Group.finite_sum, workspace.calibrate_gradient
+    monkeypatch.setattr(workspace.Group, "finite_sum", lambda g: scanned.append(g.sources) or real_sum(g))
+
+    def call(*args, **kwargs):
+        first_call.append(len(scanned))
+        return real_call(*args, **kwargs)
+
+    monkeypatch.setattr(workspace, "calibrate_gradient", call)
+    m = _NanEncoder(dtype)
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples), model=m)
+    with pytest.raises(NonFiniteError, match=r"parameter 'inner\.enc_a\.(weight|bias)'"):
+        cal.backward(_nan_losses(m, dtype))
+    assert all(p.grad is None for p in m.parameters())
+    before = scanned[:first_call[0]]  # the scans before the first calibration call
+    assert before and all(len(s) == 1 for s in before)
+
+
+@pytest.mark.parametrize("samples", ["per_example", "microbatch"])
+def test_nonfinite_statistics_with_on_nonfinite_plain_take_the_plain_step(samples):
+    m = _NanEncoder()
+    cal = GradientCalibrator(m.named_parameters(), samples=source(samples), model=m,
+                             on_nonfinite="plain")
+    ls = _nan_losses(m)
+    want = torch.autograd.grad(ls["b"].mean(), m.inner.head_b.weight, retain_graph=True)[0]
+    diag = cal.backward(ls)
+    assert diag["nonfinite"] and {"inner.enc_a.weight", "inner.enc_a.bias"} <= set(diag["nonfinite_parameters"])
+    torch.testing.assert_close(m.inner.head_b.weight.grad, want, rtol=1e-12, atol=0)
+    assert not torch.isfinite(m.inner.enc_a.weight.grad).all()
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_an_overflowing_calibrated_gradient_raises_or_takes_the_plain_step(plain, monkeypatch):
+    """Finite statistics whose calibrated gradient overflows (simulated: the core's output
+    check raises after writing infinities): an error naming the parameters, or with
+    ``on_nonfinite="plain"`` the plain step; never infinities in ``p.grad`` silently."""
+    from bogc_core.integrations.torch import workspace
+
+    real = workspace.calibrate_gradient
+
+    def overflowing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if kwargs.get("check_values"):
+            out.fill_(float("inf"))
+            raise NonFiniteError("stats_per_source: the calibrated gradient overflows the dtype")
+        return out
+
+    m = make()
+    cal = GradientCalibrator(m.named_parameters(), samples="per_example", model=m,
+                             on_nonfinite="plain" if plain else "raise")
+    cal.backward(losses_of(m, *batch(8)))  # past warm-up
+    before = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    monkeypatch.setattr(workspace, "calibrate_gradient", overflowing)
+    ls = losses_of(m, *batch(8, seed=2))
+    if not plain:
+        with pytest.raises(NonFiniteError, match="overflows its dtype"):
+            cal.backward(ls)
+        for n, p in m.named_parameters():
+            if n in before:
+                assert torch.equal(p.grad, before[n]), n
+        return
+    diag = cal.backward(ls)
+    assert diag["nonfinite"] and "enc_a.weight" in diag["nonfinite_parameters"]
+    assert all(bool(torch.isfinite(p.grad).all()) for p in m.parameters() if p.grad is not None)
