@@ -163,8 +163,9 @@ class GradientCalibrator:
         (``Diagnostics(level="summary", every=50, keep_statistics=False)``;
         a level stands for the default other options).
     on_nonfinite : {"raise", "plain"} (keyword)
-        What to do when a gradient sample is NaN or infinite, or the calibrated
-        gradient overflows its dtype: raise :class:`~bogc_core.NonFiniteError`
+        What to do when a gradient sample is NaN or infinite, or (float32 groups
+        on the CPU, whose output the compiled loops check) the calibrated
+        gradient overflows: raise :class:`~bogc_core.NonFiniteError`
         (no ``p.grad`` changes), or write the plain summed gradient (with its
         non-finite values, so that a ``GradScaler`` skips the step).
         ``backward(..., grad_scaler=...)`` implies ``"plain"``.
@@ -582,12 +583,14 @@ class GradientCalibrator:
         return diag
 
     def _checked_in_calibration(self, groups: list[Group]) -> set[int]:
-        """``id`` of each group whose calibration call checks its values (CPU groups that
-        are calibrated, not stepped plainly: the compiled loops fold the check into their
-        passes); the check of the others is one reduction each, before calibrating."""
+        """``id`` of each group whose calibration call checks its values: float32 groups on
+        the CPU that are calibrated, not stepped plainly, whose check the compiled loops
+        fold into their passes. The check of the others is one reduction each, before
+        calibrating (where the loops do not run, the call's own check would cost more)."""
         if self._warmup(groups):
             return set()
-        return {id(g) for g in groups if len(g.sources) > 1 and g.mean.device.type == "cpu"}
+        return {id(g) for g in groups if len(g.sources) > 1 and g.mean.device.type == "cpu"
+                and g.mean.dtype == torch.float32}
 
     def _warmup(self, groups: list[Group]) -> bool:
         """Whether a group of several sources has fewer than two samples of one (the
