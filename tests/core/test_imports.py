@@ -201,7 +201,7 @@ def test_integrations_import_no_private_core_module():
     assert not bad, f"integrations import private core modules: {bad}"
 
 
-def test_numba_is_imported_on_first_use_only():
+def test_numba_is_imported_on_first_use_only(tmp_path):
     """Importing the core, the fast paths' protocol modules or the torch integration does
     not import numba (about a second of start-up): the compiled loops import it when a
     call first takes them."""
@@ -213,6 +213,8 @@ def test_numba_is_imported_on_first_use_only():
     pytest.importorskip("torch")
     code = ("import sys, bogc_core, bogc_core.backends.numpy_fused, bogc_core.backends.torch_fused, "
             "bogc_core.integrations.torch; print('numba' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # Outside the checkout: there the source folder bogc_core/ would shadow the installed package.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
