@@ -573,6 +573,8 @@ class GradientCalibrator:
             bad = self._nonfinite(checked)
             if not bad:  # finite statistics, an overflowing calibrated gradient
                 over = [self._params[i][0] for g in checked for i in g.nonfinite_output()]
+                if not over:
+                    raise
                 return self._nonfinite_step(groups, names, [], scale, out_scale, over)
             return self._nonfinite_step(groups, names, bad, scale, out_scale)
         if kept is not None:
@@ -584,13 +586,13 @@ class GradientCalibrator:
 
     def _checked_in_calibration(self, groups: list[Group]) -> set[int]:
         """``id`` of each group whose calibration call checks its values: float32 groups on
-        the CPU that are calibrated, not stepped plainly, whose check the compiled loops
-        fold into their passes. The check of the others is one reduction each, before
+        the CPU with one count per source that are calibrated, not stepped plainly, whose
+        check the compiled loops fold into their passes. The check of the others is one reduction each, before
         calibrating (where the loops do not run, the call's own check would cost more)."""
         if self._warmup(groups):
             return set()
         return {id(g) for g in groups if len(g.sources) > 1 and g.mean.device.type == "cpu"
-                and g.mean.dtype == torch.float32}
+                and g.mean.dtype == torch.float32 and g.count_buf is None}
 
     def _warmup(self, groups: list[Group]) -> bool:
         """Whether a group of several sources has fewer than two samples of one (the
