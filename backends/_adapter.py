@@ -106,10 +106,8 @@ def check_call(stats: Sequence[Any], segments: Sequence[int] | None,
 
 def _flat_count(xp: Any, count: Any, shape: tuple[int, ...]) -> Any:
     """A Python float (one count) or the flat per-dimension counts."""
-    if len(tuple(count.shape)) == 0:
-        return float(count)
     if math.prod(tuple(count.shape)) == 1:
-        return float(xp.reshape(count, (-1,))[0])
+        return float(count if len(tuple(count.shape)) == 0 else xp.reshape(count, (-1,))[0])
     return xp.reshape(xp.broadcast_to(count, shape), (-1,))
 
 

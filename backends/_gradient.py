@@ -63,7 +63,14 @@ from bogc_core._fusion import belief_bound as _belief_bound
 from bogc_core._types import CalibrationConfig, Decline
 from bogc_core._weights import gauss_legendre01
 
-from ._scalars import LOG10_RANGE, fast32_fits, reference, score_consts, zero_variance_sources
+from ._scalars import (
+    LOG10_RANGE,
+    MAX32,
+    fast32_fits,
+    reference,
+    score_consts,
+    zero_variance_sources,
+)
 
 __all__ = ["FEW_SAMPLES", "Shim", "NumpyShim", "Outputs", "Plan", "Summary", "plan_blocks",
            "gradient", "gauss_legendre01"]
@@ -495,7 +502,6 @@ def gradient(shim: Shim, names: Sequence[str], means: Sequence[Any], m2s: Sequen
     power = (not per_dim and float32 and p in _POWERS
              and p * 65.0 + float(np.max(np.abs(lk))) / math.log(10.0) < LOG10_RANGE)
     K = np.exp(lk) if power else None
-    f32 = np.finfo(np.float32)
     fast32 = power and prior.kappa0 == 0 and fast32_fits(p, lk, L, W)
     belief = config.scale == "belief"
     keep_b = belief and (config.s_max is not None or wide or outputs is not None)
@@ -507,7 +513,7 @@ def gradient(shim: Shim, names: Sequence[str], means: Sequence[Any], m2s: Sequen
     beta0_d = shim.asarray(beta0)
     K_d = shim.asarray(K) if K is not None else None
     lk_d = shim.asarray(lk)
-    big = float(f32.max) if fast32 else float(np.finfo(np.float64).max)
+    big = MAX32 if fast32 else float(np.finfo(np.float64).max)
     q_may_overflow = S * math.log1p(hi / W) >= math.log(big)
     any_equal = bool(np.any(seg_equal))
     if fast32:

@@ -614,13 +614,14 @@ def _moments(x: Any, inv: Any, mean: Any, m2: Any) -> None:
     mean)^2`` of the samples ``s_j = inv x_j``, the rows of ``x`` ``(C, n)``, scaled first
     (as their own moments would be); row by row, so every loop runs along contiguous memory."""
     C, n = x.shape
+    r = x.dtype.type(1.0 / C)
     for j in range(n):
         mean[j] = x[0, j] * inv
     for c in range(1, C):
         for j in range(n):
             mean[j] += x[c, j] * inv
     for j in range(n):
-        mean[j] *= x.dtype.type(1.0 / C)
+        mean[j] *= r
         m2[j] = 0
     for c in range(C):
         for j in range(n):

@@ -587,8 +587,9 @@ class GradientCalibrator:
     def _checked_in_calibration(self, groups: list[Group]) -> set[int]:
         """``id`` of each group whose calibration call checks its values: float32 groups on
         the CPU with one count per source that are calibrated, not stepped plainly, whose
-        check the compiled loops fold into their passes. The check of the others is one reduction each, before
-        calibrating (where the loops do not run, the call's own check would cost more)."""
+        check the compiled loops fold into their passes. The check of the others is one
+        reduction each, before calibrating (where the loops do not run, the call's own
+        check would cost more)."""
         if self._warmup(groups):
             return set()
         return {id(g) for g in groups if len(g.sources) > 1 and g.mean.device.type == "cpu"

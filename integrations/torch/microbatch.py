@@ -104,7 +104,7 @@ def microbatch(prob: Problem, chunks: int, chunk_bytes: int = 1 << 26, sink: Sin
 
     use_deltas(prob, sc, use)
     for (k, _, _), items in small.items():
-        out[prob.names[k]].update(_equal_chunk_moments(items, float(inv[k][0])))
+        out[prob.names[k]].update(_equal_chunk_moments(items, inv1[k]))
 
     gen = [prob.generic(k) for k in range(S)]
     rows = [

@@ -92,23 +92,20 @@ class Group:
         (or the sums overflow, which :meth:`nonfinite_params` then tells apart)."""
         return self.mean.sum() + self.m2.sum()
 
+    def _nonfinite_pieces(self, ok: torch.Tensor) -> list[int]:
+        """Index of every parameter whose part of the ``(D,)`` mask ``ok`` is not all true."""
+        counts = ok.to(torch.int64)
+        return [i for j, i in enumerate(self.params)
+                if int(counts[self.offsets[j]:self.offsets[j] + self.sizes[j]].sum()) != self.sizes[j]]
+
     def nonfinite_output(self) -> list[int]:
         """Index of every parameter whose part of the gradient buffer holds a NaN or infinity."""
-        if self.out is None:
-            return []
-        ok = torch.isfinite(self.out).to(torch.int64)
-        return [i for j, i in enumerate(self.params)
-                if int(ok[self.offsets[j]:self.offsets[j] + self.sizes[j]].sum()) != self.sizes[j]]
+        return [] if self.out is None else self._nonfinite_pieces(torch.isfinite(self.out))
 
     def nonfinite_params(self) -> list[tuple[str, int]]:
         """``(source, parameter index)`` of every tensor with a NaN or infinite statistic."""
-        bad = []
-        for k, s in enumerate(self.sources):
-            ok = (torch.isfinite(self.mean[k]) & torch.isfinite(self.m2[k])).to(torch.int64)
-            for j, i in enumerate(self.params):
-                if int(ok[self.offsets[j]:self.offsets[j] + self.sizes[j]].sum()) != self.sizes[j]:
-                    bad.append((s, i))
-        return bad
+        return [(s, i) for k, s in enumerate(self.sources)
+                for i in self._nonfinite_pieces(torch.isfinite(self.mean[k]) & torch.isfinite(self.m2[k]))]
 
     def _set_counts(self, counts: list[float | torch.Tensor]) -> None:
         P, S = len(self.params), len(self.sources)
